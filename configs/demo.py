@@ -1,0 +1,85 @@
+"""The embedded default: a small Llama trained from scratch on the built-in synthetic tasks.
+
+Needs no network and no files outside the repo; trains in a few minutes on 2 CPU cores.
+
+    python -m trainer.train --config configs/demo.py --workdir runs/demo
+    python -m trainer.eval --workdir runs/demo
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0  # model init (and thus the "base" model of the eval) and data order
+
+    # ---- data -------------------------------------------------------------------------------
+    c.data = ConfigDict()
+    c.data.source = "synthetic"
+    c.data.synthetic = ConfigDict(dict(num_rows=5000, seed=0, min_word_len=3, max_word_len=6,
+                                       max_addend=99))
+    c.data.split_fractions = ConfigDict(dict(train=0.8, validation=0.1, test=0.1))
+    c.data.split_salt = "flax-ift"
+    c.data.max_length = 48  # model sequence length; longer rows are dropped and counted
+
+    # ---- tokenizer --------------------------------------------------------------------------
+    c.tokenizer = ConfigDict()
+    c.tokenizer.kind = "train_bpe"  # train_bpe: learn a small BPE on the train split | hf: load `path`
+    c.tokenizer.path = ""
+    c.tokenizer.vocab_size = 512
+    c.tokenizer.min_frequency = 64
+
+    # ---- model (Llama architecture; vocab_size comes from the tokenizer) ---------------------
+    c.model = ConfigDict()
+    c.model.hidden_size = 192
+    c.model.intermediate_size = 512
+    c.model.num_hidden_layers = 4
+    c.model.num_attention_heads = 6
+    c.model.num_key_value_heads = 2
+    c.model.head_dim = 32
+    c.model.rope_theta = 10000.0
+    c.model.rms_norm_eps = 1e-5
+    c.model.tie_word_embeddings = True
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.attention_impl = "auto"
+
+    # ---- optimiser --------------------------------------------------------------------------
+    c.optimizer = ConfigDict(dict(learning_rate=3e-3, warmup_steps=50, end_lr_ratio=0.05, b1=0.9,
+                                  b2=0.98, eps=1e-8, weight_decay=0.01, max_grad_norm=1.0))
+
+    # ---- training loop ----------------------------------------------------------------------
+    c.train = ConfigDict()
+    c.train.num_steps = 800
+    c.train.batch_size = 64  # global, in rows
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 25
+    c.train.eval_every = 200  # validation loss
+    c.train.eval_batch_size = 128
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.progress_bar = True
+
+    # ---- parallelism: a mesh with named axes (sizes multiply to the device count) ------------
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # logical axis -> mesh axes. The model only knows the logical names.
+    c.sharding = ConfigDict()
+    c.sharding.rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("norm", None),
+    )
+
+    # ---- evaluation (trainer.eval) ----------------------------------------------------------
+    c.eval = ConfigDict()
+    c.eval.split = "test"
+    c.eval.max_examples = 0  # 0 = the whole split
+    c.eval.batch_size = 128
+    c.eval.max_new_tokens = 12
+    c.eval.few_shot_k = 3  # exemplars (same task, from train) for the base model's few-shot row
+    return c

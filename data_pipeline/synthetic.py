@@ -1,0 +1,82 @@
+"""A built-in synthetic instruction dataset with exact answers.
+
+The demo must run with no network and no files outside the repo, and it must show the point of
+instruction tuning: a model that reads *which* task the instruction asks for. So every task shares
+the same kind of input (a short random word, or two numbers) and is asked in several phrasings;
+only the instruction tells reverse from sort from uppercase from count.
+
+Leakage guard: the split of a row is a hash of its *input* (the word or the number pair), not of the
+whole row. The same input therefore never appears in two splits under any task, so no test answer
+paired with its input can be memorised from train (``tests/synthetic_test.py`` checks this).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Any
+
+from data_pipeline.splits import hash_split
+
+# Each task: (instruction phrasings, function input -> answer). Inputs are quoted so that the
+# tokenizer's pre-tokenizer sees the word on its own (no leading space merged into it).
+WORD_TASKS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "reverse": (
+        ('Reverse the letters of "{w}".', 'Write "{w}" backwards.', 'Spell "{w}" in reverse order.',
+         'What is "{w}" reversed?'),
+        lambda w: w[::-1],
+    ),
+    "sort": (
+        ('Sort the letters of "{w}" alphabetically.', 'Put the letters of "{w}" in alphabetical order.',
+         'Arrange the letters of "{w}" from a to z.'),
+        lambda w: "".join(sorted(w)),
+    ),
+    "uppercase": (
+        ('Convert "{w}" to uppercase.', 'Write "{w}" in capital letters.', 'Uppercase this word: "{w}".'),
+        lambda w: w.upper(),
+    ),
+    "count": (
+        ('How many letters are in "{w}"?', 'Count the characters in "{w}".', 'What is the length of "{w}"?'),
+        lambda w: str(len(w)),
+    ),
+}
+ADD_PHRASINGS = ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}.",
+                 "{a} + {b} = ?")
+TASKS = tuple(WORD_TASKS) + ("add",)
+
+
+def make_synthetic_rows(num_rows: int, seed: int, *, min_len: int = 3, max_len: int = 6,
+                        max_addend: int = 99) -> list[dict[str, str]]:
+    """Generates ``num_rows`` unique rows ``{prompt, completion, task, input}``, deterministic from ``seed``.
+
+    Tasks are drawn uniformly. ``input`` is the task's payload (used for hash-stable splitting).
+    """
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < num_rows:
+        task = TASKS[rng.randrange(len(TASKS))]
+        if task == "add":
+            a, b = rng.randint(0, max_addend), rng.randint(0, max_addend)
+            payload = f"{a}+{b}"
+            prompt = rng.choice(ADD_PHRASINGS).format(a=a, b=b)
+            answer = str(a + b)
+        else:
+            n = rng.randint(min_len, max_len)
+            payload = "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+            phrasings, fn = WORD_TASKS[task]
+            prompt = rng.choice(phrasings).format(w=payload)
+            answer = fn(payload)
+        if (task, payload) in seen:
+            continue
+        seen.add((task, payload))
+        rows.append({"prompt": prompt, "completion": answer, "task": task, "input": payload})
+    return rows
+
+
+def synthetic_splits(num_rows: int, seed: int, fractions: dict[str, float], salt: str = "synthetic",
+                     **kwargs) -> dict[str, list[dict[str, str]]]:
+    """The synthetic rows assigned to splits by a hash of their input (see module docstring)."""
+    out: dict[str, list[dict[str, str]]] = {name: [] for name in fractions}
+    for row in make_synthetic_rows(num_rows, seed, **kwargs):
+        out[hash_split(row["input"], fractions, salt)].append(row)
+    return out

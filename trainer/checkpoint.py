@@ -1,0 +1,103 @@
+"""Orbax checkpoints: the train state, the data iterator position, and which step is best.
+
+Layout: ``workdir/checkpoints/<step>/{state,data}``. The manager saves asynchronously and keeps the
+last ``keep`` checkpoints *plus* the one with the lowest validation loss, so ``--checkpoint best``
+always resolves.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+from trainer.cli import UserError
+
+VAL_METRIC = "val_loss"
+
+
+def _manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(n=keep),
+        cm.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=True, n=1,
+                 keep_checkpoints_without_metrics=False),
+    ])
+    # best_fn also makes orbax write the metrics next to each step, so best_step() survives restarts.
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, best_fn=lambda m: m[VAL_METRIC], best_mode="min",
+        enable_async_checkpointing=True, read_only=read_only, create=not read_only,
+        save_interval_steps=0 if read_only else 1, cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options, item_names=("state", "data"))
+
+
+class Checkpointer:
+    """Saves/restores ``TrainState`` (sharded, async) and the loader state for one workdir."""
+
+    def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
+        self.workdir = workdir
+        self.mgr = _manager(workdir, keep, read_only)
+
+    def latest_step(self) -> int | None:
+        return self.mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.mgr.all_steps())
+
+    def best_step(self) -> int | None:
+        """The saved step with the lowest validation loss (None if no step has one)."""
+        return self.mgr.best_step() if any(self.mgr.metrics(s) for s in self.all_steps()) else None
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any] | None,
+             metrics: dict[str, float] | None = None) -> None:
+        args = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state or {})}
+        self.mgr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores state into the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        out = self.mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Restores only ``params`` (for eval/export): optimizer moments are never read."""
+        out = self.mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": abstract_params},
+                restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                                   dtype=x.dtype), {"params": abstract_params}),
+                partial_restore=True)))
+        return out["state"]["params"]
+
+    def resolve(self, which: str) -> int:
+        """``latest`` | ``best`` | a step number -> a step that exists, or a UserError that says why."""
+        steps = self.all_steps()
+        where = os.path.join(self.workdir, "checkpoints")
+        if not steps:
+            raise UserError(f"no checkpoint in {where}; train first (trainer.train --workdir ...)")
+        if which == "latest":
+            return steps[-1]
+        if which == "best":
+            best = self.best_step()
+            if best is None:
+                raise UserError(f"no checkpoint in {where} has a validation loss; "
+                                f"use --checkpoint latest or one of {steps}")
+            return best
+        try:
+            step = int(which)
+        except ValueError:
+            raise UserError(f"--checkpoint must be latest, best or a step number, got {which!r}") from None
+        if step not in steps:
+            raise UserError(f"no checkpoint at step {step} in {where}; available steps: "
+                            f"{', '.join(map(str, steps))} (or use latest / best)")
+        return step
+
+    def wait(self) -> None:
+        self.mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mgr.close()

@@ -1,0 +1,184 @@
+r"""Standalone evaluation of a run: the fine-tuned model against zero-/few-shot prompting of the base.
+
+    python -m trainer.eval --workdir runs/demo [--split test] [--checkpoint best|latest|STEP]
+
+Needs only the workdir (its ``config.json`` and ``tokenizer/`` say what data, template and model were
+used). Writes ``workdir/eval/<split>_step<N>.{md,json}`` and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from data_pipeline import templating
+from trainer import experiment, sharding as sharding_lib
+from trainer.checkpoint import Checkpointer
+from trainer.cli import UserError, run_main
+from trainer.generate import generate_all, make_generate_fn
+from trainer.step import make_eval_step
+
+flags.DEFINE_string("workdir", None, "A trainer.train run directory.")
+flags.DEFINE_string("split", "", "Split to evaluate (default: config.eval.split).")
+flags.DEFINE_string("checkpoint", "best", "best (lowest validation loss) | latest | a step number.")
+flags.DEFINE_integer("max_examples", -1, "Evaluate at most this many rows (-1: config.eval.max_examples).")
+FLAGS = flags.FLAGS
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    """Whitespace-insensitive at the ends only: 'ABC ' == 'ABC', 'A BC' != 'ABC'."""
+    return prediction.strip() == target.strip()
+
+
+def few_shot_messages(row: dict[str, Any], pool: dict[str, list[dict[str, Any]]], k: int,
+                      rng: random.Random) -> list[templating.Message]:
+    """k solved exemplars of the same task (from train), then the question, as one conversation."""
+    candidates = pool.get(row.get("task", ""), []) or [r for rs in pool.values() for r in rs]
+    msgs: list[templating.Message] = []
+    for ex in rng.sample(candidates, min(k, len(candidates))):
+        msgs += templating.prompt_completion_messages(ex["prompt"], ex["completion"])
+    return msgs + templating.prompt_completion_messages(row["prompt"], None)
+
+
+def score(rows: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for r, p in zip(rows, predictions):
+        by_task[r.get("task", "all")].append(exact_match(p, r["completion"]))
+    hits = [h for v in by_task.values() for h in v]
+    return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits),
+            "per_task": {t: float(np.mean(v)) for t, v in sorted(by_task.items())}}
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    tasks = sorted({t for r in result["rows"] for t in r["per_task"]})
+    lines = [f"## Evaluation: `{result['split']}` split, {result['num_examples']} rows",
+             "", f"Run `{result['workdir']}`, checkpoint step {result['step']} "
+             f"({result['checkpoint']}). Exact match of greedy generation.", "",
+             "| model | prompting | exact match | " + " | ".join(tasks) + " |",
+             "|---|---|---:|" + "---:|" * len(tasks)]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['prompting']} | **{100 * r['exact_match']:.1f}%** | "
+                     + " | ".join(f"{100 * r['per_task'].get(t, 0):.1f}%" for t in tasks) + " |")
+    loss = result["finetuned_loss"]
+    lines += ["", f"Fine-tuned completion loss on `{result['split']}`: {loss['loss']:.4f} "
+              f"(token accuracy {100 * loss['token_accuracy']:.1f}% over {int(loss['tokens'])} "
+              "supervised tokens).", "", "Sample fine-tuned predictions:", "",
+              "| prompt | target | prediction | ok |", "|---|---|---|---|"]
+    for s in result["samples"]:
+        lines.append(f"| {s['prompt']} | `{s['target']}` | `{s['prediction']}` | "
+                     f"{'yes' if s['ok'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_examples: int = -1
+             ) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    config = experiment.load_config(workdir)
+    ecfg = config.eval
+    split = split or ecfg.split
+    max_examples = ecfg.max_examples if max_examples < 0 else max_examples
+
+    # ---- data and tokenizer, exactly as the run saw them ----------------------------------
+    tok = experiment.build_or_load_tokenizer(config, workdir, train_rows=None)
+    rows = experiment.build_rows(config)
+    if split not in rows:
+        raise UserError(f"no split {split!r} in this run's data; available: {', '.join(rows)}")
+    eval_rows = rows[split][: max_examples or None]
+    if not eval_rows:
+        raise UserError(f"split {split!r} is empty")
+    data = experiment.tokenize_splits(config, tok, {split: eval_rows})
+
+    # ---- model: fine-tuned checkpoint and the base it started from ------------------------
+    mesh = experiment.make_mesh(config)
+    spec = experiment.model_spec(config, len(tok), mesh)
+    ckpt = Checkpointer(workdir, read_only=True)
+    step = ckpt.resolve(checkpoint)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(spec.init_params_fn(0)), spec.param_shardings)
+    finetuned = ckpt.restore_params(step, abstract)
+    ckpt.close()
+    base = spec.init_params(config.seed)  # the untrained initialisation the run started from
+
+    # ---- loss on the split --------------------------------------------------------------
+    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
+    eval_step = jax.jit(make_eval_step(spec.graphdef))
+    loss = experiment.split_loss(eval_step, finetuned, data.examples[split], config,
+                                 tok.pad_token_id, batch_sh)
+
+    # ---- greedy generation: base zero-/few-shot vs fine-tuned ------------------------------
+    eos_ids = sorted({tok.eos_token_id, tok.convert_tokens_to_ids(tok.eos_token)})
+    generate = make_generate_fn(spec.graphdef, max_new_tokens=ecfg.max_new_tokens, eos_ids=eos_ids,
+                                pad_id=tok.pad_token_id)
+    pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows.get("train", []):
+        pool[r.get("task", "")].append(r)
+
+    def prompts_for(k: int) -> list[np.ndarray]:
+        rng = random.Random(config.seed)
+        out = []
+        for r in eval_rows:
+            msgs = (few_shot_messages(r, pool, k, rng) if k else
+                    templating.prompt_completion_messages(r["prompt"], None))
+            out.append(templating.encode_messages(tok, msgs)[0])
+        return out
+
+    def run(params, prompts) -> list[str]:
+        ids = generate_all(generate, params, prompts, batch_size=ecfg.batch_size,
+                           pad_id=tok.pad_token_id, eos_ids=eos_ids)
+        return [tok.decode(x, skip_special_tokens=True) for x in ids]
+
+    zero = prompts_for(0)
+    settings = [("base (untrained init)" if not config.model.get("hf_path") else "base", "zero-shot",
+                 base, zero),
+                ("base (untrained init)" if not config.model.get("hf_path") else "base",
+                 f"{ecfg.few_shot_k}-shot", base, prompts_for(ecfg.few_shot_k)),
+                (f"fine-tuned (step {step})", "zero-shot", finetuned, zero)]
+    result_rows, predictions = [], None
+    for model_name, prompting, params, prompts in settings:
+        predictions = run(params, prompts)
+        result_rows.append({"model": model_name, "prompting": prompting,
+                            **score(eval_rows, predictions)})
+        logging.info("%s %s: %.3f", model_name, prompting, result_rows[-1]["exact_match"])
+
+    samples = []
+    wrong_first = sorted(range(len(eval_rows)), key=lambda i: exact_match(
+        predictions[i], eval_rows[i]["completion"]))[:4] + list(range(4))
+    for i in dict.fromkeys(wrong_first):
+        samples.append({"prompt": eval_rows[i]["prompt"], "target": eval_rows[i]["completion"],
+                        "prediction": predictions[i],
+                        "ok": exact_match(predictions[i], eval_rows[i]["completion"])})
+    result = {"workdir": workdir, "split": split, "checkpoint": checkpoint, "step": step,
+              "num_examples": len(eval_rows), "rows": result_rows, "finetuned_loss": loss,
+              "samples": samples[:8], "seconds": time.perf_counter() - t0}
+
+    md = markdown_report(result)
+    if jax.process_index() == 0:
+        out_dir = os.path.join(workdir, "eval")
+        os.makedirs(out_dir, exist_ok=True)
+        stem = os.path.join(out_dir, f"{split}_step{step}")
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=2)
+        with open(stem + ".md", "w") as f:
+            f.write(md)
+        print(md + f"\n(eval took {result['seconds']:.0f}s; report: {stem}.md / .json)", flush=True)
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    run_main(lambda: evaluate(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.max_examples))
+
+
+if __name__ == "__main__":
+    app.run(main)

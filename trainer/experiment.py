@@ -1,0 +1,228 @@
+"""What ``trainer.train`` and ``trainer.eval`` share: the run's config, tokenizer, data, model and state.
+
+A workdir is self-describing: ``config.json`` (the full resolved config) and ``tokenizer/`` are written
+by the first ``trainer.train`` call, so ``trainer.eval --workdir`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+
+from data_pipeline import loader, sources, templating, tokenizer as tokenizer_lib
+from trainer import metrics as metrics_lib, sharding as sharding_lib
+from trainer.cli import UserError
+from trainer.model import ModelConfig, Transformer
+from trainer.step import TrainState
+
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+# Sections that define *what* is trained. A workdir may be resumed with other values elsewhere (more
+# steps, other logging), but never with a different model, data or seed: that would silently mix runs.
+IDENTITY_KEYS = ("seed", "data", "tokenizer", "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+def _plain(x: Any) -> Any:
+    """JSON round-trip normal form (tuples -> lists), so saved and live configs compare equal."""
+    return json.loads(json.dumps(x.to_dict() if hasattr(x, "to_dict") else x))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Cross-field checks that ConfigDict's type checks cannot express."""
+    t = config.train
+    if t.num_steps <= 0:
+        raise UserError(f"train.num_steps must be positive, got {t.num_steps}")
+    if t.batch_size % t.grad_accum_steps:
+        raise UserError(f"train.batch_size={t.batch_size} must be divisible by "
+                        f"train.grad_accum_steps={t.grad_accum_steps}")
+    fr = dict(config.data.split_fractions)
+    if abs(sum(fr.values()) - 1) > 1e-6:
+        raise UserError(f"data.split_fractions must sum to 1, got {fr}")
+
+
+def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``workdir/config.json`` on the first run; on later runs refuses a different identity."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        live = _plain(config)
+        old, new = _flatten({k: saved.get(k) for k in IDENTITY_KEYS}), _flatten(
+            {k: live.get(k) for k in IDENTITY_KEYS})
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} in the workdir vs {new.get(k)!r} now" for k in diff[:8])
+            raise UserError(
+                f"workdir {workdir!r} was created with a different config ({shown}). "
+                "Use a new --workdir, or pass the config the workdir was made with.")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(config.to_json(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (for ``trainer.eval``)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: {workdir!r} is not a trainer.train workdir "
+                        "(run `python -m trainer.train --config ... --workdir DIR` first)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and data
+# ---------------------------------------------------------------------------------------------
+
+def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                            train_rows: list[dict[str, Any]] | None):
+    """Loads ``workdir/tokenizer``; on a fresh workdir first creates it (process 0) from the config."""
+    path = os.path.join(workdir, TOKENIZER_DIR)
+    if not os.path.isdir(path) and train_rows is not None:
+        if jax.process_index() == 0:
+            kind = config.tokenizer.kind
+            if kind == "train_bpe":
+                conversations = [templating.prompt_completion_messages(r["prompt"], r["completion"])
+                                 for r in train_rows]
+                tok = tokenizer_lib.train_demo_tokenizer(
+                    conversations, config.tokenizer.vocab_size, config.tokenizer.min_frequency)
+            elif kind == "hf":
+                tok = tokenizer_lib.load_tokenizer(config.tokenizer.path)
+            else:
+                raise UserError(f"tokenizer.kind must be 'train_bpe' or 'hf', got {kind!r}")
+            tok.save_pretrained(path)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("tokenizer_saved")
+    try:
+        return tokenizer_lib.load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the run's tokenizer from {path}: {e}") from e
+
+
+@dataclasses.dataclass
+class Data:
+    rows: dict[str, list[dict[str, Any]]]
+    examples: dict[str, list[loader.Example]]
+    reports: dict[str, loader.TokenizeReport]
+
+
+def build_rows(config: ml_collections.ConfigDict) -> dict[str, list[dict[str, Any]]]:
+    try:
+        return sources.build_splits(config.data)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def tokenize_splits(config: ml_collections.ConfigDict, tok, rows: dict[str, list[dict[str, Any]]]
+                    ) -> Data:
+    encode = lambda r: templating.encode_prompt_completion(tok, r["prompt"], r["completion"])  # noqa: E731
+    examples, reports = {}, {}
+    for split, split_rows in rows.items():
+        examples[split], reports[split] = loader.tokenize_rows(split_rows, encode, config.data.max_length)
+    return Data(rows, examples, reports)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and state
+# ---------------------------------------------------------------------------------------------
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    return ModelConfig.from_dict({**config.model.to_dict(), "vocab_size": vocab_size,
+                                  "max_position_embeddings": config.data.max_length})
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    try:
+        return sharding_lib.make_mesh(dict(config.mesh))
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+    return [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding.rules]
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """The model split once into a static graph and the shardings of its parameters."""
+
+    cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    param_shardings: Any  # pure dict of NamedSharding, same structure as params
+    mesh: Mesh
+
+    def init_params_fn(self, seed: int):
+        cfg = self.cfg
+        return lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+
+    def init_params(self, seed: int) -> Any:
+        """Initialises parameters directly in their shardings (never whole on one device)."""
+        return jax.jit(self.init_params_fn(seed), out_shardings=self.param_shardings)()
+
+
+def model_spec(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> ModelSpec:
+    cfg = model_config(config, vocab_size)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_params = nnx.split(abstract, nnx.Param)
+    shardings = sharding_lib.state_shardings(abs_params, mesh, rules(config)).to_pure_dict()
+    return ModelSpec(cfg, graphdef, shardings, mesh)
+
+
+def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation) -> TrainState:
+    """Shardings for the whole TrainState: optimizer moments follow their parameter."""
+    abs_params = jax.eval_shape(spec.init_params_fn(0))
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    rep = NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, spec.param_shardings,
+                                   transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=spec.param_shardings, opt_state=opt_sh)
+
+
+def init_train_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int,
+                     shardings: TrainState) -> TrainState:
+    init_params = spec.init_params_fn(seed)
+
+    def init() -> TrainState:
+        params = init_params()
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles this process's rows into global arrays sharded along the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def split_loss(eval_step, params: Any, examples: list[loader.Example], config: ml_collections.ConfigDict,
+               pad_id: int, batch_sh: NamedSharding) -> dict[str, float]:
+    """Token-weighted loss/accuracy over a whole split (sums over batches, then one division)."""
+    sums = [eval_step(params, global_batch(b, batch_sh)) for b in loader.eval_batches(
+        examples, seq_len=config.data.max_length, pad_id=pad_id,
+        batch_size=config.train.eval_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count())]
+    return metrics_lib.summarize(sums)

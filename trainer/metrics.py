@@ -1,0 +1,82 @@
+"""Metrics: token-weighted aggregation, JSONL + TensorBoard writers, and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def summarize(sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Combines per-step ``{loss_sum, tokens, correct}`` into token-weighted means.
+
+    ``loss = sum(loss_sum) / sum(tokens)`` -- not the mean of per-step means, which would overweight
+    steps with few supervised tokens.
+    """
+    sums = jax.device_get(list(sums))
+    tot = {k: float(np.sum([s[k] for s in sums])) for k in ("loss_sum", "tokens", "correct")}
+    denom = max(tot["tokens"], 1.0)
+    return {"loss": tot["loss_sum"] / denom, "token_accuracy": tot["correct"] / denom,
+            "tokens": tot["tokens"]}
+
+
+class MetricWriter:
+    """Appends ``{"step": N, ...}`` lines to ``workdir/metrics.jsonl`` and writes TensorBoard events.
+
+    Only process 0 writes; other processes get a no-op writer.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            from tensorboardX import SummaryWriter  # imported lazily: slow import, process 0 only
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": time.time(),
+               **{f"{prefix}{k}": float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            self._tb.add_scalar(f"{prefix}{k}", float(v), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar over steps, showing loss and tokens/s; ETA comes from tqdm's rate."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                            smoothing=0.1)
+
+    def update(self, n: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        elif jax.process_index() == 0:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

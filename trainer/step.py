@@ -1,0 +1,131 @@
+"""The hot path: a pure ``train_step(state, batch) -> (state, metrics)`` and its eval twin.
+
+Losses are (numerator, denominator) pairs -- summed token losses and supervised-token counts -- so that
+gradient accumulation, data parallelism and eval over many batches all give *exactly* the
+token-weighted mean, whatever the split of tokens across micro-batches, devices or hosts.
+
+Batch layout (from ``data_pipeline.loader``), every field ``[batch, seq]``:
+  inputs int32, targets int32, weights float32 (1 on supervised target tokens),
+  positions int32, segment_ids int32 (0 = padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from trainer.model import Transformer, attention_mask
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a plain pytree (params are a pure nested dict)."""
+
+    step: jax.Array  # int32 scalar
+    params: Any
+    opt_state: Any
+
+
+def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+    """Masked cross-entropy sums in float32.
+
+    Args:
+      logits: [batch, seq, vocab] float32.
+      targets: [batch, seq] int32.
+      weights: [batch, seq] float32, 0 on tokens that are not supervised.
+
+    Returns:
+      ``loss_sum`` (sum of token losses), ``tokens`` (sum of weights), ``correct`` (weighted count of
+      argmax hits) -- all float32 scalars, to be summed across batches before dividing.
+    """
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(ce * weights), "tokens": jnp.sum(weights),
+            "correct": jnp.sum(hit * weights)}
+
+
+def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup + cosine decay and global-norm clipping.
+
+    Weight decay is applied to matrices only (not norms' scales), as in most LLM recipes.
+    """
+    warmup = int(cfg.warmup_steps)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.end_lr_ratio)
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    return tx, schedule
+
+
+def make_forward(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """Returns ``forward(params, batch) -> loss sums`` for a model graph split once, outside the loop."""
+
+    def forward(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        model: Transformer = nnx.merge(graphdef, params)
+        logits, _ = model(batch["inputs"], batch["positions"], attention_mask(batch["segment_ids"]))
+        return token_loss(logits, batch["targets"], batch["weights"])
+
+    return forward
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int = 1
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds the pure train step (to be wrapped in ``jax.jit`` by the caller with shardings).
+
+    With ``grad_accum_steps = k`` the batch is split into k micro-batches along the batch axis and the
+    *summed* gradients of the loss sums are divided once by the total supervised-token count, so the
+    update equals the full-batch update exactly (up to float summation order).
+    """
+    forward = make_forward(graphdef)
+
+    def loss_sum_fn(params, micro):
+        out = forward(params, micro)
+        return out["loss_sum"], out
+
+    grad_fn = jax.grad(loss_sum_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if grad_accum_steps == 1:
+            grads, sums = grad_fn(state.params, batch)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+                batch)
+
+            def body(carry, mb):
+                g, s = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                     {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "tokens", "correct")})
+            (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        # Normalise by the token count of the whole (global) batch. max(.,1): a batch with no
+        # supervised token gives zero gradients, never NaN (the data pipeline drops such rows).
+        denom = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(sums)
+        metrics.update(loss=sums["loss_sum"] / denom, token_accuracy=sums["correct"] / denom,
+                       grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """``eval_step(params, batch) -> {loss_sum, tokens, correct}``; sum over batches, then divide."""
+    return make_forward(graphdef)

@@ -1,0 +1,162 @@
+r"""Supervised instruction fine-tuning.
+
+    python -m trainer.train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
+
+Resumes from the latest checkpoint when ``--workdir`` already has one.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from data_pipeline import loader
+from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
+from trainer.checkpoint import VAL_METRIC, Checkpointer
+from trainer.cli import UserError, run_main
+from trainer.step import TrainState, make_eval_step, make_optimizer, make_train_step
+
+config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
+
+
+def train(config, workdir: str) -> TrainState:
+    """Trains (or resumes) the run in ``workdir``; returns the final state."""
+    experiment.validate_config(config)
+    experiment.save_or_check_config(config, workdir)
+    tcfg = config.train
+
+    # ----------------------------------------------------------------------------------------
+    # Mesh
+    # ----------------------------------------------------------------------------------------
+    mesh = experiment.make_mesh(config)
+    rules = experiment.rules(config)
+    batch_sh = sharding_lib.batch_sharding(mesh, rules)
+    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+                 jax.process_count())
+
+    # ----------------------------------------------------------------------------------------
+    # Data
+    # ----------------------------------------------------------------------------------------
+    rows = experiment.build_rows(config)
+    tok = experiment.build_or_load_tokenizer(config, workdir, rows["train"])
+    data = experiment.tokenize_splits(config, tok, rows)
+    for split, rep in data.reports.items():
+        logging.info("data %-10s %s", split, rep.summary())
+    dp = sharding_lib.data_parallel_size(mesh, rules)
+    if tcfg.batch_size % (dp * tcfg.grad_accum_steps):
+        raise UserError(f"train.batch_size={tcfg.batch_size} must be divisible by data-parallel size "
+                        f"{dp} x train.grad_accum_steps={tcfg.grad_accum_steps}")
+    train_ds = loader.train_dataset(
+        data.examples["train"], seq_len=config.data.max_length, pad_id=tok.pad_token_id,
+        batch_size=tcfg.batch_size, seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    train_iter = iter(train_ds)
+
+    # ----------------------------------------------------------------------------------------
+    # Model, optimizer and sharded state (created with eval_shape, then jit with out_shardings)
+    # ----------------------------------------------------------------------------------------
+    spec = experiment.model_spec(config, len(tok), mesh)
+    tx, schedule = make_optimizer(config.optimizer, tcfg.num_steps)
+    state_sh = experiment.state_shardings(spec, tx)
+    num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))
+    logging.info("model: %.2fM parameters, vocab %d", num_params / 1e6, len(tok))
+
+    # ----------------------------------------------------------------------------------------
+    # Step functions: jitted once, explicit shardings, donated state
+    # ----------------------------------------------------------------------------------------
+    batch_tree_sh = {k: batch_sh for k in loader.FIELDS}
+    rep = sharding_lib.replicated(mesh)
+    train_step = jax.jit(make_train_step(spec.graphdef, tx, schedule, tcfg.grad_accum_steps),
+                         in_shardings=(state_sh, batch_tree_sh), out_shardings=(state_sh, rep),
+                         donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(spec.graphdef), in_shardings=(spec.param_shardings,
+                                                                     batch_tree_sh),
+                        out_shardings=rep)
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoint: resume or initialise
+    # ----------------------------------------------------------------------------------------
+    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(lambda: experiment.init_train_state(
+                                    spec, tx, config.seed, state_sh)), state_sh)
+        state, data_state = ckpt.restore(start, abstract)
+        if data_state:
+            train_iter.set_state(data_state)
+        logging.info("resumed from step %d", start)
+    else:
+        state = experiment.init_train_state(spec, tx, config.seed, state_sh)
+        start = 0
+    if start >= tcfg.num_steps:
+        logging.info("already trained to step %d >= train.num_steps=%d", start, tcfg.num_steps)
+        ckpt.close()
+        return state
+
+    # ----------------------------------------------------------------------------------------
+    # Loop
+    # ----------------------------------------------------------------------------------------
+    writer = metrics_lib.MetricWriter(workdir)
+    progress = metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar)
+    pending, real_tokens, t_last = [], 0, time.perf_counter()
+    evaluate = functools.partial(experiment.split_loss, eval_step, examples=data.examples["validation"],
+                                 config=config, pad_id=tok.pad_token_id, batch_sh=batch_sh)
+    for step in range(start + 1, tcfg.num_steps + 1):
+        local = next(train_iter)
+        real_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+        state, m = train_step(state, experiment.global_batch(local, batch_sh))
+        pending.append(m)
+
+        if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+            summary = metrics_lib.summarize(pending)  # blocks until these steps are done
+            dt = time.perf_counter() - t_last
+            last = jax.device_get(pending[-1])
+            row = {"loss": summary["loss"], "token_accuracy": summary["token_accuracy"],
+                   "grad_norm": float(last["grad_norm"]), "learning_rate": float(last["learning_rate"]),
+                   "tokens_per_s": real_tokens / dt,
+                   "supervised_tokens_per_s": summary["tokens"] / dt}
+            if not np.isfinite(row["loss"]):
+                raise FloatingPointError(f"non-finite training loss at step {step}: {row}")
+            writer.write(step, row, prefix="train/")
+            progress.update(len(pending), loss=f"{row['loss']:.4f}",
+                            tok_s=f"{row['tokens_per_s']:.0f}")
+            pending, real_tokens, t_last = [], 0, time.perf_counter()
+
+        is_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps
+        if step % tcfg.eval_every == 0 or is_ckpt:
+            val = evaluate(state.params)
+            writer.write(step, val, prefix="val/")
+            progress.write(f"step {step}: val loss {val['loss']:.4f}, "
+                           f"token accuracy {val['token_accuracy']:.4f}")
+            t_last = time.perf_counter()  # validation time is not training throughput
+        if is_ckpt:
+            ckpt.save(step, state, train_iter.get_state(), metrics={VAL_METRIC: val["loss"]})
+
+    progress.close()
+    writer.close()
+    ckpt.wait()
+    ckpt.close()
+    return state
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError("both --config and --workdir are required")
+    run_main(lambda: train(FLAGS.config, FLAGS.workdir))
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == "__main__":
+    jax.config.config_with_absl()
+    app.run(main)
