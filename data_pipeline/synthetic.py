@@ -3,7 +3,11 @@
 The demo must run with no network and no files outside the repo, and it must show the point of
 instruction tuning: a model that reads *which* task the instruction asks for. So every task shares
 the same kind of input (a short random word, or two numbers) and is asked in several phrasings;
-only the instruction tells reverse from sort from uppercase from count.
+only the instruction tells reverse from sort from lowercase from count.
+
+Payload words are UPPERCASE on purpose: the instruction words are lowercase, so the tokenizer's BPE
+merges (learned mostly from instruction words) never apply inside a payload, and every payload letter
+stays one token -- which keeps letter-level tasks learnable by a tiny model in minutes.
 
 Leakage guard: the split of a row is a hash of its *input* (the word or the number pair), not of the
 whole row. The same input therefore never appears in two splits under any task, so no test answer
@@ -28,12 +32,12 @@ WORD_TASKS: dict[str, tuple[tuple[str, ...], Any]] = {
     ),
     "sort": (
         ('Sort the letters of "{w}" alphabetically.', 'Put the letters of "{w}" in alphabetical order.',
-         'Arrange the letters of "{w}" from a to z.'),
+         'Arrange the letters of "{w}" from A to Z.'),
         lambda w: "".join(sorted(w)),
     ),
-    "uppercase": (
-        ('Convert "{w}" to uppercase.', 'Write "{w}" in capital letters.', 'Uppercase this word: "{w}".'),
-        lambda w: w.upper(),
+    "lowercase": (
+        ('Convert "{w}" to lowercase.', 'Write "{w}" in small letters.', 'Lowercase this word: "{w}".'),
+        lambda w: w.lower(),
     ),
     "count": (
         ('How many letters are in "{w}"?', 'Count the characters in "{w}".', 'What is the length of "{w}"?'),
@@ -62,7 +66,7 @@ def make_synthetic_rows(num_rows: int, seed: int, *, min_len: int = 3, max_len: 
             answer = str(a + b)
         else:
             n = rng.randint(min_len, max_len)
-            payload = "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+            payload = "".join(rng.choice(string.ascii_uppercase) for _ in range(n))
             phrasings, fn = WORD_TASKS[task]
             prompt = rng.choice(phrasings).format(w=payload)
             answer = fn(payload)

@@ -1,6 +1,6 @@
 """Orbax checkpoints: the train state, the data iterator position, and which step is best.
 
-Layout: ``workdir/checkpoints/<step>/{state,data}``. The manager saves asynchronously and keeps the
+Layout: ``workdir/checkpoints/<step>/{params,opt_state,data}``. The manager saves asynchronously and keeps the
 last ``keep`` checkpoints *plus* the one with the lowest validation loss, so ``--checkpoint best``
 always resolves.
 """
@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
@@ -31,7 +32,7 @@ def _manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkp
         enable_async_checkpointing=True, read_only=read_only, create=not read_only,
         save_interval_steps=0 if read_only else 1, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options, item_names=("state", "data"))
+                                 options=options, item_names=("params", "opt_state", "data"))
 
 
 class Checkpointer:
@@ -53,25 +54,26 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any] | None,
              metrics: dict[str, float] | None = None) -> None:
-        args = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state or {})}
-        self.mgr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+        """Saves asynchronously; params and optimizer state are separate items so that eval/export
+        read the params alone."""
+        args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                                  opt_state=ocp.args.StandardSave(state.opt_state),
+                                  data=ocp.args.JsonSave(data_state or {}))
+        self.mgr.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores state into the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        """Restores a TrainState into the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
         out = self.mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return out["state"], out["data"]
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt_state=ocp.args.StandardRestore(abstract_state.opt_state), data=ocp.args.JsonRestore()))
+        step_arr = jax.device_put(np.int32(step), abstract_state.step.sharding)
+        return abstract_state.replace(step=step_arr, params=out["params"],
+                                      opt_state=out["opt_state"]), out["data"]
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Restores only ``params`` (for eval/export): optimizer moments are never read."""
-        out = self.mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item={"params": abstract_params},
-                restore_args=jax.tree.map(
-                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
-                                                   dtype=x.dtype), {"params": abstract_params}),
-                partial_restore=True)))
-        return out["state"]["params"]
+        """Restores only the parameters (for eval/export): optimizer moments are never read."""
+        return self.mgr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))["params"]
 
     def resolve(self, which: str) -> int:
         """``latest`` | ``best`` | a step number -> a step that exists, or a UserError that says why."""

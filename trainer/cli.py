@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
+
+
+from absl import flags, logging
+
+flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
+                  "Multi-process JAX: off | auto (TPU pod, SLURM...) | explicit (flags below).")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (--distributed=explicit).")
+flags.DEFINE_integer("num_processes", 0, "Number of processes (--distributed=explicit).")
+flags.DEFINE_integer("process_id", -1, "This process's index (--distributed=explicit).")
 
 
 class UserError(Exception):
@@ -15,9 +25,73 @@ class UserError(Exception):
 
 
 def run_main(fn: Callable[[], Any]) -> Any:
-    """Calls ``fn``; a ``UserError`` (or a data/template ``ValueError`` raised as one) exits cleanly."""
+    """Common start of every entry point, then ``fn()``; a ``UserError`` exits with one message.
+
+    absl logging defaults to WARNING here (Orbax logs every file it writes at INFO); pass
+    ``--verbosity=0`` for everything. Progress and results are printed, not logged.
+    """
+    f = flags.FLAGS
+    if not f["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     try:
+        init_distributed(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
         return fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """Starts multi-process JAX before any device is touched.
+
+    Args:
+      mode: ``off`` (single process), ``auto`` (TPU pods, SLURM, ... detected by jax), or
+        ``explicit`` (use the other arguments; e.g. the local multi-process rehearsal).
+    """
+    import jax
+
+    if mode == "off":
+        return
+    # CPU processes need a collectives implementation to talk to each other (harmless elsewhere).
+    # Not jax.default_backend(): that would start the backend before initialize(), which must be first.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if mode == "auto":
+        jax.distributed.initialize()
+    elif mode == "explicit":
+        if not coordinator or num_processes <= 0 or process_id < 0:
+            raise UserError("--distributed=explicit needs --coordinator_address, --num_processes "
+                            "and --process_id")
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    else:
+        raise UserError(f"--distributed must be off, auto or explicit, got {mode!r}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors (``app.run(main, flags_parser=parse_flags)``).
+
+    ``config_flags`` reports an unknown ``--config.a.b`` key or a bad value as an exception from deep
+    inside ml_collections; here it becomes ``error: ...`` naming the key, with exit status 2.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        msg = str(e)
+    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        detail = re.sub(r"\\n|\n", " ", str(e)).replace("\\'", "'")
+        detail = " ".join(detail.replace("'", "").split()).replace(" Did you mean", ". Did you mean")
+        msg = f"unknown or invalid --config key: {detail}"
+    print(f"error: {msg}\nRun with --help for the flags; config keys are listed in the --config file.",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def config_flag() -> Any:
+    """``FLAGS.config``, with a missing or broken config file reported as a ``UserError``."""
+    try:
+        config = flags.FLAGS.config
+        if config is None:
+            raise UserError("--config is required, e.g. --config configs/demo.py")
+        config.get("train")  # config_flags loads lazily: touch it so a load error surfaces here
+    except OSError as e:
+        raise UserError(" ".join(str(e).split())) from None
+    return config

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from data_pipeline import templating
 from trainer import experiment, sharding as sharding_lib
 from trainer.checkpoint import Checkpointer
-from trainer.cli import UserError, run_main
+from trainer.cli import UserError, parse_flags, run_main
 from trainer.generate import generate_all, make_generate_fn
 from trainer.step import make_eval_step
 
@@ -180,5 +180,11 @@ def main(argv):
     run_main(lambda: evaluate(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.max_examples))
 
 
+def run() -> None:
+    """Console-script entry point (``ift-eval``)."""
+    jax.config.config_with_absl()
+    app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

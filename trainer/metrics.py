@@ -25,6 +25,12 @@ def summarize(sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             "tokens": tot["tokens"]}
 
 
+def log(msg: str) -> None:
+    """Prints a progress message on process 0 only."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
 class MetricWriter:
     """Appends ``{"step": N, ...}`` lines to ``workdir/metrics.jsonl`` and writes TensorBoard events.
 

@@ -49,22 +49,34 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:
     return P(*(table.get(n) if n is not None else None for n in names))
 
 
+def _on_mesh(spec: P, mesh: Mesh) -> NamedSharding:
+    """Drops mesh axes the mesh does not have, so one rule set serves every mesh shape
+    (e.g. the default rules name ``fsdp`` and ``tensor``; a ``data``-only mesh just replicates)."""
+
+    def keep(entry):
+        if entry is None:
+            return None
+        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a in mesh.shape)
+        return axes[0] if len(axes) == 1 else (axes or None)
+
+    return NamedSharding(mesh, P(*(keep(e) for e in spec)))
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for an ``nnx.State`` whose Params carry logical ``out_sharding`` metadata."""
     with nnx.logical_axis_rules(list(rules)):
         specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(lambda p: _on_mesh(p, mesh), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of a ``[batch, seq]`` array: batch over the mesh axes that ``batch`` maps to."""
-    return NamedSharding(mesh, logical_to_spec(("batch", None), rules))
+    return _on_mesh(logical_to_spec(("batch", None), rules), mesh)
 
 
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     """How many ways the ``batch`` logical axis is split on ``mesh``."""
-    axes = logical_to_spec(("batch",), rules)[0]
+    axes = batch_sharding(mesh, rules).spec[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     return int(np.prod([mesh.shape[a] for a in axes]))
 

@@ -13,13 +13,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import loader
 from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import VAL_METRIC, Checkpointer
-from trainer.cli import UserError, run_main
+from trainer.cli import UserError, config_flag, parse_flags, run_main
 from trainer.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -38,8 +38,8 @@ def train(config, workdir: str) -> TrainState:
     mesh = experiment.make_mesh(config)
     rules = experiment.rules(config)
     batch_sh = sharding_lib.batch_sharding(mesh, rules)
-    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
-                 jax.process_count())
+    metrics_lib.log(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices "
+                    f"({jax.process_count()} process(es))")
 
     # ----------------------------------------------------------------------------------------
     # Data
@@ -48,7 +48,7 @@ def train(config, workdir: str) -> TrainState:
     tok = experiment.build_or_load_tokenizer(config, workdir, rows["train"])
     data = experiment.tokenize_splits(config, tok, rows)
     for split, rep in data.reports.items():
-        logging.info("data %-10s %s", split, rep.summary())
+        metrics_lib.log(f"data {split:<10} {rep.summary()}")
     dp = sharding_lib.data_parallel_size(mesh, rules)
     if tcfg.batch_size % (dp * tcfg.grad_accum_steps):
         raise UserError(f"train.batch_size={tcfg.batch_size} must be divisible by data-parallel size "
@@ -66,7 +66,7 @@ def train(config, workdir: str) -> TrainState:
     tx, schedule = make_optimizer(config.optimizer, tcfg.num_steps)
     state_sh = experiment.state_shardings(spec, tx)
     num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))
-    logging.info("model: %.2fM parameters, vocab %d", num_params / 1e6, len(tok))
+    metrics_lib.log(f"model: {num_params / 1e6:.2f}M parameters, vocab {len(tok)}")
 
     # ----------------------------------------------------------------------------------------
     # Step functions: jitted once, explicit shardings, donated state
@@ -92,12 +92,12 @@ def train(config, workdir: str) -> TrainState:
         state, data_state = ckpt.restore(start, abstract)
         if data_state:
             train_iter.set_state(data_state)
-        logging.info("resumed from step %d", start)
+        metrics_lib.log(f"resumed from the checkpoint at step {start}")
     else:
         state = experiment.init_train_state(spec, tx, config.seed, state_sh)
         start = 0
     if start >= tcfg.num_steps:
-        logging.info("already trained to step %d >= train.num_steps=%d", start, tcfg.num_steps)
+        metrics_lib.log(f"already trained to step {start} (train.num_steps={tcfg.num_steps}); nothing to do")
         ckpt.close()
         return state
 
@@ -150,13 +150,18 @@ def train(config, workdir: str) -> TrainState:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("both --config and --workdir are required")
-    run_main(lambda: train(FLAGS.config, FLAGS.workdir))
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    run_main(lambda: train(config_flag(), FLAGS.workdir))
 
 
 FLAGS = flags.FLAGS
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (``ift-train``)."""
     jax.config.config_with_absl()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,28 @@
+"""A tiny variant of the demo for tests: trains in seconds, same code paths."""
+
+from configs import demo
+
+
+def get_config():
+    c = demo.get_config()
+    c.data.synthetic.num_rows = 300
+    c.tokenizer.min_frequency = 8
+    c.model.hidden_size = 32
+    c.model.intermediate_size = 64
+    c.model.num_hidden_layers = 2
+    c.model.num_attention_heads = 4
+    c.model.num_key_value_heads = 2
+    c.model.head_dim = 8
+    c.optimizer.warmup_steps = 1
+    c.train.num_steps = 2
+    c.train.batch_size = 8
+    c.train.log_every = 1
+    c.train.eval_every = 2
+    c.train.eval_batch_size = 16
+    c.train.checkpoint_every = 2
+    c.train.progress_bar = False
+    c.eval.max_examples = 16
+    c.eval.batch_size = 8
+    c.eval.max_new_tokens = 4
+    c.eval.few_shot_k = 1
+    return c

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs the project with its test extra into .venv and runs the test suite (CPU only).
+# torch==2.13.0 is installed first: it is the CPU wheel (a test-time reference only); a looser
+# requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+python -m pytest -q -n 2 "$@"

@@ -1,0 +1,54 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from configs import tiny
+from trainer import experiment, sharding as sharding_lib
+from trainer.step import make_optimizer
+
+FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
+
+
+def tiny_config(**mesh):
+    c = tiny.get_config()
+    if mesh:
+        c.mesh = dict(mesh)
+    return c
+
+
+def setup(config, vocab_size: int = 64, devices=None, num_steps: int = 10):
+    """Mesh, model spec, optimizer and state shardings for ``config`` on ``devices``."""
+    mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
+    spec = experiment.model_spec(config, vocab_size, mesh)
+    tx, schedule = make_optimizer(config.optimizer, num_steps)
+    state_sh = experiment.state_shardings(spec, tx)
+    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
+    return mesh, spec, tx, schedule, state_sh, batch_sh
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of different real lengths (rest padding) with different numbers of supervised tokens."""
+    rng = np.random.default_rng(seed)
+    out = {k: np.zeros((batch, seq), np.float32 if k == "weights" else np.int32) for k in FIELDS}
+    for i in range(batch):
+        n = int(rng.integers(seq // 2, seq + 1))
+        out["inputs"][i, :n] = rng.integers(1, vocab, n)
+        out["targets"][i, :n] = rng.integers(1, vocab, n)
+        start = int(rng.integers(1, n))  # supervised suffix of varying length
+        out["weights"][i, start:n] = 1.0
+        out["positions"][i, :n] = np.arange(n)
+        out["segment_ids"][i, :n] = 1
+    return out
+
+
+def to_global(batch, batch_sh):
+    return {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+
+
+def tree_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return (jax.tree.structure(a) == jax.tree.structure(b)
+            and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)))
