@@ -20,5 +20,7 @@ def build_splits(data_cfg: Any) -> dict[str, list[dict[str, Any]]]:
         return synthetic_splits(
             data_cfg.synthetic.num_rows, data_cfg.synthetic.seed, dict(data_cfg.split_fractions),
             salt=data_cfg.split_salt, min_len=data_cfg.synthetic.min_word_len,
-            max_len=data_cfg.synthetic.max_word_len, max_addend=data_cfg.synthetic.max_addend)
+            max_len=data_cfg.synthetic.max_word_len, alphabet=data_cfg.synthetic.alphabet,
+            max_first_addend=data_cfg.synthetic.max_first_addend,
+            max_second_addend=data_cfg.synthetic.max_second_addend)
     raise ValueError(f"unknown data.source {data_cfg.source!r}; supported: {', '.join(SOURCES)}")

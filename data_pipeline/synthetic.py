@@ -3,7 +3,7 @@
 The demo must run with no network and no files outside the repo, and it must show the point of
 instruction tuning: a model that reads *which* task the instruction asks for. So every task shares
 the same kind of input (a short random word, or two numbers) and is asked in several phrasings;
-only the instruction tells reverse from sort from lowercase from count.
+only the instruction tells reverse from sort from double from count.
 
 Payload words are UPPERCASE on purpose: the instruction words are lowercase, so the tokenizer's BPE
 merges (learned mostly from instruction words) never apply inside a payload, and every payload letter
@@ -35,9 +35,9 @@ WORD_TASKS: dict[str, tuple[tuple[str, ...], Any]] = {
          'Arrange the letters of "{w}" from A to Z.'),
         lambda w: "".join(sorted(w)),
     ),
-    "lowercase": (
-        ('Convert "{w}" to lowercase.', 'Write "{w}" in small letters.', 'Lowercase this word: "{w}".'),
-        lambda w: w.lower(),
+    "double": (
+        ('Write "{w}" twice.', 'Repeat "{w}" two times.', 'Say "{w}" two times, without spaces.'),
+        lambda w: w + w,
     ),
     "count": (
         ('How many letters are in "{w}"?', 'Count the characters in "{w}".', 'What is the length of "{w}"?'),
@@ -49,24 +49,31 @@ ADD_PHRASINGS = ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute the sum o
 TASKS = tuple(WORD_TASKS) + ("add",)
 
 
-def make_synthetic_rows(num_rows: int, seed: int, *, min_len: int = 3, max_len: int = 6,
-                        max_addend: int = 99) -> list[dict[str, str]]:
+def make_synthetic_rows(num_rows: int, seed: int, *, min_len: int = 3, max_len: int = 5,
+                        alphabet: str = string.ascii_uppercase, max_first_addend: int = 999,
+                        max_second_addend: int = 9) -> list[dict[str, str]]:
     """Generates ``num_rows`` unique rows ``{prompt, completion, task, input}``, deterministic from ``seed``.
 
     Tasks are drawn uniformly. ``input`` is the task's payload (used for hash-stable splitting).
+    Addition adds a small number to a larger one: every digit fact (and carry) is seen many times in
+    train with other leading digits, so unseen sums in test are reachable by generalisation, not recall.
     """
+    combos = {"add": (max_first_addend + 1) * (max_second_addend + 1),
+              "word": sum(len(alphabet) ** n for n in range(min_len, max_len + 1))}
+    if num_rows > 0.5 * (combos["add"] + len(WORD_TASKS) * combos["word"]):
+        raise ValueError(f"{num_rows} unique rows requested, too many for these synthetic settings")
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < num_rows:
         task = TASKS[rng.randrange(len(TASKS))]
         if task == "add":
-            a, b = rng.randint(0, max_addend), rng.randint(0, max_addend)
+            a, b = rng.randint(0, max_first_addend), rng.randint(0, max_second_addend)
             payload = f"{a}+{b}"
             prompt = rng.choice(ADD_PHRASINGS).format(a=a, b=b)
             answer = str(a + b)
         else:
             n = rng.randint(min_len, max_len)
-            payload = "".join(rng.choice(string.ascii_uppercase) for _ in range(n))
+            payload = "".join(rng.choice(alphabet) for _ in range(n))
             phrasings, fn = WORD_TASKS[task]
             prompt = rng.choice(phrasings).format(w=payload)
             answer = fn(payload)

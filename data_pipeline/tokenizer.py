@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable
 
 import jinja2
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BOS, EOS, PAD, IM_START = "<|begin_of_text|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
@@ -43,13 +43,16 @@ def train_demo_tokenizer(conversations: Iterable[list[dict[str, str]]], vocab_si
     Training on the rendered chats (not just the contents) makes template words such as the role
     names single tokens too.
 
-    ``min_frequency`` is high on purpose: instruction words (seen in every row of a task) get merged
-    into single tokens, while the random payload words stay one token per letter, which keeps
-    letter-level tasks (reverse, sort) learnable by a tiny model. Digits are always split.
+    Digits and capital letters are always single tokens (pre-tokenizer rules, as Llama 3 and Qwen do
+    for digits): the synthetic tasks' payloads are uppercase words and numbers, and a tiny model learns
+    letter- and digit-level operations (reverse, sort, add) far faster when no merge hides a letter,
+    whatever the letter-pair frequencies in the data. Lowercase instruction words merge freely.
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex("[A-Z]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,

@@ -21,7 +21,7 @@ def test_answers_are_exact():
             a, b = map(int, w.split("+"))
             assert c == str(a + b) and str(a) in r["prompt"] and str(b) in r["prompt"]
         else:
-            expected = {"reverse": w[::-1], "sort": "".join(sorted(w)), "lowercase": w.lower(),
+            expected = {"reverse": w[::-1], "sort": "".join(sorted(w)), "double": w + w,
                         "count": str(len(w))}[r["task"]]
             assert c == expected and f'"{w}"' in r["prompt"]
 

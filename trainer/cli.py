@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
                   "Multi-process JAX: off | auto (TPU pod, SLURM...) | explicit (flags below).")
@@ -95,3 +95,19 @@ def config_flag() -> Any:
     except OSError as e:
         raise UserError(" ".join(str(e).split())) from None
     return config
+
+
+def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) -> None:
+    """Runs an entry point: absl flags (clean errors), required-flag checks, then ``run_main(body)``."""
+    import jax
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        missing = [f"--{name}" for name in required if not flags.FLAGS[name].value]
+        if missing:
+            raise app.UsageError(f"{' and '.join(missing)} required")
+        run_main(body)
+
+    jax.config.config_with_absl()
+    app.run(main, flags_parser=parse_flags)

@@ -17,12 +17,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data_pipeline import templating
 from trainer import experiment, sharding as sharding_lib
 from trainer.checkpoint import Checkpointer
-from trainer.cli import UserError, parse_flags, run_main
+from trainer.cli import UserError, launch
 from trainer.generate import generate_all, make_generate_fn
 from trainer.step import make_eval_step
 
@@ -172,18 +172,9 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     return result
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    run_main(lambda: evaluate(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.max_examples))
-
-
 def run() -> None:
-    """Console-script entry point (``ift-eval``)."""
-    jax.config.config_with_absl()
-    app.run(main, flags_parser=parse_flags)
+    """Entry point (``python -m trainer.eval`` and the ``ift-eval`` console script)."""
+    launch(lambda: evaluate(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.max_examples))
 
 
 if __name__ == "__main__":

@@ -11,23 +11,29 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from data_pipeline import loader
 from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import VAL_METRIC, Checkpointer
-from trainer.cli import UserError, config_flag, parse_flags, run_main
+from trainer.cli import UserError, config_flag, launch
 from trainer.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
 
 
-def train(config, workdir: str) -> TrainState:
-    """Trains (or resumes) the run in ``workdir``; returns the final state."""
+def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
+    """Trains (or resumes) the run in ``workdir``; returns the final state.
+
+    Args:
+      config: the resolved config (see ``configs/demo.py``).
+      workdir: run directory; resumed from its latest checkpoint if it has one.
+      stop_at: stop after this step, checkpointing it, as a preempted job would; the LR schedule
+        still spans ``train.num_steps``, so a later call resumes the same run.
+    """
     experiment.validate_config(config)
     experiment.save_or_check_config(config, workdir)
     tcfg = config.train
@@ -109,13 +115,14 @@ def train(config, workdir: str) -> TrainState:
     pending, real_tokens, t_last = [], 0, time.perf_counter()
     evaluate = functools.partial(experiment.split_loss, eval_step, examples=data.examples["validation"],
                                  config=config, pad_id=tok.pad_token_id, batch_sh=batch_sh)
-    for step in range(start + 1, tcfg.num_steps + 1):
+    last_step = min(tcfg.num_steps, stop_at or tcfg.num_steps)
+    for step in range(start + 1, last_step + 1):
         local = next(train_iter)
         real_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
         state, m = train_step(state, experiment.global_batch(local, batch_sh))
         pending.append(m)
 
-        if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+        if step % tcfg.log_every == 0 or step == last_step:
             summary = metrics_lib.summarize(pending)  # blocks until these steps are done
             dt = time.perf_counter() - t_last
             last = jax.device_get(pending[-1])
@@ -130,7 +137,7 @@ def train(config, workdir: str) -> TrainState:
                             tok_s=f"{row['tokens_per_s']:.0f}")
             pending, real_tokens, t_last = [], 0, time.perf_counter()
 
-        is_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps
+        is_ckpt = step % tcfg.checkpoint_every == 0 or step == last_step
         if step % tcfg.eval_every == 0 or is_ckpt:
             val = evaluate(state.params)
             writer.write(step, val, prefix="val/")
@@ -147,20 +154,12 @@ def train(config, workdir: str) -> TrainState:
     return state
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    run_main(lambda: train(config_flag(), FLAGS.workdir))
-
-
 FLAGS = flags.FLAGS
 
+
 def run() -> None:
-    """Console-script entry point (``ift-train``)."""
-    jax.config.config_with_absl()
-    app.run(main, flags_parser=parse_flags)
+    """Entry point (``python -m trainer.train`` and the ``ift-train`` console script)."""
+    launch(lambda: train(config_flag(), FLAGS.workdir))
 
 
 if __name__ == "__main__":
