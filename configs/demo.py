@@ -18,9 +18,12 @@ def get_config() -> ConfigDict:
     c.data.source = "synthetic"
     # Payload words over a 10-letter alphabet: every letter is seen often, so a tiny model learns
     # letter-level reverse/sort in minutes; there are still ~110k distinct words.
-    c.data.synthetic = ConfigDict(dict(num_rows=8000, seed=0, min_word_len=3, max_word_len=5,
+    c.data.synthetic = ConfigDict(dict(num_rows=10000, seed=0, min_word_len=3, max_word_len=5,
                                        alphabet="ABCDEFGHIJ", max_first_addend=999,
                                        max_second_addend=9))
+    # Addition needs the most examples (a 100-entry digit table); counting the fewest.
+    c.data.synthetic.task_weights = ConfigDict(dict(reverse=1.0, sort=1.0, double=1.0, count=0.5,
+                                                    add=2.0))
     c.data.split_fractions = ConfigDict(dict(train=0.8, validation=0.1, test=0.1))
     c.data.split_salt = "flax-ift"
     c.data.max_length = 36  # model sequence length; longer rows are dropped and counted
@@ -53,13 +56,13 @@ def get_config() -> ConfigDict:
 
     # ---- training loop ----------------------------------------------------------------------
     c.train = ConfigDict()
-    c.train.num_steps = 1500
+    c.train.num_steps = 1800
     c.train.batch_size = 64  # global, in rows
     c.train.grad_accum_steps = 1
     c.train.log_every = 25
-    c.train.eval_every = 250  # validation loss
+    c.train.eval_every = 300  # validation loss
     c.train.eval_batch_size = 128
-    c.train.checkpoint_every = 250
+    c.train.checkpoint_every = 300
     c.train.keep_checkpoints = 2
     c.train.progress_bar = True
 

@@ -22,5 +22,6 @@ def build_splits(data_cfg: Any) -> dict[str, list[dict[str, Any]]]:
             salt=data_cfg.split_salt, min_len=data_cfg.synthetic.min_word_len,
             max_len=data_cfg.synthetic.max_word_len, alphabet=data_cfg.synthetic.alphabet,
             max_first_addend=data_cfg.synthetic.max_first_addend,
-            max_second_addend=data_cfg.synthetic.max_second_addend)
+            max_second_addend=data_cfg.synthetic.max_second_addend,
+            task_weights=dict(data_cfg.synthetic.task_weights))
     raise ValueError(f"unknown data.source {data_cfg.source!r}; supported: {', '.join(SOURCES)}")

@@ -51,10 +51,12 @@ TASKS = tuple(WORD_TASKS) + ("add",)
 
 def make_synthetic_rows(num_rows: int, seed: int, *, min_len: int = 3, max_len: int = 5,
                         alphabet: str = string.ascii_uppercase, max_first_addend: int = 999,
-                        max_second_addend: int = 9) -> list[dict[str, str]]:
+                        max_second_addend: int = 9,
+                        task_weights: dict[str, float] | None = None) -> list[dict[str, str]]:
     """Generates ``num_rows`` unique rows ``{prompt, completion, task, input}``, deterministic from ``seed``.
 
-    Tasks are drawn uniformly. ``input`` is the task's payload (used for hash-stable splitting).
+    Tasks are drawn with ``task_weights`` (default uniform). ``input`` is the task's payload (used for
+    hash-stable splitting).
     Addition adds a small number to a larger one: every digit fact (and carry) is seen many times in
     train with other leading digits, so unseen sums in test are reachable by generalisation, not recall.
     """
@@ -62,10 +64,13 @@ def make_synthetic_rows(num_rows: int, seed: int, *, min_len: int = 3, max_len: 
               "word": sum(len(alphabet) ** n for n in range(min_len, max_len + 1))}
     if num_rows > 0.5 * (combos["add"] + len(WORD_TASKS) * combos["word"]):
         raise ValueError(f"{num_rows} unique rows requested, too many for these synthetic settings")
+    weights = [float((task_weights or {}).get(t, 1.0)) for t in TASKS]
+    if unknown := set(task_weights or {}) - set(TASKS):
+        raise ValueError(f"unknown synthetic task(s) {sorted(unknown)}; tasks are {list(TASKS)}")
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < num_rows:
-        task = TASKS[rng.randrange(len(TASKS))]
+        task = rng.choices(TASKS, weights)[0]
         if task == "add":
             a, b = rng.randint(0, max_first_addend), rng.randint(0, max_second_addend)
             payload = f"{a}+{b}"

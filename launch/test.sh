@@ -10,4 +10,4 @@ PYTHON=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
-python -m pytest -q -n 2 "$@"
+python -m pytest -q -n 2 --dist loadfile "$@"

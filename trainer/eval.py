@@ -17,10 +17,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from data_pipeline import templating
-from trainer import experiment, sharding as sharding_lib
+from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import Checkpointer
 from trainer.cli import UserError, launch
 from trainer.generate import generate_all, make_generate_fn
@@ -114,7 +114,7 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
                                  tok.pad_token_id, batch_sh)
 
     # ---- greedy generation: base zero-/few-shot vs fine-tuned ------------------------------
-    eos_ids = sorted({tok.eos_token_id, tok.convert_tokens_to_ids(tok.eos_token)})
+    eos_ids = [tok.eos_token_id]
     generate = make_generate_fn(spec.graphdef, max_new_tokens=ecfg.max_new_tokens, eos_ids=eos_ids,
                                 pad_id=tok.pad_token_id)
     pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -136,17 +136,16 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
         return [tok.decode(x, skip_special_tokens=True) for x in ids]
 
     zero = prompts_for(0)
-    settings = [("base (untrained init)" if not config.model.get("hf_path") else "base", "zero-shot",
-                 base, zero),
-                ("base (untrained init)" if not config.model.get("hf_path") else "base",
-                 f"{ecfg.few_shot_k}-shot", base, prompts_for(ecfg.few_shot_k)),
+    settings = [("base (untrained init)", "zero-shot", base, zero),
+                ("base (untrained init)", f"{ecfg.few_shot_k}-shot", base, prompts_for(ecfg.few_shot_k)),
                 (f"fine-tuned (step {step})", "zero-shot", finetuned, zero)]
     result_rows, predictions = [], None
     for model_name, prompting, params, prompts in settings:
         predictions = run(params, prompts)
         result_rows.append({"model": model_name, "prompting": prompting,
                             **score(eval_rows, predictions)})
-        logging.info("%s %s: %.3f", model_name, prompting, result_rows[-1]["exact_match"])
+        metrics_lib.log(f"{model_name}, {prompting}: {100 * result_rows[-1]['exact_match']:.1f}% "
+                        f"exact match ({time.perf_counter() - t0:.0f}s)")
 
     samples = []
     wrong_first = sorted(range(len(eval_rows)), key=lambda i: exact_match(
