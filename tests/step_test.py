@@ -2,11 +2,12 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from tests import helpers
 from trainer import experiment
-from trainer.step import make_train_step, token_loss
+from trainer.step import make_optimizer, make_train_step, token_loss
 
 VOCAB, SEQ = 64, 16
 
@@ -28,9 +29,12 @@ def test_token_loss_matches_numpy_reference():
     assert out["correct"] == ((logits.argmax(-1) == targets) * weights).sum()
 
 
-def _one_step(config, batch, devices, accum=1, steps=1):
+def _one_step(config, batch, devices, accum=1, steps=1, sgd=False):
     config.train.grad_accum_steps = accum
     mesh, spec, tx, schedule, state_sh, batch_sh = helpers.setup(config, VOCAB, devices)
+    if sgd:  # params - 1.0 * grads: parameters then compare the gradients themselves
+        tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+        state_sh = experiment.state_shardings(spec, tx)
     state = experiment.init_train_state(spec, tx, 0, state_sh)
     step = jax.jit(make_train_step(spec.graphdef, tx, schedule, accum),
                    in_shardings=(state_sh, {k: batch_sh for k in batch}),
@@ -62,10 +66,16 @@ def test_loss_is_token_weighted_not_mean_of_row_means():
 
 
 def test_gradient_accumulation_equals_full_batch():
+    """Through SGD (update = gradient): Adam's first step, lr * sign(g), would amplify float noise."""
     batch = helpers.random_batch(8, SEQ, VOCAB, seed=1)
-    full, m_full, _ = _one_step(helpers.tiny_config(data=1, fsdp=1, tensor=1), batch, jax.devices()[:1])
-    acc, m_acc, _ = _one_step(helpers.tiny_config(data=1, fsdp=1, tensor=1), batch, jax.devices()[:1],
-                              accum=4)
+    one = jax.devices()[:1]
+    init = _one_step(helpers.tiny_config(data=1, fsdp=1, tensor=1), batch, one, steps=0, sgd=True)[0]
+    full, m_full, _ = _one_step(helpers.tiny_config(data=1, fsdp=1, tensor=1), batch, one, sgd=True)
+    acc, m_acc, _ = _one_step(helpers.tiny_config(data=1, fsdp=1, tensor=1), batch, one, accum=4,
+                              sgd=True)
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(full.params)))
+    assert moved > 1e-3  # the step really updated the parameters
     np.testing.assert_allclose(m_full[0]["loss"], m_acc[0]["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_full[0]["grad_norm"], m_acc[0]["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(acc.params)):
@@ -107,3 +117,13 @@ def test_sharded_mesh_matches_single_device():
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_schedule_first_update_is_not_zero_and_last_reaches_end():
+    from configs import tiny
+    cfg = tiny.get_config().optimizer
+    cfg.warmup_steps = 4
+    _, schedule = make_optimizer(cfg, 10)
+    assert float(schedule(0)) == pytest.approx(cfg.learning_rate / 4)
+    assert float(schedule(3)) == pytest.approx(cfg.learning_rate)
+    assert float(schedule(9)) == pytest.approx(cfg.learning_rate * cfg.end_lr_ratio)

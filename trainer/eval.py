@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 
 from data_pipeline import templating
-from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
+from trainer import cli, experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import Checkpointer
 from trainer.cli import UserError, launch
 from trainer.generate import generate_all, make_generate_fn
@@ -31,6 +31,7 @@ flags.DEFINE_string("split", "", "Split to evaluate (default: config.eval.split)
 flags.DEFINE_string("checkpoint", "best", "best (lowest validation loss) | latest | a step number.")
 flags.DEFINE_integer("max_examples", -1, "Evaluate at most this many rows (-1: config.eval.max_examples).")
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
 def exact_match(prediction: str, target: str) -> bool:

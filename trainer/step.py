@@ -59,9 +59,15 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
     Weight decay is applied to matrices only (not norms' scales), as in most LLM recipes.
     """
     warmup = int(cfg.warmup_steps)
-    schedule = optax.warmup_cosine_decay_schedule(
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.end_lr_ratio)
+
+    def schedule(count):
+        # Shifted by one: update k (counted from 0) uses base(k + 1), so the first update is not a
+        # wasted step at learning rate 0, and the last one lands on end_value.
+        return base(count + 1)
+
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,

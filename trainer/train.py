@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from data_pipeline import loader
-from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
+from trainer import cli, experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError, config_flag, launch
 from trainer.step import TrainState, make_eval_step, make_optimizer, make_train_step
@@ -155,6 +155,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
 
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
 def run() -> None:
