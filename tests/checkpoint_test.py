@@ -52,10 +52,9 @@ def test_keeps_latest_and_best(tmp_path):
 
 def test_loader_state_restores_the_same_batches():
     rng = np.random.default_rng(0)
-    examples = [loader.Example(rng.integers(1, 50, rng.integers(5, 12)).astype(np.int32),
-                               np.ones(12, np.int32)[: 0] if False else None, {}) for _ in range(37)]
-    for ex in examples:
-        ex.loss_mask = (np.arange(len(ex.ids)) > 2).astype(np.int32)
+    lengths = rng.integers(5, 12, 37)
+    examples = [loader.Example(rng.integers(1, 50, n).astype(np.int32),
+                               (np.arange(n) > 2).astype(np.int32), {}) for n in lengths]
     ds = loader.train_dataset(examples, seq_len=16, pad_id=0, batch_size=4, seed=1)
     it = iter(ds)
     for _ in range(13):  # past one epoch (37 rows / 4 per batch)

@@ -6,10 +6,9 @@ import jax
 import numpy as np
 
 from configs import tiny
+from data_pipeline.loader import FIELDS
 from trainer import experiment, sharding as sharding_lib
 from trainer.step import make_optimizer
-
-FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
 
 def tiny_config(**mesh):

@@ -102,8 +102,7 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     spec = experiment.model_spec(config, len(tok), mesh)
     ckpt = Checkpointer(workdir, read_only=True)
     step = ckpt.resolve(checkpoint)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(spec.init_params_fn(0)), spec.param_shardings)
+    abstract = experiment.abstract_with_shardings(spec.init_params_fn(0), spec.param_shardings)
     finetuned = ckpt.restore_params(step, abstract)
     ckpt.close()
     base = spec.init_params(config.seed)  # the untrained initialisation the run started from

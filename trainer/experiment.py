@@ -55,9 +55,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     t = config.train
     if t.num_steps <= 0:
         raise UserError(f"train.num_steps must be positive, got {t.num_steps}")
-    if t.batch_size % t.grad_accum_steps:
-        raise UserError(f"train.batch_size={t.batch_size} must be divisible by "
-                        f"train.grad_accum_steps={t.grad_accum_steps}")
     fr = dict(config.data.split_fractions)
     if abs(sum(fr.values()) - 1) > 1e-6:
         raise UserError(f"data.split_fractions must sum to 1, got {fr}")
@@ -200,6 +197,12 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation) -> TrainS
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, spec.param_shardings,
                                    transform_non_params=lambda _: rep)
     return TrainState(step=rep, params=spec.param_shardings, opt_state=opt_sh)
+
+
+def abstract_with_shardings(fn, shardings: Any) -> Any:
+    """``jax.eval_shape(fn)`` with each leaf's target sharding attached: what Orbax restores into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        jax.eval_shape(fn), shardings)
 
 
 def init_train_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int,

@@ -44,6 +44,10 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     mesh = experiment.make_mesh(config)
     rules = experiment.rules(config)
     batch_sh = sharding_lib.batch_sharding(mesh, rules)
+    dp = sharding_lib.data_parallel_size(mesh, rules)
+    if tcfg.batch_size % (dp * tcfg.grad_accum_steps):
+        raise UserError(f"train.batch_size={tcfg.batch_size} must be divisible by data-parallel size "
+                        f"{dp} x train.grad_accum_steps={tcfg.grad_accum_steps}")
     metrics_lib.log(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices "
                     f"({jax.process_count()} process(es))")
 
@@ -55,10 +59,6 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     data = experiment.tokenize_splits(config, tok, rows)
     for split, rep in data.reports.items():
         metrics_lib.log(f"data {split:<10} {rep.summary()}")
-    dp = sharding_lib.data_parallel_size(mesh, rules)
-    if tcfg.batch_size % (dp * tcfg.grad_accum_steps):
-        raise UserError(f"train.batch_size={tcfg.batch_size} must be divisible by data-parallel size "
-                        f"{dp} x train.grad_accum_steps={tcfg.grad_accum_steps}")
     train_ds = loader.train_dataset(
         data.examples["train"], seq_len=config.data.max_length, pad_id=tok.pad_token_id,
         batch_size=tcfg.batch_size, seed=config.seed, process_index=jax.process_index(),
@@ -92,9 +92,8 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(lambda: experiment.init_train_state(
-                                    spec, tx, config.seed, state_sh)), state_sh)
+        abstract = experiment.abstract_with_shardings(
+            lambda: experiment.init_train_state(spec, tx, config.seed, state_sh), state_sh)
         state, data_state = ckpt.restore(start, abstract)
         if data_state:
             train_iter.set_state(data_state)
