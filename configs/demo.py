@@ -8,14 +8,17 @@ Needs no network and no files outside the repo; trains in a few minutes on 2 CPU
 
 from ml_collections import ConfigDict
 
+from data_pipeline import sources
+
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0  # model init (and thus the "base" model of the eval) and data order
 
-    # ---- data -------------------------------------------------------------------------------
+    # ---- data (see data_pipeline/sources.py for every source key) -----------------------------
     c.data = ConfigDict()
-    c.data.source = "synthetic"
+    # name -> source. A mixture is several entries (with `weight`s); each row remembers its source.
+    c.data.sources = ConfigDict({"synthetic": sources.source(type="synthetic")})
     # Payload words over a 10-letter alphabet: every letter is seen often, so a tiny model learns
     # letter-level reverse/sort in minutes; there are still ~110k distinct words.
     c.data.synthetic = ConfigDict(dict(num_rows=10000, seed=0, min_word_len=3, max_word_len=5,
@@ -26,7 +29,20 @@ def get_config() -> ConfigDict:
                                                     add=2.0))
     c.data.split_fractions = ConfigDict(dict(train=0.8, validation=0.1, test=0.1))
     c.data.split_salt = "flax-ift"
-    c.data.max_length = 36  # model sequence length; longer rows are dropped and counted
+    c.data.mixture_rows = 0  # train rows per mixture epoch when sources have weights (0: sum of sizes)
+    c.data.template = "chatml"  # chatml | alpaca | plain | tokenizer (its own chat template)
+    c.data.end_of_turn = ""  # text that ends a reply ("": the template's, else the tokenizer's EOS)
+    c.data.loss_on = "all"  # all assistant turns | last
+    c.data.allow_special_tokens_in_text = False  # True: "<|im_end|>" in data becomes the control token
+    c.data.max_length = 36  # model sequence length
+    c.data.length_policy = "drop"  # drop | truncate (oldest turns, then the prompt from the left)
+    c.data.packing = "none"  # none (one example per row, padded) | best_fit | first_fit
+    c.data.on_bad_row = "error"  # error (file:line) | skip (counted in the report)
+    c.data.max_row_bytes = 1_000_000  # a longer line is a bad row
+    c.data.cache = True  # cache tokenised splits (keyed by data, tokenizer, template, lengths)
+    c.data.cache_dir = ""  # "": ~/.cache/flax_ift/tokenized
+    c.data.num_proc = 1  # tokenisation processes
+    c.data.loader = ConfigDict(dict(read_threads=2, prefetch=8, worker_count=0))
 
     # ---- tokenizer --------------------------------------------------------------------------
     c.tokenizer = ConfigDict()

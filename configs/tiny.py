@@ -21,6 +21,7 @@ def get_config():
     c.train.eval_batch_size = 16
     c.train.checkpoint_every = 2
     c.train.progress_bar = False
+    c.data.cache = False  # tests that test the cache point it at a temp dir
     c.eval.max_examples = 16
     c.eval.batch_size = 8
     c.eval.max_new_tokens = 4

@@ -8,12 +8,13 @@ model (padding is segment 0).
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+
+from data_pipeline.packing import pack
 
 FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
@@ -27,89 +28,70 @@ class Example:
     meta: dict[str, Any]
 
 
-@dataclasses.dataclass
-class TokenizeReport:
-    """What happened to the rows of one split: nothing is dropped without being counted here."""
-
-    rows: int = 0
-    kept: int = 0
-    dropped: Counter = dataclasses.field(default_factory=Counter)
-    supervised_tokens: int = 0
-    max_len: int = 0
-
-    def summary(self) -> str:
-        drops = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
-        return f"{self.kept}/{self.rows} rows kept (dropped: {drops}); max length {self.max_len}"
-
-
-def tokenize_rows(rows: Sequence[dict[str, Any]], encode, max_length: int
-                  ) -> tuple[list[Example], TokenizeReport]:
-    """Encodes rows with ``encode(row) -> (ids, loss_mask)``; drops (and counts) rows that do not fit.
-
-    A row is dropped if it is longer than ``max_length + 1`` tokens (one more than the model's sequence
-    length, because of the shift) or if it has no supervised token (which would give a 0/0 loss).
-    """
-    report = TokenizeReport(rows=len(rows))
-    out = []
-    for row in rows:
-        ids, mask = encode(row)
-        if len(ids) > max_length + 1:
-            report.dropped[f"longer than data.max_length={max_length}"] += 1
-            continue
-        if mask[1:].sum() == 0:
-            report.dropped["no supervised token"] += 1
-            continue
-        report.kept += 1
-        report.supervised_tokens += int(mask[1:].sum())
-        report.max_len = max(report.max_len, len(ids))
-        out.append(Example(ids, mask, {k: v for k, v in row.items() if k in ("task", "source")}))
-    return out, report
-
-
-def pad_example(ex: Example, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Shifts and right-pads one example to ``[seq_len]`` arrays (see module docstring)."""
-    n = len(ex.ids) - 1
-    out = {
-        "inputs": np.full(seq_len, pad_id, np.int32),
-        "targets": np.zeros(seq_len, np.int32),
-        "weights": np.zeros(seq_len, np.float32),
-        "positions": np.zeros(seq_len, np.int32),
-        "segment_ids": np.zeros(seq_len, np.int32),
-    }
-    out["inputs"][:n] = ex.ids[:-1]
-    out["targets"][:n] = ex.ids[1:]
-    out["weights"][:n] = ex.loss_mask[1:]
-    out["positions"][:n] = np.arange(n)
-    out["segment_ids"][:n] = 1
-    return out
-
-
 def _stack(items: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([it[k] for it in items]) for k in FIELDS}
 
 
+def pack_examples(exs: Sequence[Example], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Shifts and concatenates examples into one ``[seq_len]`` row.
+
+    Example ``k`` gets ``segment_ids == k + 1`` and positions restarting at 0; the model attends only
+    within a segment, so each example's loss is what it would be alone in a padded row.
+    """
+    out = {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in FIELDS}
+    out["inputs"][:] = pad_id
+    at = 0
+    for k, ex in enumerate(exs):
+        n = len(ex.ids) - 1
+        if at + n > seq_len:
+            raise ValueError(f"packed examples need {at + n} tokens, more than the row's {seq_len}")
+        out["inputs"][at:at + n] = ex.ids[:-1]
+        out["targets"][at:at + n] = ex.ids[1:]
+        out["weights"][at:at + n] = ex.loss_mask[1:]
+        out["positions"][at:at + n] = np.arange(n)
+        out["segment_ids"][at:at + n] = k + 1
+        at += n
+    return out
+
+
+def train_rows(examples: Sequence[Example], seq_len: int, packing: str) -> list[list[int]]:
+    """Example indices per training row: one each (``packing="none"``) or packed bins."""
+    if packing == "none":
+        return [[i] for i in range(len(examples))]
+    return pack([len(ex.ids) - 1 for ex in examples], seq_len, packing)
+
+
 def train_dataset(examples: Sequence[Example], *, seq_len: int, pad_id: int, batch_size: int,
-                  seed: int, process_index: int = 0, process_count: int = 1,
-                  read_threads: int = 2, prefetch: int = 8) -> grain.IterDataset:
+                  seed: int, packing: str = "none", process_index: int = 0, process_count: int = 1,
+                  read_threads: int = 2, prefetch: int = 8, worker_count: int = 0
+                  ) -> grain.IterDataset:
     """An endless, shuffled stream of this process's share of the global batch.
 
-    Shuffling is a seeded permutation, re-seeded every epoch (a new order each epoch); process ``i``
-    of ``n`` reads every n-th element of that stream, so the union over processes is exactly the
-    single-process stream. ``iter(ds)`` has ``get_state()``/``set_state()`` for checkpointing.
+    Rows (single examples, or packed bins of them) are shuffled by a seeded permutation that changes
+    every epoch; process ``i`` of ``n`` reads every n-th row of that stream, so the union over
+    processes is exactly the single-process stream. ``iter(ds)`` has ``get_state()``/``set_state()``
+    for checkpointing.
 
     Args:
-      batch_size: the *global* batch size; each process yields ``batch_size // process_count`` rows.
+      batch_size: the *global* batch size in rows; each process yields ``batch_size // process_count``.
+      packing: ``none`` | ``best_fit`` | ``first_fit`` (see ``packing.pack``).
+      worker_count: > 0 runs the row assembly in that many background processes (grain
+        ``mp_prefetch``); 0 uses ``read_threads`` threads.
     """
     if batch_size % process_count:
         raise ValueError(f"global batch size {batch_size} is not divisible by {process_count} processes")
     if not examples:
         raise ValueError("the training split is empty after tokenisation; see the data report")
-    ds = grain.MapDataset.source(list(examples)).shuffle(seed=seed).repeat(None)
+    bins = train_rows(examples, seq_len, packing)
+    exs = list(examples)
+    ds = grain.MapDataset.source(bins).shuffle(seed=seed).repeat(None)
     ds = ds[process_index::process_count]
-    ds = ds.map(lambda ex: pad_example(ex, seq_len, pad_id))
+    ds = ds.map(lambda b: pack_examples([exs[i] for i in b], seq_len, pad_id))
     ds = ds.batch(batch_size // process_count, drop_remainder=True, batch_fn=_stack)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                prefetch_buffer_size=prefetch))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
 
 
 def eval_batches(examples: Sequence[Example], *, seq_len: int, pad_id: int, batch_size: int,
@@ -128,5 +110,5 @@ def eval_batches(examples: Sequence[Example], *, seq_len: int, pad_id: int, batc
         rows = []
         for j in range(local_bs):
             i = b * batch_size + process_index * local_bs + j
-            rows.append(pad_example(examples[i], seq_len, pad_id) if i < len(examples) else empty)
+            rows.append(pack_examples([examples[i]], seq_len, pad_id) if i < len(examples) else empty)
         yield _stack(rows)

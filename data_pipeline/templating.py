@@ -1,86 +1,116 @@
-"""One function turns a conversation into ``(ids, loss_mask)``.
+"""One function turns a conversation into ``(ids, loss_mask)``: ``encode_messages``.
 
-How the mask is derived (works for any HF chat template, no ``{% generation %}`` tags needed):
-for each assistant turn ``i`` we render the conversation up to turn ``i`` twice -- once ending with the
-generation prompt (``P_i``) and once including the assistant's reply (``F_i``). ``F_i[len(P_i):]`` is
-exactly what the model must produce: the reply and its end-of-turn token. Text between replies is
-prompt. Each piece is tokenised *separately*, so no BPE merge crosses the prompt/completion boundary
-and the supervised tokens decode to exactly the reply (+ end-of-turn). Eval tokenises its prompts with
-the same function, so train and eval see byte-identical prompt tokens.
+How the mask is derived (any HF chat template works; no ``{% generation %}`` tags needed): for each
+assistant turn ``i`` the conversation is rendered twice -- up to turn ``i`` ending with the generation
+prompt (``P_i``), and including the reply (``F_i``). ``F_i[len(P_i):]``, cut after its end-of-turn
+token, is exactly what the model must produce. Text between replies is prompt.
+
+Special-token safety: messages are rendered with *placeholders* instead of their text, so the rendered
+string tells template markup from data. Control tokens are recognised only in the markup; the data is
+tokenised with ``split_special_tokens=True``, so a literal ``<|im_end|>`` or ``</s>`` inside a
+completion is plain text, never a control token (unless ``data.allow_special_tokens_in_text``).
+Tokenisation is split only at control tokens (where the tokenizer splits anyway) and at the prompt /
+reply boundary -- so no BPE merge crosses that boundary, the supervised tokens decode to exactly the
+reply (+ end-of-turn), and prompts tokenise as ``tokenizer(rendered_text)`` would. Eval tokenises its
+prompts with the same function, so train and eval prompts are byte-identical.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-Message = dict[str, str]
+from data_pipeline.errors import DataError
+from data_pipeline.formats import Message, prompt_completion_messages  # noqa: F401 (re-exported)
+from data_pipeline.tokenizer import CHATML_TEMPLATE
+
+# Built-in templates, written as HF chat templates so every template takes one code path.
+ALPACA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% elif messages[1] is defined and messages[1]['input'] is defined and messages[1]['input'] %}"
+    "{{ 'Below is an instruction that describes a task, paired with an input that provides further '"
+    "   'context. Write a response that appropriately completes the request.' }}"
+    "{% else %}{{ 'Below is an instruction that describes a task. Write a response that '"
+    "            'appropriately completes the request.' }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' and m['instruction'] is defined and m['instruction'] %}"
+    "{{ '\n\n### Instruction:\n' + m['instruction'] }}"
+    "{% if m['input'] %}{{ '\n\n### Input:\n' + m['input'] }}{% endif %}"
+    "{% elif m['role'] == 'user' %}{{ '\n\n### Instruction:\n' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\n### Response:\n' + m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\n### Response:\n' }}{% endif %}")
+# Prompt, newline, completion, EOS: for base models and datasets that carry their own prompt format.
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+    "{% else %}{{ m['content'] + '\n' }}{% endif %}{% endfor %}")
+BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "alpaca": ALPACA_TEMPLATE, "plain": PLAIN_TEMPLATE}
+_END_OF_TURN = {"chatml": "<|im_end|>"}  # others end a reply with the tokenizer's EOS
+_NEEDS_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>")}
+_PLACEHOLDER = re.compile("\ue000[^\ue001]*\ue001")
 
 
-class TemplateError(ValueError):
+class TemplateError(DataError):
     """A chat template that does not render conversations as growing prefixes."""
 
 
-def prompt_completion_messages(prompt: str, completion: str | None) -> list[Message]:
-    """The single-turn conversation for a prompt->completion row (completion None: prompt only)."""
-    msgs = [{"role": "user", "content": prompt}]
-    if completion is not None:
-        msgs.append({"role": "assistant", "content": completion})
-    return msgs
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A chat template bound to a tokenizer, with everything ``encode_messages`` needs.
 
-
-def _render(tok: PreTrainedTokenizerBase, messages: Sequence[Message], gen_prompt: bool) -> str:
-    if not messages:
-        return ""
-    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen_prompt)
-
-
-def render_segments(tok: PreTrainedTokenizerBase, messages: Sequence[Message], *,
-                    end_of_turn: str | None = None) -> list[tuple[str, bool]]:
-    """Splits the rendered conversation into ``(text, supervised)`` pieces.
-
-    Every assistant turn is supervised, including its end-of-turn token. Whatever the template puts
-    after the last end-of-turn (e.g. a trailing newline) is dropped: the model stops at EOS.
-
-    Args:
-      tok: tokenizer with a chat template.
-      messages: ``[{"role", "content"}]``; if the last one is not from the assistant, the result ends
-        with the generation prompt (an eval prompt).
-      end_of_turn: the text that ends an assistant turn; defaults to ``tok.eos_token``.
+    Build it with ``Template.create`` (it checks the tokenizer has what the template needs).
     """
-    eot = end_of_turn or tok.eos_token
-    segments: list[tuple[str, bool]] = []
-    done = ""  # rendered text already emitted as segments
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prompt_text = _render(tok, messages[:i], gen_prompt=True)
-        full_text = _render(tok, messages[: i + 1], gen_prompt=False)
-        if not (prompt_text.startswith(done) and full_text.startswith(prompt_text)):
-            raise TemplateError(
-                "the chat template does not render conversations as growing prefixes "
-                f"(turn {i}); the loss mask cannot be derived from it")
-        reply = full_text[len(prompt_text):]
-        # Search for the end-of-turn only after the reply's content, which may itself contain that text.
-        content = m["content"].strip()
-        at = reply.find(content) if content else 0
-        end = reply.find(eot, max(at, 0) + len(content)) if eot else -1
-        if end < 0:  # template emits no end-of-turn: we add EOS so the model learns to stop
-            reply = reply + (tok.eos_token or "")
+
+    chat_template: str | None  # None: the tokenizer's own
+    end_of_turn: str  # the text that ends an assistant reply (supervised)
+    loss_on: str  # "all" assistant turns | "last" one
+    allow_special_tokens_in_text: bool
+    special_re: re.Pattern | None  # control tokens (longest first)
+    special_ids: dict[str, int]
+    bos_id: int | None  # the BOS to prepend if the tokenizer would add one (None: it would not)
+    eos_token: str
+
+    @staticmethod
+    def create(tok: PreTrainedTokenizerBase, name: str = "tokenizer", end_of_turn: str = "",
+               loss_on: str = "all", allow_special_tokens_in_text: bool = False) -> Template:
+        """Args: ``name``: chatml | alpaca | plain | tokenizer (its own chat template)."""
+        if name == "tokenizer":
+            if not tok.chat_template:
+                raise DataError("data.template='tokenizer' but the tokenizer has no chat template; "
+                                f"use one of {sorted(BUILTIN_TEMPLATES)}")
+            chat_template = None
+        elif name in BUILTIN_TEMPLATES:
+            chat_template = BUILTIN_TEMPLATES[name]
         else:
-            reply = reply[: end + len(eot)]
-        segments.append((prompt_text[len(done):], False))
-        segments.append((reply, True))
-        done = prompt_text + reply
-    if not messages or messages[-1]["role"] != "assistant":
-        prompt_text = _render(tok, messages, gen_prompt=True)
-        if not prompt_text.startswith(done):
-            raise TemplateError("the chat template does not render the eval prompt as a prefix extension")
-        segments.append((prompt_text[len(done):], False))
-    return [(t, s) for t, s in segments if t]
+            raise DataError(f"unknown data.template {name!r}; use tokenizer or one of "
+                            f"{sorted(BUILTIN_TEMPLATES)}")
+        if loss_on not in ("all", "last"):
+            raise DataError(f"data.loss_on must be 'all' or 'last', got {loss_on!r}")
+        special = {t: i for t, i in ((t, tok.convert_tokens_to_ids(t)) for t in _special_tokens(tok))
+                   if i is not None}
+        if missing := [t for t in _NEEDS_TOKENS.get(name, ()) if t not in special]:
+            raise DataError(f"data.template={name!r} needs the special tokens {missing}, which this "
+                            "tokenizer lacks; use 'tokenizer', 'alpaca' or 'plain'")
+        if tok.eos_token is None:
+            raise DataError("the tokenizer has no EOS token; the model could never learn to stop")
+        pattern = "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True))
+        return Template(
+            chat_template=chat_template,
+            end_of_turn=end_of_turn or _END_OF_TURN.get(name, "") or tok.eos_token,
+            loss_on=loss_on, allow_special_tokens_in_text=allow_special_tokens_in_text,
+            special_re=re.compile(pattern) if pattern else None, special_ids=special,
+            bos_id=tok.bos_token_id if _adds_bos(tok) else None, eos_token=tok.eos_token)
+
+
+def _special_tokens(tok: PreTrainedTokenizerBase) -> list[str]:
+    added = [t.content for t in tok.added_tokens_decoder.values() if t.special]
+    return list(dict.fromkeys([*tok.all_special_tokens, *added]))
 
 
 def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:
@@ -90,31 +120,136 @@ def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:
     return bool(ids) and ids[0] == tok.bos_token_id
 
 
+def _render(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[dict], gen_prompt: bool
+            ) -> str:
+    if not messages:
+        return ""
+    return tok.apply_chat_template(list(messages), chat_template=t.chat_template, tokenize=False,
+                                   add_generation_prompt=gen_prompt)
+
+
+def _with_placeholders(messages: Sequence[Message]) -> tuple[list[dict], dict[str, str]]:
+    out, values = [], {}
+    for i, m in enumerate(messages):
+        pm = dict(m)
+        for k, v in m.items():
+            if k != "role" and isinstance(v, str):
+                if "\ue000" in v or "\ue001" in v:
+                    raise DataError("message text contains the private-use characters U+E000/U+E001")
+                pm[k] = key = f"\ue000{i}:{k}\ue001"
+                values[key] = v
+        out.append(pm)
+    return out, values
+
+
+Chunk = tuple[str | int, bool]  # (text to tokenise | a control token id, supervised)
+
+
+def plan(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[Message]) -> list[Chunk]:
+    """The conversation as chunks to tokenise separately (see module docstring).
+
+    If the last message is not from the assistant, the plan ends with the generation prompt (an eval
+    prompt). Whatever the template writes after the last end-of-turn is dropped: the model stops there.
+    """
+    ph, values = _with_placeholders(messages)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    pieces: list[tuple[str, bool]] = []
+    done = ""  # rendered (placeholder) text already cut into pieces
+    for i in assistant:
+        prompt = _render(tok, t, ph[:i], gen_prompt=True)
+        full = _render(tok, t, ph[: i + 1], gen_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise TemplateError(f"the chat template does not render conversations as growing prefixes "
+                                f"(turn {i}); the loss mask cannot be derived from it")
+        reply = full[len(prompt):]
+        key = f"\ue000{i}:content\ue001"
+        at = reply.find(key)
+        if at < 0:
+            raise TemplateError(f"the chat template does not write assistant turn {i}'s content")
+        end = reply.find(t.end_of_turn, at + len(key))
+        if end >= 0:
+            reply = reply[: end + len(t.end_of_turn)]
+        sup = t.loss_on == "all" or i == assistant[-1]
+        pieces += [(prompt[len(done):], False), (reply, sup)]
+        if end < 0:  # no end-of-turn in the template: append EOS, so the model learns to stop
+            pieces.append((t.eos_token, sup))
+        done = prompt + reply
+    if not assistant or assistant[-1] != len(messages) - 1:
+        prompt = _render(tok, t, ph, gen_prompt=True)
+        if not prompt.startswith(done):
+            raise TemplateError("the chat template does not render the prompt as a prefix extension")
+        pieces.append((prompt[len(done):], False))
+        done = prompt
+
+    # The template must insert message text verbatim (no trimming or escaping), or the placeholders
+    # would not stand for what the tokenizer sees.
+    real = _PLACEHOLDER.sub(lambda m: values[m.group(0)], done)
+    if not _render(tok, t, messages, gen_prompt=not assistant or assistant[-1] != len(messages) - 1
+                   ).startswith(real):
+        raise TemplateError("the chat template changes message text (e.g. trims it); keep the "
+                            "source's strip=True so the text needs no change")
+
+    chunks: list[Chunk] = []
+    for text, sup in pieces:
+        if t.allow_special_tokens_in_text:  # opt-in: control tokens recognised in data too
+            chunks.append((_PLACEHOLDER.sub(lambda m: values[m.group(0)], text), sup))
+            continue
+        parts = t.special_re.split(text) if t.special_re else [text]
+        tokens = t.special_re.findall(text) if t.special_re else []
+        for j, part in enumerate(parts):
+            if part:
+                chunks.append((_PLACEHOLDER.sub(lambda m: values[m.group(0)], part), sup))
+            if j < len(tokens):
+                chunks.append((t.special_ids[tokens[j]], sup))
+    return chunks
+
+
+def tokenize_plans(tok: PreTrainedTokenizerBase, t: Template, plans: Sequence[list[Chunk]]
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Tokenises many plans with one batched call of the fast tokenizer."""
+    texts = [c for p in plans for c, _ in p if isinstance(c, str)]
+    encoded = iter(tok(texts, add_special_tokens=False,
+                       split_special_tokens=not t.allow_special_tokens_in_text)["input_ids"]
+                   if texts else [])
+    out = []
+    for p in plans:
+        ids: list[int] = []
+        mask: list[int] = []
+        for c, sup in p:
+            piece = next(encoded) if isinstance(c, str) else [c]
+            ids.extend(piece)
+            mask.extend([int(sup)] * len(piece))
+        # The template may or may not write BOS itself; the post-processor may or may not add it.
+        # Exactly one BOS either way (a doubled BOS shifts every position the base model saw).
+        if t.bos_id is not None and (not ids or ids[0] != t.bos_id):
+            ids.insert(0, t.bos_id)
+            mask.insert(0, 0)
+        out.append((np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
+    return out
+
+
 def encode_messages(tok: PreTrainedTokenizerBase, messages: Sequence[Message], *,
-                    end_of_turn: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    template: Template | None = None, end_of_turn: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenises a conversation.
+
+    Args:
+      tok: a fast tokenizer.
+      messages: ``[{"role", "content"}]``; ends with the generation prompt if the last message is not
+        the assistant's.
+      template: how to render; default the tokenizer's own chat template.
+      end_of_turn: with no ``template``: the text ending a reply (default the tokenizer's EOS).
 
     Returns:
       ids: ``[n] int32`` token ids, with exactly one leading BOS where the tokenizer uses BOS.
       loss_mask: ``[n] int32``; 1 on every token the model is trained to produce (assistant replies
         and their end-of-turn token), 0 on prompt/template tokens.
     """
-    segments = render_segments(tok, messages, end_of_turn=end_of_turn)
-    ids: list[int] = []
-    mask: list[int] = []
-    for text, supervised in segments:
-        piece = tok(text, add_special_tokens=False)["input_ids"]
-        ids.extend(piece)
-        mask.extend([int(supervised)] * len(piece))
-    # The template may or may not write BOS itself; the tokenizer's post-processor may or may not add
-    # it. Exactly one BOS either way (never two: a doubled BOS shifts every position the base model saw).
-    if _adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
-        ids.insert(0, tok.bos_token_id)
-        mask.insert(0, 0)
-    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    t = template or Template.create(tok, "tokenizer", end_of_turn or "")
+    return tokenize_plans(tok, t, [plan(tok, t, messages)])[0]
 
 
 def encode_prompt_completion(tok: PreTrainedTokenizerBase, prompt: str, completion: str | None,
-                             **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+                             **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """``encode_messages`` for a single prompt->completion row."""
     return encode_messages(tok, prompt_completion_messages(prompt, completion), **kwargs)

@@ -73,8 +73,24 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tok.chat_template is None:
-        raise ValueError(f"tokenizer in {path!r} has no chat template; set data.template to a built-in one")
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer in {path!r} is not a fast (Rust) tokenizer")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def build_tokenizer(tok_cfg, train_conversations: Iterable[list[dict[str, str]]]
+                    ) -> PreTrainedTokenizerBase:
+    """The tokenizer ``config.tokenizer`` asks for.
+
+    Args:
+      tok_cfg: ``kind`` = ``train_bpe`` (learn a BPE on ``train_conversations``; the demo's way) or
+        ``hf`` (load the directory ``path``).
+      train_conversations: the train split's conversations (only read for ``train_bpe``).
+    """
+    if tok_cfg.kind == "train_bpe":
+        return train_demo_tokenizer(train_conversations, tok_cfg.vocab_size, tok_cfg.min_frequency)
+    if tok_cfg.kind == "hf":
+        return load_tokenizer(tok_cfg.path)
+    raise ValueError(f"tokenizer.kind must be 'train_bpe' or 'hf', got {tok_cfg.kind!r}")

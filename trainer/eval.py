@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from data_pipeline import templating
+from data_pipeline import pipeline, templating
 from trainer import cli, experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import Checkpointer
 from trainer.cli import UserError, launch
@@ -39,20 +39,31 @@ def exact_match(prediction: str, target: str) -> bool:
     return prediction.strip() == target.strip()
 
 
+def target_of(row: dict[str, Any]) -> str:
+    """The reference answer: the conversation's last assistant message."""
+    return row["messages"][-1]["content"]
+
+
+def prompt_of(row: dict[str, Any]) -> list[templating.Message]:
+    return row["messages"][:-1]
+
+
 def few_shot_messages(row: dict[str, Any], pool: dict[str, list[dict[str, Any]]], k: int,
                       rng: random.Random) -> list[templating.Message]:
     """k solved exemplars of the same task (from train), then the question, as one conversation."""
     candidates = pool.get(row.get("task", ""), []) or [r for rs in pool.values() for r in rs]
-    msgs: list[templating.Message] = []
+    prompt = prompt_of(row)
+    system = [m for m in prompt[:1] if m["role"] == "system"]
+    msgs: list[templating.Message] = list(system)
     for ex in rng.sample(candidates, min(k, len(candidates))):
-        msgs += templating.prompt_completion_messages(ex["prompt"], ex["completion"])
-    return msgs + templating.prompt_completion_messages(row["prompt"], None)
+        msgs += [m for m in ex["messages"] if m["role"] != "system"]
+    return msgs + prompt[len(system):]
 
 
 def score(rows: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
     by_task: dict[str, list[bool]] = defaultdict(list)
     for r, p in zip(rows, predictions):
-        by_task[r.get("task", "all")].append(exact_match(p, r["completion"]))
+        by_task[r.get("task", "all")].append(exact_match(p, target_of(r)))
     hits = [h for v in by_task.values() for h in v]
     return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits),
             "per_task": {t: float(np.mean(v)) for t, v in sorted(by_task.items())}}
@@ -89,13 +100,14 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
 
     # ---- data and tokenizer, exactly as the run saw them ----------------------------------
     tok = experiment.build_or_load_tokenizer(config, workdir, train_rows=None)
-    rows = experiment.build_rows(config)
+    rows, _ = experiment.read_rows(config)
+    template = pipeline.template_for(config.data, tok)
     if split not in rows:
         raise UserError(f"no split {split!r} in this run's data; available: {', '.join(rows)}")
     eval_rows = rows[split][: max_examples or None]
     if not eval_rows:
         raise UserError(f"split {split!r} is empty")
-    data = experiment.tokenize_splits(config, tok, {split: eval_rows})
+    data = experiment.tokenize(config, tok, {split: eval_rows})
 
     # ---- model: fine-tuned checkpoint and the base it started from ------------------------
     mesh = experiment.make_mesh(config)
@@ -114,7 +126,8 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
                                  tok.pad_token_id, batch_sh)
 
     # ---- greedy generation: base zero-/few-shot vs fine-tuned ------------------------------
-    eos_ids = [tok.eos_token_id]
+    eos_ids = sorted({tok.eos_token_id, template.special_ids.get(template.end_of_turn,
+                                                                 tok.eos_token_id)})
     generate = make_generate_fn(spec.graphdef, max_new_tokens=ecfg.max_new_tokens, eos_ids=eos_ids,
                                 pad_id=tok.pad_token_id)
     pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -125,9 +138,8 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
         rng = random.Random(config.seed)
         out = []
         for r in eval_rows:
-            msgs = (few_shot_messages(r, pool, k, rng) if k else
-                    templating.prompt_completion_messages(r["prompt"], None))
-            out.append(templating.encode_messages(tok, msgs)[0])
+            msgs = few_shot_messages(r, pool, k, rng) if k else prompt_of(r)
+            out.append(templating.encode_messages(tok, msgs, template=template)[0])
         return out
 
     def run(params, prompts) -> list[str]:
@@ -149,11 +161,11 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
 
     samples = []
     wrong_first = sorted(range(len(eval_rows)), key=lambda i: exact_match(
-        predictions[i], eval_rows[i]["completion"]))[:4] + list(range(4))
+        predictions[i], target_of(eval_rows[i])))[:4] + list(range(4))
     for i in dict.fromkeys(wrong_first):
-        samples.append({"prompt": eval_rows[i]["prompt"], "target": eval_rows[i]["completion"],
-                        "prediction": predictions[i],
-                        "ok": exact_match(predictions[i], eval_rows[i]["completion"])})
+        samples.append({"prompt": prompt_of(eval_rows[i])[-1]["content"][-300:],
+                        "target": target_of(eval_rows[i]), "prediction": predictions[i],
+                        "ok": exact_match(predictions[i], target_of(eval_rows[i]))})
     result = {"workdir": workdir, "split": split, "checkpoint": checkpoint, "step": step,
               "num_examples": len(eval_rows), "rows": result_rows, "finetuned_loss": loss,
               "samples": samples[:8], "seconds": time.perf_counter() - t0}

@@ -19,7 +19,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from data_pipeline import loader, sources, templating, tokenizer as tokenizer_lib
+from data_pipeline import loader, pipeline, tokenizer as tokenizer_lib
+from data_pipeline.errors import DataError
 from trainer import metrics as metrics_lib, sharding as sharding_lib
 from trainer.cli import UserError
 from trainer.model import ModelConfig, Transformer
@@ -101,16 +102,11 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
     path = os.path.join(workdir, TOKENIZER_DIR)
     if not os.path.isdir(path) and train_rows is not None:
         if jax.process_index() == 0:
-            kind = config.tokenizer.kind
-            if kind == "train_bpe":
-                conversations = [templating.prompt_completion_messages(r["prompt"], r["completion"])
-                                 for r in train_rows]
-                tok = tokenizer_lib.train_demo_tokenizer(
-                    conversations, config.tokenizer.vocab_size, config.tokenizer.min_frequency)
-            elif kind == "hf":
-                tok = tokenizer_lib.load_tokenizer(config.tokenizer.path)
-            else:
-                raise UserError(f"tokenizer.kind must be 'train_bpe' or 'hf', got {kind!r}")
+            try:
+                tok = tokenizer_lib.build_tokenizer(config.tokenizer,
+                                                    (r["messages"] for r in train_rows))
+            except (OSError, ValueError) as e:
+                raise UserError(f"tokenizer: {e}") from e
             tok.save_pretrained(path)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("tokenizer_saved")
@@ -120,27 +116,20 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
         raise UserError(f"cannot load the run's tokenizer from {path}: {e}") from e
 
 
-@dataclasses.dataclass
-class Data:
-    rows: dict[str, list[dict[str, Any]]]
-    examples: dict[str, list[loader.Example]]
-    reports: dict[str, loader.TokenizeReport]
-
-
-def build_rows(config: ml_collections.ConfigDict) -> dict[str, list[dict[str, Any]]]:
+def read_rows(config: ml_collections.ConfigDict):
+    """``({split: [row]}, [SourceReport])`` as ``config.data`` describes; bad data is a UserError."""
     try:
-        return sources.build_splits(config.data)
-    except ValueError as e:
+        return pipeline.read(config.data, config.seed)
+    except DataError as e:
         raise UserError(str(e)) from e
 
 
-def tokenize_splits(config: ml_collections.ConfigDict, tok, rows: dict[str, list[dict[str, Any]]]
-                    ) -> Data:
-    encode = lambda r: templating.encode_prompt_completion(tok, r["prompt"], r["completion"])  # noqa: E731
-    examples, reports = {}, {}
-    for split, split_rows in rows.items():
-        examples[split], reports[split] = loader.tokenize_rows(split_rows, encode, config.data.max_length)
-    return Data(rows, examples, reports)
+def tokenize(config: ml_collections.ConfigDict, tok, rows: dict[str, list[dict[str, Any]]],
+             source_reports=None) -> pipeline.Data:
+    try:
+        return pipeline.tokenize(config.data, tok, rows, source_reports)
+    except DataError as e:
+        raise UserError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +210,8 @@ def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, ja
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def split_loss(eval_step, params: Any, examples: list[loader.Example], config: ml_collections.ConfigDict,
+def split_loss(eval_step, params: Any, examples: list[loader.Example],
+               config: ml_collections.ConfigDict,
                pad_id: int, batch_sh: NamedSharding) -> dict[str, float]:
     """Token-weighted loss/accuracy over a whole split (sums over batches, then one division)."""
     sums = [eval_step(params, global_batch(b, batch_sh)) for b in loader.eval_batches(

@@ -54,15 +54,23 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     # ----------------------------------------------------------------------------------------
     # Data
     # ----------------------------------------------------------------------------------------
-    rows = experiment.build_rows(config)
+    rows, source_reports = experiment.read_rows(config)
     tok = experiment.build_or_load_tokenizer(config, workdir, rows["train"])
-    data = experiment.tokenize_splits(config, tok, rows)
+    data = experiment.tokenize(config, tok, rows, source_reports)
+    for rep in source_reports:
+        if rep.bad.total:
+            metrics_lib.log(f"warning: data source {rep.name}: skipped {rep.bad.total} bad rows "
+                            f"({dict(rep.bad.counts)})")
     for split, rep in data.reports.items():
         metrics_lib.log(f"data {split:<10} {rep.summary()}")
-    train_ds = loader.train_dataset(
-        data.examples["train"], seq_len=config.data.max_length, pad_id=tok.pad_token_id,
-        batch_size=tcfg.batch_size, seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    try:
+        train_ds = loader.train_dataset(
+            data.examples["train"], seq_len=config.data.max_length, pad_id=tok.pad_token_id,
+            batch_size=tcfg.batch_size, seed=config.seed, packing=config.data.packing,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            **dict(config.data.loader))
+    except ValueError as e:
+        raise UserError(f"data: {e}") from e
     train_iter = iter(train_ds)
 
     # ----------------------------------------------------------------------------------------

@@ -1,0 +1,235 @@
+"""Rows -> tokenised examples, with the length policy, a cache, and a report of everything dropped.
+
+    rows, source_reports = read(data_cfg, seed)       # sources.py: read, map, split, mix
+    tok = tokenizer.build_tokenizer(tok_cfg, ...)     # or the run's saved tokenizer
+    data = tokenize(data_cfg, tok, rows)              # this module
+
+Tokenisation runs through ``datasets.Dataset.map`` (batched: one fast-tokenizer call per batch;
+``data.num_proc`` processes) and is cached on disk under a key made of the rows' content, the
+tokenizer, the template and the length settings: a second run with the same inputs loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from data_pipeline import sources
+from data_pipeline.errors import DataError
+from data_pipeline.loader import Example
+from data_pipeline.templating import Template, TemplateError, plan, tokenize_plans
+
+CACHE_VERSION = "1"  # bump when tokenisation changes meaning
+LENGTH_POLICIES = ("drop", "truncate")
+
+
+@dataclasses.dataclass
+class TokenizeReport:
+    """What happened to the rows of one split: nothing is dropped without being counted here."""
+
+    rows: int = 0
+    kept: int = 0
+    dropped: Counter = dataclasses.field(default_factory=Counter)
+    truncated: Counter = dataclasses.field(default_factory=Counter)
+    supervised_tokens: int = 0
+    lengths: list[int] = dataclasses.field(default_factory=list)  # model tokens per kept example
+    cached: bool = False
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths, default=0)
+
+    def length_stats(self) -> dict[str, int]:
+        if not self.lengths:
+            return {"p50": 0, "p95": 0, "max": 0}
+        p50, p95 = np.percentile(self.lengths, [50, 95])
+        return {"p50": int(p50), "p95": int(p95), "max": int(max(self.lengths))}
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
+        trunc = sum(self.truncated.values())
+        s = self.length_stats()
+        return (f"{self.kept}/{self.rows} rows kept (dropped: {drops}; truncated: {trunc}); "
+                f"tokens p50 {s['p50']} p95 {s['p95']} max {s['max']}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped),
+                "truncated": dict(self.truncated), "supervised_tokens": self.supervised_tokens,
+                **{f"length_{k}": v for k, v in self.length_stats().items()}}
+
+
+@dataclasses.dataclass
+class Data:
+    rows: dict[str, list[dict[str, Any]]]
+    examples: dict[str, list[Example]]
+    reports: dict[str, TokenizeReport]
+    source_reports: list[sources.SourceReport] = dataclasses.field(default_factory=list)
+
+
+def template_for(data_cfg: Any, tok: PreTrainedTokenizerBase) -> Template:
+    return Template.create(tok, data_cfg.template, data_cfg.end_of_turn, data_cfg.loss_on,
+                           data_cfg.allow_special_tokens_in_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Length policy
+# ---------------------------------------------------------------------------------------------
+
+def _encode(tok, t, msgs):
+    return tokenize_plans(tok, t, [plan(tok, t, msgs)])[0]
+
+
+def fit_length(tok: PreTrainedTokenizerBase, t: Template, messages: list[dict[str, str]],
+               ids: np.ndarray, mask: np.ndarray, max_length: int, policy: str
+               ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """Applies the length policy to one encoded conversation.
+
+    The model sees ``len(ids) - 1`` tokens (inputs and targets are shifted), so a row fits when
+    ``len(ids) <= max_length + 1``. ``truncate`` first drops the oldest user/assistant exchanges
+    (keeping a system message), then cuts the prompt from the left (keeping BOS); the supervised
+    completion is never cut.
+
+    Returns:
+      ``(ids, mask, "")`` if it fit; ``(ids, mask, why)`` if truncated; ``(None, None, why)`` if dropped.
+    """
+    if len(ids) <= max_length + 1:
+        return ids, mask, ""
+    if policy == "drop":
+        return None, None, f"longer than data.max_length={max_length}"
+    why = ""
+    start = 1 if messages[0]["role"] == "system" else 0
+    while len(ids) > max_length + 1:
+        users = [j for j in range(start, len(messages)) if messages[j]["role"] == "user"]
+        if len(users) < 2:
+            break
+        messages = messages[:start] + messages[users[1]:]
+        ids, mask = _encode(tok, t, messages)
+        why = "oldest turns dropped"
+    if len(ids) > max_length + 1:
+        first = int(np.argmax(mask > 0))
+        bos = int(t.bos_id is not None and ids[0] == t.bos_id)
+        keep = max_length + 1 - (len(ids) - first) - bos
+        if keep < 1:
+            return None, None, f"completion alone longer than data.max_length={max_length}"
+        ids = np.concatenate([ids[:bos], ids[first - keep:]])
+        mask = np.concatenate([mask[:bos], mask[first - keep:]])
+        why = "prompt cut from the left"
+    return ids, mask, why
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising a split (batched, parallel, cached)
+# ---------------------------------------------------------------------------------------------
+
+def _encode_batch(batch: dict[str, list], tok, t: Template, max_length: int, policy: str
+                  ) -> dict[str, list]:
+    convs = [json.loads(s) for s in batch["messages"]]
+    plans = []
+    for msgs, loc in zip(convs, batch["loc"]):
+        try:
+            plans.append(plan(tok, t, msgs))
+        except TemplateError as e:
+            raise DataError(f"{loc}: {e}") from None
+    out: dict[str, list] = {"ids": [], "loss_mask": [], "status": []}
+    for msgs, (ids, mask) in zip(convs, tokenize_plans(tok, t, plans)):
+        ids, mask, why = fit_length(tok, t, msgs, ids, mask, max_length, policy)
+        if ids is not None and mask[1:].sum() == 0:
+            ids, mask, why = None, None, "no supervised token"
+        status = ("dropped: " if ids is None else "truncated: " if why else "") + why
+        out["ids"].append([] if ids is None else ids.tolist())
+        out["loss_mask"].append([] if mask is None else mask.tolist())
+        out["status"].append(status)
+    return out
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
+    h.update(json.dumps([str(tok.special_tokens_map), tok.chat_template or ""]).encode())
+    return h.hexdigest()
+
+
+def cache_key(rows: list[dict[str, Any]], tok, t: Template, data_cfg: Any) -> str:
+    h = hashlib.sha256()
+    settings = [CACHE_VERSION, tokenizer_fingerprint(tok), t.chat_template or "", t.end_of_turn,
+                t.loss_on, t.allow_special_tokens_in_text, data_cfg.max_length,
+                data_cfg.length_policy]
+    h.update(json.dumps(settings).encode())
+    for r in rows:
+        h.update(json.dumps([r["messages"], r["source"], r["task"]], ensure_ascii=False).encode())
+    return h.hexdigest()[:24]
+
+
+def _cache_dir(data_cfg: Any) -> str:
+    return os.path.expanduser(data_cfg.cache_dir or os.path.join("~", ".cache", "flax_ift", "tokenized"))
+
+
+def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
+                   ) -> tuple[list[Example], TokenizeReport]:
+    """Encodes one split's rows (see module docstring); drops and counts what cannot be used."""
+    import datasets  # noqa: PLC0415 (slow import)
+    if data_cfg.length_policy not in LENGTH_POLICIES:
+        raise DataError(f"data.length_policy must be one of {LENGTH_POLICIES}, got "
+                        f"{data_cfg.length_policy!r}")
+    t = template_for(data_cfg, tok)
+    report = TokenizeReport(rows=len(rows))
+    if not rows:
+        return [], report
+    key = cache_key(rows, tok, t, data_cfg)
+    path = os.path.join(_cache_dir(data_cfg), key) if data_cfg.cache else ""
+    if path and os.path.exists(os.path.join(path, "dataset_info.json")):
+        encoded = datasets.load_from_disk(path)
+        report.cached = True
+    else:
+        table = datasets.Dataset.from_dict({
+            "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in rows],
+            "loc": [r["loc"] for r in rows]})
+        datasets.disable_progress_bars()
+        encoded = table.map(_encode_batch, batched=True, batch_size=256,
+                            num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
+                            remove_columns=["messages", "loc"], new_fingerprint=key,
+                            fn_kwargs=dict(tok=tok, t=t, max_length=data_cfg.max_length,
+                                           policy=data_cfg.length_policy))
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            encoded.save_to_disk(tmp)  # then rename: a crash never leaves a half-written cache
+            if os.path.exists(path):  # another process got there first
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, path)
+    examples = []
+    cols = encoded.to_dict()
+    for r, ids, mask, status in zip(rows, cols["ids"], cols["loss_mask"], cols["status"]):
+        if status.startswith("dropped: "):
+            report.dropped[status[len("dropped: "):]] += 1
+            continue
+        if status:
+            report.truncated[status[len("truncated: "):]] += 1
+        ex = Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32),
+                     {"source": r["source"], "task": r["task"]})
+        report.kept += 1
+        report.supervised_tokens += int(ex.loss_mask[1:].sum())
+        report.lengths.append(len(ids) - 1)
+        examples.append(ex)
+    return examples, report
+
+
+def read(data_cfg: Any, seed: int = 0):
+    """``sources.build_splits``: ``({split: [row]}, [SourceReport])``."""
+    return sources.build_splits(data_cfg, seed)
+
+
+def tokenize(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: dict[str, list[dict[str, Any]]],
+             source_reports: list[sources.SourceReport] | None = None) -> Data:
+    examples, reports = {}, {}
+    for split, split_rows in rows.items():
+        examples[split], reports[split] = tokenize_split(data_cfg, tok, split_rows)
+    return Data(rows, examples, reports, source_reports or [])
