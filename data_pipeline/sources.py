@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob as glob_lib
-import hashlib
 import json
 import os
 import random
@@ -313,7 +312,7 @@ def mix(train_by_source: dict[str, list[Row]], weights: dict[str, float], total:
     An up-weighted source repeats its rows (every row once per pass, a seeded order); a down-weighted
     one contributes a seeded subset. The mixture is fixed for the run (it is packed once).
     """
-    wsum = sum(weights.values())
+    wsum = sum(w for name, w in weights.items() if train_by_source[name])  # empty sources get none
     out = {}
     for name, rows in train_by_source.items():
         want = round(total * weights[name] / wsum)

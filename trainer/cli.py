@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
-
 from absl import app, flags, logging
+
+from data_pipeline.cli import UserError, config_flag, parse_flags  # noqa: F401 (re-exported)
 
 flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
                   "Multi-process JAX: off | auto (TPU pod, SLURM...) | explicit (flags below).")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (--distributed=explicit).")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (--distributed=explicit).")
 flags.DEFINE_integer("process_id", -1, "This process's index (--distributed=explicit).")
-
-
-class UserError(Exception):
-    """Something the user can fix (bad config, wrong workdir, missing checkpoint...).
-
-    Entry points print ``error: <message>`` and exit with status 2, without a traceback.
-    """
 
 
 def run_main(fn: Callable[[], Any]) -> Any:
@@ -64,37 +57,6 @@ def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, p
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     else:
         raise UserError(f"--distributed must be off, auto or explicit, got {mode!r}")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one-line errors (``app.run(main, flags_parser=parse_flags)``).
-
-    ``config_flags`` reports an unknown ``--config.a.b`` key or a bad value as an exception from deep
-    inside ml_collections; here it becomes ``error: ...`` naming the key, with exit status 2.
-    """
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        msg = str(e)
-    except (AttributeError, KeyError, ValueError, TypeError) as e:
-        detail = re.sub(r"\\n|\n", " ", str(e)).replace("\\'", "'")
-        detail = " ".join(detail.replace("'", "").split()).replace(" Did you mean", ". Did you mean")
-        msg = f"unknown or invalid --config key: {detail}"
-    print(f"error: {msg}\nRun with --help for the flags; config keys are listed in the --config file.",
-          file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def config_flag() -> Any:
-    """``FLAGS.config``, with a missing or broken config file reported as a ``UserError``."""
-    try:
-        config = flags.FLAGS.config
-        if config is None:
-            raise UserError("--config is required, e.g. --config configs/demo.py")
-        config.get("train")  # config_flags loads lazily: touch it so a load error surfaces here
-    except OSError as e:
-        raise UserError(" ".join(str(e).split())) from None
-    return config
 
 
 def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) -> None:
