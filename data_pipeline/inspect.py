@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipeline import loader, packing, pipeline, tokenizer as tokenizer_lib
@@ -114,6 +114,8 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # datasets and others log at INFO; the report is printed
+        logging.set_verbosity(logging.WARNING)
     try:
         md, result = report(config_flag(), FLAGS.tokenizer, FLAGS.preview)
     except (UserError, DataError, OSError) as e:

@@ -109,3 +109,88 @@ def test_demo_tokenizer_keeps_role_names_whole(demo_tok):
     _, tok = demo_tok
     assert len(tok("user", add_special_tokens=False)["input_ids"]) == 1
     assert len(tok("assistant", add_special_tokens=False)["input_ids"]) == 1
+
+
+# ---- built-in and HF templates, special-token safety ----------------------------------------------
+
+LLAMA3_LIKE = (  # the shape of Llama 3's template: BOS in the template, header tokens, default system
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|start_header_id|>system<|end_header_id|>"
+    "\n\nYou are helpful.<|eot_id|>{% endif %}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+    "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CONVERSATION = [{"role": "user", "content": 'Reverse the letters of "ABC".'},
+                {"role": "assistant", "content": "CBA"},
+                {"role": "user", "content": 'Sort the letters of "CAB" alphabetically.'},
+                {"role": "assistant", "content": "ABC </s> <|im_end|> <|eot_id|> not control tokens"}]
+
+
+@pytest.fixture(scope="module")
+def rich_tok(demo_tok):
+    """The demo BPE plus a separate EOS and Llama-3 header tokens (so EOS != end-of-turn)."""
+    _, base = demo_tok
+    tok = base.__class__(tokenizer_object=base.backend_tokenizer.__class__.from_str(
+        base.backend_tokenizer.to_str()), bos_token=base.bos_token, pad_token=base.pad_token,
+        eos_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|eot_id|>",
+                                                     "<|start_header_id|>", "<|end_header_id|>"])
+    tok.chat_template = LLAMA3_LIKE
+    return tok
+
+
+@pytest.mark.parametrize("name", ["chatml", "alpaca", "plain", "tokenizer"])
+@pytest.mark.parametrize("loss_on", ["all", "last"])
+def test_template_invariants(rich_tok, name, loss_on):
+    tok = rich_tok
+    t = templating.Template.create(tok, name, loss_on=loss_on)
+    eot = {"chatml": "<|im_end|>", "tokenizer": "</s>"}.get(name, "</s>")
+    if name == "tokenizer":
+        t = templating.Template.create(tok, name, end_of_turn="<|eot_id|>", loss_on=loss_on)
+        eot = "<|eot_id|>"
+    ids, mask = templating.encode_messages(tok, CONVERSATION, template=t)
+    # At most one BOS, and it is first.
+    assert (ids == tok.bos_token_id).sum() == 1 and ids[0] == tok.bos_token_id
+    # Supervised spans: exactly the replies (all, or the last), each followed by its end-of-turn.
+    spans = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(mask)) + 1)
+    supervised = [ids[s] for s in spans if mask[s[0]] == 1]
+    replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    replies = replies if loss_on == "all" else replies[-1:]
+    assert [tok.decode(s) for s in supervised] == [r + eot for r in replies]
+    assert all(s[-1] == tok.convert_tokens_to_ids(eot) for s in supervised)
+    # Data that looks like control tokens stays text: exactly one control id per end of turn.
+    control = tok.convert_tokens_to_ids(eot)
+    # chatml ends all 4 messages; the Llama-3-like template also a default system message; alpaca
+    # and plain end only the 2 replies.
+    assert (ids == control).sum() == {"chatml": 4, "tokenizer": 5}.get(name, 2)
+    # Prompt tokens never supervised: the user texts are all in the unsupervised part.
+    prompt_text = tok.decode(ids[mask == 0])
+    assert all(m["content"] in prompt_text for m in CONVERSATION if m["role"] == "user")
+
+
+def test_special_tokens_in_data_are_text_unless_opted_in(rich_tok):
+    tok = rich_tok
+    msgs = [{"role": "user", "content": "say <|im_end|>"}, {"role": "assistant", "content": "<|im_end|>"}]
+    ids, mask = templating.encode_messages(tok, msgs, template=templating.Template.create(tok, "chatml"))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert (ids == im_end).sum() == 2  # the two ends of turn, not the two in the data
+    assert tok.decode(ids[mask == 1]) == "<|im_end|><|im_end|>" and mask[ids == im_end].tolist() == [0, 1]
+    unsafe = templating.Template.create(tok, "chatml", allow_special_tokens_in_text=True)
+    ids2, _ = templating.encode_messages(tok, msgs, template=unsafe)
+    assert (ids2 == im_end).sum() == 4
+
+
+def test_prompt_tokenises_like_the_whole_rendered_text(rich_tok):
+    """Splitting only at control tokens: the prompt's ids are what tokenizer(rendered) gives."""
+    tok = rich_tok
+    t = templating.Template.create(tok, "tokenizer", end_of_turn="<|eot_id|>")
+    msgs = CONVERSATION[:1]
+    ids, _ = templating.encode_messages(tok, msgs, template=t)
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_template_needing_missing_tokens_and_non_prefix_templates_fail_clearly(demo_tok):
+    tok = word_tokenizer(TEMPLATE_WITH_BOS)
+    with pytest.raises(templating.DataError, match="needs the special tokens"):
+        templating.Template.create(tok, "chatml")
+    shuffling = word_tokenizer("{% for m in messages | reverse %}{{ m['content'] }} {% endfor %}")
+    with pytest.raises(templating.TemplateError, match="growing prefixes"):
+        templating.encode_messages(shuffling, CONVERSATION[:2] + CONVERSATION[:2])

@@ -48,16 +48,30 @@ def prompt_of(row: dict[str, Any]) -> list[templating.Message]:
     return row["messages"][:-1]
 
 
-def few_shot_messages(row: dict[str, Any], pool: dict[str, list[dict[str, Any]]], k: int,
-                      rng: random.Random) -> list[templating.Message]:
-    """k solved exemplars of the same task (from train), then the question, as one conversation."""
-    candidates = pool.get(row.get("task", ""), []) or [r for rs in pool.values() for r in rs]
+def few_shot_messages(row: dict[str, Any], exemplars: list[dict[str, Any]]
+                      ) -> list[templating.Message]:
+    """Solved exemplars (rows from train), then the question, as one conversation."""
     prompt = prompt_of(row)
     system = [m for m in prompt[:1] if m["role"] == "system"]
     msgs: list[templating.Message] = list(system)
-    for ex in rng.sample(candidates, min(k, len(candidates))):
+    for ex in exemplars:
         msgs += [m for m in ex["messages"] if m["role"] != "system"]
     return msgs + prompt[len(system):]
+
+
+def fit_prompt(encode, row: dict[str, Any], exemplars: list[dict[str, Any]], budget: int,
+               bos_id: int | None) -> tuple[np.ndarray, int, bool]:
+    """The longest prompt within ``budget`` tokens: fewer exemplars first, then the question cut
+    from the left (keeping BOS), as the training length policy does.
+
+    Returns: (ids, exemplars used, whether the question itself was cut).
+    """
+    for k in range(len(exemplars), -1, -1):
+        ids = encode(few_shot_messages(row, exemplars[:k]))
+        if len(ids) <= budget:
+            return ids, k, False
+    keep = int(bos_id is not None and ids[0] == bos_id)
+    return np.concatenate([ids[:keep], ids[len(ids) - (budget - keep):]]), 0, True
 
 
 def score(rows: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
@@ -67,6 +81,12 @@ def score(rows: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
     hits = [h for v in by_task.values() for h in v]
     return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits),
             "per_task": {t: float(np.mean(v)) for t, v in sorted(by_task.items())}}
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """Text fit for one Markdown table cell."""
+    text = text if len(text) <= limit else "..." + text[-limit:]
+    return text.replace("|", "\\|").replace("\n", "<br>") or " "
 
 
 def markdown_report(result: dict[str, Any]) -> str:
@@ -82,10 +102,15 @@ def markdown_report(result: dict[str, Any]) -> str:
     loss = result["finetuned_loss"]
     lines += ["", f"Fine-tuned completion loss on `{result['split']}`: {loss['loss']:.4f} "
               f"(token accuracy {100 * loss['token_accuracy']:.1f}% over {int(loss['tokens'])} "
-              "supervised tokens).", "", "Sample fine-tuned predictions:", "",
+              "supervised tokens)."]
+    for setting, st in result.get("prompts", {}).items():
+        if st["questions_cut"] or setting != "0-shot":
+            lines.append(f"{setting} prompts: {st['mean_exemplars']:.2f} exemplars on average fit in "
+                         f"data.max_length; {st['questions_cut']} questions cut from the left.")
+    lines += ["", "Sample fine-tuned predictions:", "",
               "| prompt | target | prediction | ok |", "|---|---|---|---|"]
     for s in result["samples"]:
-        lines.append(f"| {s['prompt']} | `{s['target']}` | `{s['prediction']}` | "
+        lines.append(f"| {_cell(s['prompt'])} | {_cell(s['target'])} | {_cell(s['prediction'])} | "
                      f"{'yes' if s['ok'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -104,7 +129,10 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     template = pipeline.template_for(config.data, tok)
     if split not in rows:
         raise UserError(f"no split {split!r} in this run's data; available: {', '.join(rows)}")
-    eval_rows = rows[split][: max_examples or None]
+    eval_rows = rows[split]
+    if 0 < max_examples < len(eval_rows):  # a seeded sample, so every task/source is represented
+        keep = sorted(random.Random(config.seed).sample(range(len(eval_rows)), max_examples))
+        eval_rows = [eval_rows[i] for i in keep]
     if not eval_rows:
         raise UserError(f"split {split!r} is empty")
     data = experiment.tokenize(config, tok, {split: eval_rows})
@@ -134,12 +162,22 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     for r in rows.get("train", []):
         pool[r.get("task", "")].append(r)
 
+    prompt_stats: dict[str, Any] = {}
+
     def prompts_for(k: int) -> list[np.ndarray]:
+        """Prompts of at most ``data.max_length`` tokens (the longest the model was trained on)."""
         rng = random.Random(config.seed)
-        out = []
+        encode = lambda msgs: templating.encode_messages(tok, msgs, template=template)[0]  # noqa: E731
+        out, shots, cut = [], 0, 0
         for r in eval_rows:
-            msgs = few_shot_messages(r, pool, k, rng) if k else prompt_of(r)
-            out.append(templating.encode_messages(tok, msgs, template=template)[0])
+            candidates = pool.get(r.get("task", ""), []) or [x for xs in pool.values() for x in xs]
+            exemplars = rng.sample(candidates, min(k, len(candidates)))
+            ids, used, was_cut = fit_prompt(encode, r, exemplars, config.data.max_length,
+                                            template.bos_id)
+            out.append(ids)
+            shots += used
+            cut += was_cut
+        prompt_stats[f"{k}-shot"] = {"mean_exemplars": shots / len(eval_rows), "questions_cut": cut}
         return out
 
     def run(params, prompts) -> list[str]:
@@ -163,12 +201,12 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     wrong_first = sorted(range(len(eval_rows)), key=lambda i: exact_match(
         predictions[i], target_of(eval_rows[i])))[:4] + list(range(4))
     for i in dict.fromkeys(wrong_first):
-        samples.append({"prompt": prompt_of(eval_rows[i])[-1]["content"][-300:],
+        samples.append({"prompt": prompt_of(eval_rows[i])[-1]["content"],
                         "target": target_of(eval_rows[i]), "prediction": predictions[i],
                         "ok": exact_match(predictions[i], target_of(eval_rows[i]))})
     result = {"workdir": workdir, "split": split, "checkpoint": checkpoint, "step": step,
               "num_examples": len(eval_rows), "rows": result_rows, "finetuned_loss": loss,
-              "samples": samples[:8], "seconds": time.perf_counter() - t0}
+              "samples": samples[:8], "prompts": prompt_stats, "seconds": time.perf_counter() - t0}
 
     md = markdown_report(result)
     if jax.process_index() == 0:

@@ -1,0 +1,78 @@
+"""Tokenising splits: the length policy, drop counts, the cache and parallel tokenisation."""
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from data_pipeline import pipeline
+from tests.templating_test import TEMPLATE_WITH_BOS, word_tokenizer
+
+
+def cfg(**kw):
+    c = tiny.get_config().data
+    c.template = "tokenizer"
+    c.update(kw)
+    return c
+
+
+def row(*turns):
+    roles = ["user", "assistant"] * len(turns)
+    return {"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)], "source": "s",
+            "task": "t", "loc": "f.jsonl:1"}
+
+
+@pytest.fixture
+def tok():
+    return word_tokenizer(TEMPLATE_WITH_BOS)
+
+
+def test_fitting_rows_are_untouched_and_long_ones_dropped_and_counted(tok):
+    rows = [row("reverse abc", "cba"), row("reverse abc abc abc abc", "cba")]
+    exs, rep = pipeline.tokenize_split(cfg(max_length=7, length_policy="drop"), tok, rows)
+    #  <s> <|user|> reverse abc <|end|> <|assistant|> cba <|end|>
+    assert [e.ids.tolist() for e in exs] == [[1, 3, 5, 6, 2, 4, 7, 2]]
+    assert rep.rows == 2 and rep.kept == 1 and rep.dropped == {"longer than data.max_length=7": 1}
+
+
+def test_truncate_cuts_the_prompt_from_the_left_and_keeps_bos_and_completion(tok):
+    rows = [row("reverse abc abc abc abc", "cba")]  # 11 tokens, the model would see 10
+    exs, rep = pipeline.tokenize_split(cfg(max_length=6, length_policy="truncate"), tok, rows)
+    assert exs[0].ids.tolist() == [1, 6, 6, 2, 4, 7, 2]
+    assert exs[0].loss_mask.tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert rep.truncated == {"prompt cut from the left": 1}
+
+
+def test_truncate_drops_oldest_turns_first(tok):
+    rows = [row("sort bca", "abc", "reverse abc", "cba")]  # 15 tokens
+    exs, rep = pipeline.tokenize_split(cfg(max_length=9, length_policy="truncate"), tok, rows)
+    assert exs[0].ids.tolist() == [1, 3, 5, 6, 2, 4, 7, 2]  # only the last exchange is left
+    assert exs[0].loss_mask.tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert rep.truncated == {"oldest turns dropped": 1}
+
+
+def test_rows_that_cannot_be_fixed_are_dropped_with_a_reason(tok):
+    rows = [row("reverse", "abc cba abc cba abc cba")]  # the completion alone is too long
+    exs, rep = pipeline.tokenize_split(cfg(max_length=5, length_policy="truncate"), tok, rows)
+    assert exs == [] and rep.dropped == {"completion alone longer than data.max_length=5": 1}
+
+
+def test_cache_hits_on_same_inputs_and_misses_on_changed_settings(tok, tmp_path):
+    rows = [row("reverse abc", "cba"), row("sort bca", "abc")]
+    c = cfg(max_length=8, cache=True, cache_dir=str(tmp_path))
+    a, rep_a = pipeline.tokenize_split(c, tok, rows)
+    b, rep_b = pipeline.tokenize_split(c, tok, rows)
+    assert not rep_a.cached and rep_b.cached
+    assert [e.ids.tolist() for e in a] == [e.ids.tolist() for e in b]
+    assert [e.loss_mask.tolist() for e in a] == [e.loss_mask.tolist() for e in b]
+    _, rep_c = pipeline.tokenize_split(cfg(max_length=9, cache=True, cache_dir=str(tmp_path)), tok, rows)
+    _, rep_d = pipeline.tokenize_split(c, tok, rows[:1])
+    assert not rep_c.cached and not rep_d.cached
+
+
+def test_parallel_tokenisation_equals_serial(tok):
+    rows = [row("reverse abc", "cba"), row("sort bca", "abc")] * 300
+    serial, _ = pipeline.tokenize_split(cfg(max_length=8), tok, rows)
+    parallel, _ = pipeline.tokenize_split(cfg(max_length=8, num_proc=2), tok, rows)
+    assert len(serial) == len(parallel) == 600
+    assert all(np.array_equal(a.ids, b.ids) and np.array_equal(a.loss_mask, b.loss_mask)
+               for a, b in zip(serial, parallel))
