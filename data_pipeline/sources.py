@@ -27,6 +27,8 @@ import glob as glob_lib
 import json
 import os
 import random
+import socket
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -180,6 +182,17 @@ def _read_file(path: str, file_format: str, bad: BadRows, max_row_bytes: int
         bad(path, "file has no rows", "empty file")
 
 
+def _check_hub_reachable(name: str, dataset: str, timeout: float = 5.0) -> None:
+    """Fails in seconds when the Hub cannot be reached (``datasets`` retries for ~25 s first)."""
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as e:
+        raise DataError(f"data.sources.{name}: cannot reach {endpoint.hostname} to load Hub dataset "
+                        f"{dataset!r} ({e}); offline? download it once and use type=disk, or point "
+                        "type=files at local files") from None
+
+
 def _hf_splits(name: str, spec: Any) -> dict[str, Any]:
     """A ``datasets`` Dataset/DatasetDict from disk or the Hub, as ``{split: Dataset}``."""
     import datasets  # noqa: PLC0415
@@ -196,6 +209,7 @@ def _hf_splits(name: str, spec: Any) -> dict[str, Any]:
             raise DataError(f"data.sources.{name}: Hub dataset {spec.path!r} cannot be loaded offline "
                             "(HF_HUB_OFFLINE is set); download it once with datasets and use "
                             "type=disk, or point type=files at local files")
+        _check_hub_reachable(name, spec.path)
         try:
             ds = datasets.load_dataset(spec.path, spec.hub_config or None)
         except Exception as e:  # noqa: BLE001

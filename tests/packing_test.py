@@ -137,3 +137,18 @@ def test_packing_efficiency_on_shared_data_at_512(config_name):
     eff = packing.efficiency(lengths, bins, 512)
     print(f"{config_name}: {len(exs)} examples -> {len(bins)} rows of 512, efficiency {eff:.4f}")
     assert rep.kept == len(rows["train"]) and eff >= 0.97
+
+
+def test_background_worker_processes_give_the_same_batches_and_state():
+    from absl import flags  # noqa: PLC0415
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (entry points parse)
+        flags.FLAGS.mark_as_parsed()
+    exs = examples(list(range(2, 18)))
+    kw = dict(seq_len=20, pad_id=0, batch_size=4, seed=5, packing="best_fit")
+    threads = take(iter(loader.train_dataset(exs, **kw)), 6)
+    it = iter(loader.train_dataset(exs, worker_count=1, **kw))
+    assert helpers.tree_equal(take(it, 3), threads[:3])
+    state = it.get_state()
+    it2 = iter(loader.train_dataset(exs, worker_count=1, **kw))
+    it2.set_state(state)
+    assert helpers.tree_equal(take(it2, 3), threads[3:])

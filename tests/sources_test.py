@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import datasets
 import pytest
@@ -102,6 +103,16 @@ def test_hub_offline_fails_fast_and_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="offline"):
         read(source(type="hub", path="openai/gsm8k"))
+
+
+def test_hub_unreachable_fails_in_seconds_not_after_retries(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="cannot reach 127.0.0.1"):
+        read(source(type="hub", path="openai/gsm8k"))
+    assert time.perf_counter() - t0 < 10
 
 
 # ---- bad input ----------------------------------------------------------------------------------
