@@ -104,4 +104,6 @@ def get_config() -> ConfigDict:
     c.eval.batch_size = 128
     c.eval.max_new_tokens = 12
     c.eval.few_shot_k = 3  # exemplars (same task, from train) for the base model's few-shot row
+    # Longer prompts lose exemplars first, then are cut from the left (0: max_length x (k + 1)).
+    c.eval.max_prompt_length = 0
     return c

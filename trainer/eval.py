@@ -105,8 +105,8 @@ def markdown_report(result: dict[str, Any]) -> str:
               "supervised tokens)."]
     for setting, st in result.get("prompts", {}).items():
         if st["questions_cut"] or setting != "0-shot":
-            lines.append(f"{setting} prompts: {st['mean_exemplars']:.2f} exemplars on average fit in "
-                         f"data.max_length; {st['questions_cut']} questions cut from the left.")
+            lines.append(f"{setting} prompts: {st['mean_exemplars']:.2f} exemplars on average within "
+                         f"eval.max_prompt_length; {st['questions_cut']} questions cut from the left.")
     lines += ["", "Sample fine-tuned predictions:", "",
               "| prompt | target | prediction | ok |", "|---|---|---|---|"]
     for s in result["samples"]:
@@ -163,17 +163,18 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
         pool[r.get("task", "")].append(r)
 
     prompt_stats: dict[str, Any] = {}
+    budget = ecfg.get("max_prompt_length", 0) or config.data.max_length * (ecfg.few_shot_k + 1)
 
     def prompts_for(k: int) -> list[np.ndarray]:
-        """Prompts of at most ``data.max_length`` tokens (the longest the model was trained on)."""
+        """Prompts of at most ``eval.max_prompt_length`` tokens (0: room for k exemplars and the
+        question, each as long as a training row: ``data.max_length * (few_shot_k + 1)``)."""
         rng = random.Random(config.seed)
         encode = lambda msgs: templating.encode_messages(tok, msgs, template=template)[0]  # noqa: E731
         out, shots, cut = [], 0, 0
         for r in eval_rows:
             candidates = pool.get(r.get("task", ""), []) or [x for xs in pool.values() for x in xs]
             exemplars = rng.sample(candidates, min(k, len(candidates)))
-            ids, used, was_cut = fit_prompt(encode, r, exemplars, config.data.max_length,
-                                            template.bos_id)
+            ids, used, was_cut = fit_prompt(encode, r, exemplars, budget, template.bos_id)
             out.append(ids)
             shots += used
             cut += was_cut
