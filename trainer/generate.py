@@ -51,7 +51,8 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
         q = jnp.arange(p)
         mask = (slots[None, None, :] <= q[None, :, None]) & key_valid[:, None, :]
         mask = mask | (slots[None, None, :] == q[None, :, None])  # padding rows attend to themselves
-        logits, cache = model(prompts, positions, mask, cache, jnp.int32(0))
+        key_pos = jnp.concatenate([positions, jnp.zeros((b, n), jnp.int32)], axis=1)
+        logits, cache = model(prompts, positions, mask, cache, jnp.int32(0), key_pos)
         rng, sub = jax.random.split(rng)
         tok = _pick(logits[:, -1], sub, temperature, top_k)
         out = jnp.full((b, n), pad_id, jnp.int32)
@@ -59,22 +60,24 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
         pos = positions[:, -1]
 
         def cond(carry):
-            t, _, _, _, _, done, _, _ = carry
+            t, _, _, _, _, _, done, _, _ = carry
             return (t < n) & ~jnp.all(done)
 
         def body(carry):
-            t, tok, pos, cache, key_valid, done, out, rng = carry
+            t, tok, pos, cache, key_valid, key_pos, done, out, rng = carry
             out = out.at[:, t].set(jnp.where(done, pad_id, tok))
             done = done | jnp.isin(tok, eos)
             key_valid = key_valid.at[:, p + t].set(True)
             pos = pos + 1
-            logits, cache = model(tok[:, None], pos[:, None], key_valid[:, None, :], cache, p + t)
+            key_pos = key_pos.at[:, p + t].set(pos)
+            logits, cache = model(tok[:, None], pos[:, None], key_valid[:, None, :], cache, p + t,
+                                  key_pos)
             rng, sub = jax.random.split(rng)
             tok = _pick(logits[:, 0], sub, temperature, top_k)
-            return t + 1, tok, pos, cache, key_valid, done, out, rng
+            return t + 1, tok, pos, cache, key_valid, key_pos, done, out, rng
 
-        carry = (jnp.int32(0), tok, pos, cache, key_valid, done, out, rng)
-        return jax.lax.while_loop(cond, body, carry)[6]
+        carry = (jnp.int32(0), tok, pos, cache, key_valid, key_pos, done, out, rng)
+        return jax.lax.while_loop(cond, body, carry)[7]
 
     return generate
 

@@ -1,64 +1,346 @@
-"""Hugging Face Llama <-> our parameters (layout mapping only; file I/O builds on this).
+"""Hugging Face checkpoints <-> our parameters: config mapping, weight layout, safetensors I/O.
 
 HF stores linear weights as ``[out, in]``; we store ``[in, out]`` with attention split per head
-(``q: [embed, heads, head_dim]``), so every mapping is a transpose plus a reshape. Both sides use the
-"rotate half" RoPE layout, so q/k need no permutation.
+(``q: [embed, heads, head_dim]``), so every mapping is a transpose plus a reshape (GPT-2's Conv1D
+weights are already ``[in, out]``, and its q/k/v are one fused matrix). Both sides use the "rotate
+half" RoPE layout, so q/k need no permutation.
+
+Each family's layout is one table of *links* -- (our leaves, HF tensors, to_ours, to_hf) -- read in
+one direction by import and in the other by export, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from trainer.model import ModelConfig
+from trainer.model import SLIDING, ModelConfig
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED = (*LLAMA_LIKE, "gpt2")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+
+
+class HFError(ValueError):
+    """A checkpoint directory or config this code cannot load (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+# ---------------------------------------------------------------------------------------------
+
+def _rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+    rp = dict(hf.get("rope_parameters") or {})
+    full, local = (rp.get("full_attention", {}), rp.get("sliding_attention", {})) \
+        if "full_attention" in rp else (rp, {})
+    full = {**(hf.get("rope_scaling") or {}), **full}
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise HFError(f"RoPE type {kind!r} is not supported (default, linear, llama3)")
+    out = {"rope_theta": float(full.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_type": kind,
+           "rope_factor": float(full.get("factor", 1.0))}
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(full["low_freq_factor"]),
+                   rope_high_freq_factor=float(full["high_freq_factor"]),
+                   rope_original_max_position_embeddings=int(full["original_max_position_embeddings"]))
+    if local.get("rope_type", "default") != "default":
+        raise HFError("scaled RoPE on sliding-window layers is not supported")
+    local_theta = local.get("rope_theta", hf.get("rope_local_base_freq"))
+    if local_theta:
+        out["rope_local_theta"] = float(local_theta)
+    return out
 
 
 def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-    """Our ``ModelConfig`` from a Llama ``config.json`` dict."""
-    if hf.get("model_type") not in ("llama",):
-        raise ValueError(f"unsupported model_type {hf.get('model_type')!r}; supported: llama")
-    if hf.get("rope_scaling") or (hf.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        raise ValueError("RoPE scaling is not supported yet")
-    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return ModelConfig(
+    """Our ``ModelConfig`` from an HF ``config.json`` dict (``model_type`` in ``SUPPORTED``)."""
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise HFError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
+    if mt == "gpt2":
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise HFError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn "
+                          "are not supported")
+        e = hf["n_embd"]
+        kw = dict(vocab_size=hf["vocab_size"], hidden_size=e, intermediate_size=hf.get("n_inner") or 4 * e,
+                  num_hidden_layers=hf["n_layer"], num_attention_heads=hf["n_head"],
+                  num_key_value_heads=hf["n_head"], rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                  tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                  max_position_embeddings=hf.get("n_positions", 1024), qkv_bias=True, o_bias=True,
+                  mlp_bias=True, norm="layer", mlp="plain", position_embedding="learned",
+                  activation=_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"), "?"))
+        return ModelConfig(**{**kw, **overrides})
+    if hf.get("mlp_bias"):
+        raise HFError("mlp_bias=True is not supported")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if act not in _ACTIVATIONS:
+        raise HFError(f"activation {act!r} is not supported")
+    gemma = mt.startswith("gemma")
+    window = hf.get("sliding_window") or 0
+    if mt == "qwen2" and not hf.get("use_sliding_window"):
+        window = 0
+    layer_types = tuple(hf.get("layer_types") or ()) if window else ()
+    kw = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=hf["num_attention_heads"],
         num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048), **overrides)
+        head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")),
+        qk_norm=mt in ("qwen3", "gemma3_text"), norm_offset=1.0 if gemma else 0.0,
+        activation=_ACTIVATIONS[act], embed_scale=gemma, post_norms=mt in ("gemma2", "gemma3_text"),
+        attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+        final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0.0),
+        sliding_window=int(window), layer_types=layer_types, **_rope(hf))
+    return ModelConfig(**{**kw, **overrides})
 
 
-def llama_params_from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
-    """Maps an HF Llama state dict (numpy arrays, ``model.`` prefix) to our pure param dict."""
+def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
+    """A Llama ``config.json`` for a model trained from scratch (imported runs keep their own)."""
+    if cfg.position_embedding != "rope" or cfg.norm != "rms" or cfg.mlp != "gated" or cfg.norm_offset:
+        raise HFError("only Llama-architecture models trained from scratch can get a generated config")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_size,
+            "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.qkv_bias,
+            "max_position_embeddings": cfg.max_position_embeddings, "torch_dtype": "float32"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight layout: one table of links per family, read both ways
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    ours: tuple[tuple[Any, ...], ...]  # paths into our param dict
+    hf: tuple[str, ...]                # HF tensor names
+    to_ours: Callable[..., tuple[np.ndarray, ...]]
+    to_hf: Callable[..., tuple[np.ndarray, ...]]
+
+
+def _one(ours, hf, fwd, back) -> Link:
+    return Link((ours,), (hf,), lambda x: (fwd(x),), lambda x: (back(x),))
+
+
+def _same(ours, hf) -> Link:
+    return _one(ours, hf, lambda x: x, lambda x: x)
+
+
+def _linear(ours, hf) -> Link:  # HF [out, in] <-> ours [in, out]
+    return _one(ours, hf, lambda x: x.T, lambda x: x.T)
+
+
+def _heads_in(ours, hf, e, h, d) -> Link:  # HF [h*d, e] <-> ours [e, h, d]
+    return _one(ours, hf, lambda x: x.T.reshape(e, h, d), lambda x: x.reshape(e, h * d).T)
+
+
+def _heads_out(ours, hf, e, h, d) -> Link:  # HF [e, h*d] <-> ours [h, d, e]
+    return _one(ours, hf, lambda x: x.T.reshape(h, d, e), lambda x: x.reshape(h * d, e).T)
+
+
+def _head_bias(ours, hf, h, d) -> Link:  # HF [h*d] <-> ours [h, d]
+    return _one(ours, hf, lambda x: x.reshape(h, d), lambda x: x.reshape(h * d))
+
+
+def links(cfg: ModelConfig, model_type: str, prefix: str = "") -> list[Link]:
+    """The layout table for ``model_type``; ``prefix`` is GPT-2's optional ``transformer.``."""
     e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    out: list[Link] = []
+    if model_type == "gpt2":
+        p = prefix
+        out += [_same(("embed",), p + "wte.weight"), _same(("pos_embed",), p + "wpe.weight"),
+                _same(("final_norm", "scale"), p + "ln_f.weight"),
+                _same(("final_norm", "bias"), p + "ln_f.bias")]
+        for i in range(cfg.num_hidden_layers):
+            L, q = ("layers", i), f"{p}h.{i}."
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                out += [_same((*L, ours, "scale"), f"{q}{theirs}.weight"),
+                        _same((*L, ours, "bias"), f"{q}{theirs}.bias")]
+            out.append(Link(  # Conv1D [e, 3e] = [q | k | v], already [in, out]
+                ((*L, "attn", "q"), (*L, "attn", "k"), (*L, "attn", "v")), (f"{q}attn.c_attn.weight",),
+                lambda w: tuple(x.reshape(e, h, d) for x in np.split(w, 3, axis=1)),
+                lambda a, b, c: (np.concatenate([x.reshape(e, h * d) for x in (a, b, c)], axis=1),)))
+            out.append(Link(
+                ((*L, "attn", "q_bias"), (*L, "attn", "k_bias"), (*L, "attn", "v_bias")),
+                (f"{q}attn.c_attn.bias",),
+                lambda b: tuple(x.reshape(h, d) for x in np.split(b, 3)),
+                lambda a, b, c: (np.concatenate([x.reshape(h * d) for x in (a, b, c)]),)))
+            out += [_one((*L, "attn", "o"), f"{q}attn.c_proj.weight", lambda x: x.reshape(h, d, e),
+                         lambda x: x.reshape(h * d, e)),
+                    _same((*L, "attn", "o_bias"), f"{q}attn.c_proj.bias"),
+                    _same((*L, "mlp", "up"), f"{q}mlp.c_fc.weight"),
+                    _same((*L, "mlp", "up_bias"), f"{q}mlp.c_fc.bias"),
+                    _same((*L, "mlp", "down"), f"{q}mlp.c_proj.weight"),
+                    _same((*L, "mlp", "down_bias"), f"{q}mlp.c_proj.bias")]
+        return out
 
-    def get(name: str) -> np.ndarray:
-        return np.asarray(sd[name], np.float32)
-
-    layers = {}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        layers[i] = {
-            "attn_norm": {"scale": get(p + "input_layernorm.weight")},
-            "attn": {
-                "q": get(p + "self_attn.q_proj.weight").T.reshape(e, h, d),
-                "k": get(p + "self_attn.k_proj.weight").T.reshape(e, k, d),
-                "v": get(p + "self_attn.v_proj.weight").T.reshape(e, k, d),
-                "o": get(p + "self_attn.o_proj.weight").T.reshape(h, d, e),
-            },
-            "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
-            "mlp": {
-                "gate": get(p + "mlp.gate_proj.weight").T,
-                "up": get(p + "mlp.up_proj.weight").T,
-                "down": get(p + "mlp.down_proj.weight").T,
-            },
-        }
-    params = {"embed": get("model.embed_tokens.weight"), "layers": layers,
-              "final_norm": {"scale": get("model.norm.weight")}}
+    out += [_same(("embed",), "model.embed_tokens.weight"), _same(("final_norm", "scale"), "model.norm.weight")]
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight").T
+        out.append(_linear(("lm_head",), "lm_head.weight"))
+    for i in range(cfg.num_hidden_layers):
+        L, q = ("layers", i), f"model.layers.{i}."
+        out += [_same((*L, "attn_norm", "scale"), q + "input_layernorm.weight"),
+                _heads_in((*L, "attn", "q"), q + "self_attn.q_proj.weight", e, h, d),
+                _heads_in((*L, "attn", "k"), q + "self_attn.k_proj.weight", e, k, d),
+                _heads_in((*L, "attn", "v"), q + "self_attn.v_proj.weight", e, k, d),
+                _heads_out((*L, "attn", "o"), q + "self_attn.o_proj.weight", e, h, d),
+                _linear((*L, "mlp", "gate"), q + "mlp.gate_proj.weight"),
+                _linear((*L, "mlp", "up"), q + "mlp.up_proj.weight"),
+                _linear((*L, "mlp", "down"), q + "mlp.down_proj.weight")]
+        if cfg.qkv_bias:
+            out += [_head_bias((*L, "attn", "q_bias"), q + "self_attn.q_proj.bias", h, d),
+                    _head_bias((*L, "attn", "k_bias"), q + "self_attn.k_proj.bias", k, d),
+                    _head_bias((*L, "attn", "v_bias"), q + "self_attn.v_proj.bias", k, d)]
+        if cfg.o_bias:
+            out.append(_same((*L, "attn", "o_bias"), q + "self_attn.o_proj.bias"))
+        if cfg.qk_norm:
+            out += [_same((*L, "attn", "q_norm", "scale"), q + "self_attn.q_norm.weight"),
+                    _same((*L, "attn", "k_norm", "scale"), q + "self_attn.k_norm.weight")]
+        if cfg.post_norms:  # Gemma 2/3 name the norm *after* attention post_attention_layernorm
+            out += [_same((*L, "post_attn_norm", "scale"), q + "post_attention_layernorm.weight"),
+                    _same((*L, "mlp_norm", "scale"), q + "pre_feedforward_layernorm.weight"),
+                    _same((*L, "post_mlp_norm", "scale"), q + "post_feedforward_layernorm.weight")]
+        else:  # ... where Llama uses that name for the norm *before* the MLP
+            out.append(_same((*L, "mlp_norm", "scale"), q + "post_attention_layernorm.weight"))
+    return out
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Any, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, model_type: str,
+                   place: Callable[[tuple, np.ndarray], Any] = lambda path, x: x, prefix: str = ""
+                   ) -> dict[str, Any]:
+    """Our pure param dict from HF tensors (``get(name) -> array``), one link at a time.
+
+    ``place(path, array)`` puts each converted leaf where it belongs (e.g. straight into its sharding),
+    so no more than one HF tensor is ever held whole, on the host.
+    """
+    dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else None
+    params: dict[str, Any] = {}
+    for link in links(cfg, model_type, prefix):
+        for path, value in zip(link.ours, link.to_ours(*(get(n) for n in link.hf))):
+            value = np.asarray(value)
+            value = value.astype(dtype) if dtype is not None else value.astype(np.float32).astype(
+                _bf16())
+            _set(params, path, place(path, value))
     return params
+
+
+def params_to_hf(params: Any, cfg: ModelConfig, model_type: str) -> dict[str, np.ndarray]:
+    """HF tensors (numpy) from our (host) params: the same table read the other way."""
+    out = {}
+    for link in links(cfg, model_type):
+        for name, value in zip(link.hf, link.to_hf(*(np.asarray(_get(params, p)) for p in link.ours))):
+            out[name] = np.ascontiguousarray(value)
+    return out
+
+
+def _bf16():
+    import ml_dtypes  # noqa: PLC0415 (a jax dependency)
+    return ml_dtypes.bfloat16
+
+
+# Kept for the tests written against the first (Llama-only) version.
+def llama_params_from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
+    return params_from_hf(lambda n: np.asarray(sd[n], np.float32), cfg, "llama")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint directories
+# ---------------------------------------------------------------------------------------------
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise HFError(f"{path!r} is not a Hugging Face model directory (no config.json)")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    if hf.get("model_type") == "gemma3":  # a multimodal Gemma 3 checkpoint: use its text model
+        raise HFError("model_type 'gemma3' (multimodal) is not supported; use a text-only "
+                      "Gemma3ForCausalLM checkpoint (model_type 'gemma3_text')")
+    return hf
+
+
+class SafetensorsReader:
+    """Reads tensors by name from a directory's ``*.safetensors`` (single file or sharded + index).
+
+    Only safetensors: pickled ``.bin`` checkpoints can run code when loaded, so they are refused.
+    """
+
+    def __init__(self, path: str):
+        from safetensors import safe_open  # noqa: PLC0415
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            bins = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
+            raise HFError(f"no *.safetensors in {path!r}" + (
+                " (found PyTorch pickle files, which are refused because loading them can run code; "
+                "convert them to safetensors first)" if bins else ""))
+        self._files = {f: safe_open(f, framework="np") for f in files}
+        self._where = {name: f for f, h in self._files.items() for name in h.keys()}
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise HFError(f"tensor {name!r} not found in the checkpoint's safetensors files")
+        return self._files[self._where[name]].get_tensor(name)
+
+
+def load_hf(path: str, cfg: ModelConfig, model_type: str,
+            place: Callable[[tuple, np.ndarray], Any] = lambda path, x: x) -> dict[str, Any]:
+    """Reads a checkpoint directory's weights into our param dict (see ``params_from_hf``)."""
+    reader = SafetensorsReader(path)
+    prefix = "transformer." if model_type == "gpt2" and "transformer.wte.weight" in reader.names() else ""
+    return params_from_hf(reader, cfg, model_type, place, prefix)
+
+
+def save_hf(tensors: dict[str, np.ndarray], out: str, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes tensors as ``model.safetensors``, or shards + ``model.safetensors.index.json``."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, x in tensors.items():
+        if shards[-1] and size + x.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = x
+        size += x.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, os.path.join(out, fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+                   "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def layer_is_sliding(cfg: ModelConfig, i: int) -> bool:
+    return cfg.layer_type(i) == SLIDING

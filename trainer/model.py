@@ -1,29 +1,37 @@
-"""A Llama-architecture decoder in Flax NNX.
+"""One decoder in Flax NNX for Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3 and GPT-2.
+
+The families share the math -- embed, N x (norm -> attention -> residual, norm -> MLP -> residual),
+norm, logits -- and differ in switches that ``ModelConfig`` names (biases, q/k norms, the norm's form,
+gated or plain MLP, the activation, embedding scale, learned positions, post-norms, soft-capping,
+sliding-window layers, RoPE scaling). One implementation with those switches, not a copy per family.
 
 Parameters carry *logical* axis names only (``embed``, ``mlp``, ``heads``, ...); which mesh axis each
 maps to is decided by the rules in the config (``trainer.sharding``), never here.
 
 Layout conventions: activations ``[batch, seq, embed]``; attention weights kept per head
 (``q: [embed, heads, head_dim]``) so that tensor parallelism shards ``heads`` without reshapes.
-Parameters are stored in ``param_dtype`` (float32) and cast to ``dtype`` for compute; RMSNorm,
-softmax and the logits are float32.
+Parameters are stored in ``param_dtype`` and cast to ``dtype`` for compute; norms, softmax and the
+logits are float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture hyper-parameters (names follow HF's ``LlamaConfig``)."""
+    """Architecture hyper-parameters (names follow HF's configs). Defaults are Llama's."""
 
     vocab_size: int
     hidden_size: int
@@ -39,21 +47,53 @@ class ModelConfig:
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype
     attention_impl: str = "auto"  # passed to jax.nn.dot_product_attention: auto|xla|cudnn
+    # ---- family switches ----------------------------------------------------------------
+    qkv_bias: bool = False         # Qwen2, GPT-2
+    o_bias: bool = False           # GPT-2
+    mlp_bias: bool = False         # GPT-2
+    qk_norm: bool = False          # Qwen3, Gemma 3: RMSNorm of each head's q and k
+    norm: str = "rms"              # rms | layer (LayerNorm with bias: GPT-2)
+    norm_offset: float = 0.0       # Gemma: the norm multiplies by (offset + weight)
+    mlp: str = "gated"             # gated: down(act(gate x) * up x) | plain: down(act(up x))
+    activation: str = "silu"       # silu | gelu_tanh | gelu
+    embed_scale: bool = False      # Gemma: embeddings times sqrt(hidden_size)
+    position_embedding: str = "rope"  # rope | learned (GPT-2)
+    post_norms: bool = False       # Gemma 2/3: also normalise the attention and MLP outputs
+    attn_logit_softcap: float = 0.0   # Gemma 2: tanh soft-capping of attention logits (0: off)
+    final_logit_softcap: float = 0.0  # Gemma 2: ... of the output logits
+    query_pre_attn_scalar: float = 0.0  # softmax scale is this ** -0.5 (0: head_dim, the usual)
+    sliding_window: int = 0        # keys at most this many positions back (0: unlimited)
+    layer_types: tuple[str, ...] = ()  # per layer full_attention | sliding_attention (): all
+    # RoPE: "default", "linear" (factor) or "llama3" (factor, low/high_freq_factor, original_max_...)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    rope_local_theta: float = 0.0  # Gemma 3: sliding layers' theta, unscaled (0: same as global)
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    def layer_type(self, i: int) -> str:
+        if self.layer_types:
+            return self.layer_types[i]
+        return SLIDING if self.sliding_window else FULL
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if "layer_types" in d:
+            d["layer_types"] = tuple(d["layer_types"] or ())
+        return cls(**d)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], dtype: Any,
            fan_in: int | None = None, init: str = "normal") -> nnx.Param:
-    if init == "ones":
-        value = jnp.ones(shape, dtype)
+    if init in ("ones", "zeros"):
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
     else:
         std = 1.0 / (fan_in ** 0.5) if fan_in else 0.02
         value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
@@ -61,22 +101,54 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...]
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, param_dtype: Any):
-        self.eps = eps
-        self.scale = _param(rngs, (dim,), ("norm",), param_dtype, init="ones")
+class Norm(nnx.Module):
+    """RMSNorm (``x / rms(x) * (offset + scale)``) or LayerNorm (with bias), in float32."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs, axis_name: str = "norm"):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.eps, self.offset, self.kind = cfg.rms_norm_eps, cfg.norm_offset, cfg.norm
+        # With an offset (Gemma) the stored weight starts at 0, so the initial multiplier is 1.
+        self.scale = _param(rngs, (dim,), (axis_name,), pd, init="zeros" if cfg.norm_offset else "ones")
+        if cfg.norm == "layer":
+            self.bias = _param(rngs, (dim,), (axis_name,), pd, init="zeros")
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
+        if self.kind == "layer":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        y = y * (self.offset + self.scale[...].astype(jnp.float32))
+        if self.kind == "layer":
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_inv_freq(cfg: ModelConfig, head_dim: int, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] float32, with HF's RoPE scaling variants."""
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if local and cfg.rope_local_theta:  # Gemma 3's sliding layers: unscaled
+        return inv.astype(np.float32)
+    if cfg.rope_type == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        old, lo, hi = (cfg.rope_original_max_position_embeddings, cfg.rope_low_freq_factor,
+                       cfg.rope_high_freq_factor)
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / cfg.rope_factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    elif cfg.rope_type != "default":
+        raise ValueError(f"unsupported rope_type {cfg.rope_type!r} (default, linear, llama3)")
+    return inv.astype(np.float32)
+
+
+def rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     """Rotary embedding in HF's "rotate half" layout. x: [b, s, h, d]; positions: [b, s] int32."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [b, s, d/2]
+    ang = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, s, d/2]
     cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :]
     sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :]
     x32 = x.astype(jnp.float32)
@@ -85,20 +157,51 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def _activation(name: str):
+    return {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+            "gelu": lambda x: jax.nn.gelu(x, approximate=False)}[name]
+
+
+def _softcapped_attention(q, k, v, mask, scale, softcap):
+    """Plain attention with tanh soft-capping of the logits (Gemma 2), softmax in float32.
+
+    ``jax.nn.dot_product_attention`` has no soft-capping, so this path is written out.
+    """
+    h, kh = q.shape[2], k.shape[2]
+    k = jnp.repeat(k, h // kh, axis=2)
+    v = jnp.repeat(v, h // kh, axis=2)
+    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhst,bthd->bshd", probs, v)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
         e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
+        self.sliding = cfg.layer_type(layer) == SLIDING
         self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pd, fan_in=e)
         self.k = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, fan_in=e)
         self.v = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, fan_in=e)
         self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), pd, fan_in=h * d)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), pd, init="zeros")
+            self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, init="zeros")
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (e,), ("embed",), pd, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = Norm(d, cfg, rngs, "head_dim")
+            self.k_norm = Norm(d, cfg, rngs, "head_dim")
 
-    def __call__(self, x: Array, positions: Array, mask: Array,
+    def __call__(self, x: Array, positions: Array, mask: Array, key_positions: Array,
                  cache: tuple[Array, Array] | None = None, cache_index: Array | None = None
                  ) -> tuple[Array, tuple[Array, Array] | None]:
-        """x: [b, s, e]; positions: [b, s]; mask: [b, s, t] bool (t = s, or the cache length).
+        """x: [b, s, e]; positions: [b, s]; mask: [b, s, t] bool (t = s, or the cache length);
+        key_positions: [b, t] (the position of every key, for sliding windows).
 
         With ``cache=(k, v)`` of shape ``[b, t, kv_heads, head_dim]``, the new keys/values are written
         at ``cache_index`` (a scalar: all rows decode in lockstep) and attention runs over the cache.
@@ -107,46 +210,77 @@ class Attention(nnx.Module):
         q = jnp.einsum("bse,ehd->bshd", x, self.q[...].astype(dt))
         k = jnp.einsum("bse,ehd->bshd", x, self.k[...].astype(dt))
         v = jnp.einsum("bse,ehd->bshd", x, self.v[...].astype(dt))
-        q = rope(q, positions, cfg.rope_theta)
-        k = rope(k, positions, cfg.rope_theta)
+        if cfg.qkv_bias:
+            q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                       v + self.v_bias[...].astype(dt))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.position_embedding == "rope":  # (a numpy constant: an array attribute would be state)
+            inv_freq = rope_inv_freq(cfg, cfg.head_size, local=self.sliding)
+            q = rope(q, positions, inv_freq)
+            k = rope(k, positions, inv_freq)
         if cache is not None:
             ck, cv = cache
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
             cache = (k, v)
-        impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-        # Softmax is computed in float32 inside dot_product_attention for low-precision inputs.
-        out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask[:, None, :, :],
-                                           implementation=impl)
-        return jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dt)), cache
+        if self.sliding and cfg.sliding_window:
+            near = positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
+            mask = mask & near
+        scale = (cfg.query_pre_attn_scalar or cfg.head_size) ** -0.5
+        if cfg.attn_logit_softcap:
+            out = _softcapped_attention(q, k.astype(dt), v.astype(dt), mask, scale,
+                                        cfg.attn_logit_softcap)
+        else:
+            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+            # Softmax is computed in float32 inside dot_product_attention for low-precision inputs.
+            out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask[:, None, :, :],
+                                               scale=scale, implementation=impl)
+        out = jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dt))
+        if cfg.o_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, f, pd = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.param_dtype)
-        self.dtype = jnp.dtype(cfg.dtype)
-        self.gate = _param(rngs, (e, f), ("embed", "mlp"), pd, fan_in=e)
+        self.cfg = cfg
+        if cfg.mlp == "gated":
+            self.gate = _param(rngs, (e, f), ("embed", "mlp"), pd, fan_in=e)
         self.up = _param(rngs, (e, f), ("embed", "mlp"), pd, fan_in=e)
         self.down = _param(rngs, (f, e), ("mlp", "embed"), pd, fan_in=f)
+        if cfg.mlp_bias:
+            self.up_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
+            self.down_bias = _param(rngs, (e,), ("embed",), pd, init="zeros")
 
     def __call__(self, x: Array) -> Array:
-        dt = self.dtype
-        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-        return h @ self.down[...].astype(dt)
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        act = _activation(cfg.activation)
+        up = x @ self.up[...].astype(dt)
+        if cfg.mlp_bias:
+            up = up + self.up_bias[...].astype(dt)
+        h = act(x @ self.gate[...].astype(dt)) * up if cfg.mlp == "gated" else act(up)
+        out = h @ self.down[...].astype(dt)
+        return out + self.down_bias[...].astype(dt) if cfg.mlp_bias else out
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pd = jnp.dtype(cfg.param_dtype)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs, pd)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs, pd)
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        self.post_norms = cfg.post_norms
+        self.attn_norm = Norm(cfg.hidden_size, cfg, rngs)
+        self.attn = Attention(cfg, layer, rngs)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
+        if cfg.post_norms:
+            self.post_attn_norm = Norm(cfg.hidden_size, cfg, rngs)
+            self.post_mlp_norm = Norm(cfg.hidden_size, cfg, rngs)
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
-        h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), cache
+    def __call__(self, x, positions, mask, key_positions, cache=None, cache_index=None):
+        h, cache = self.attn(self.attn_norm(x), positions, mask, key_positions, cache, cache_index)
+        x = x + (self.post_attn_norm(h) if self.post_norms else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.post_mlp_norm(h) if self.post_norms else h), cache
 
 
 class Transformer(nnx.Module):
@@ -156,37 +290,52 @@ class Transformer(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs, pd)
+        if cfg.position_embedding == "learned":
+            self.pos_embed = _param(rngs, (cfg.max_position_embeddings, cfg.hidden_size),
+                                    (None, "embed"), pd)
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        self.final_norm = Norm(cfg.hidden_size, cfg, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd,
                                   fan_in=cfg.hidden_size)
 
     def __call__(self, tokens: Array, positions: Array, mask: Array,
-                 cache: list[tuple[Array, Array]] | None = None, cache_index: Array | None = None
+                 cache: list[tuple[Array, Array]] | None = None, cache_index: Array | None = None,
+                 key_positions: Array | None = None
                  ) -> tuple[Array, list[tuple[Array, Array]] | None]:
         """Args:
           tokens: [batch, seq] int32.
           positions: [batch, seq] int32 (restart at 0 per packed segment).
           mask: [batch, seq, kv_len] bool -- which keys each query may attend to
-            (see ``attention_mask``/``decode_mask``).
+            (see ``attention_mask``).
           cache: optional per-layer ``(k, v)`` of shape [batch, kv_len, kv_heads, head_dim].
           cache_index: scalar int32, where this call's keys are written in the cache.
+          key_positions: [batch, kv_len] int32, each key's position (sliding windows); defaults to
+            ``positions`` (no cache).
 
         Returns:
           logits [batch, seq, vocab] float32, and the updated cache (None without one).
         """
-        dt = jnp.dtype(self.cfg.dtype)
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        key_positions = positions if key_positions is None else key_positions
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        if cfg.embed_scale:  # Gemma rounds the multiplier to the compute dtype, as HF does
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+        if cfg.position_embedding == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+            x, c = layer(x, positions, mask, key_positions, None if cache is None else cache[i],
+                         cache_index)
             if new_cache is not None:
                 new_cache.append(c)
         x = self.final_norm(x)
-        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bse,ev->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), new_cache
+        logits = logits.astype(jnp.float32)
+        if cfg.final_logit_softcap:
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        return logits, new_cache
 
 
 def attention_mask(segment_ids: Array) -> Array:
