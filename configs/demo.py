@@ -65,6 +65,10 @@ def get_config() -> ConfigDict:
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.attention_impl = "auto"
+    # A Hugging Face checkpoint directory (config.json + *.safetensors) to start from. When set, the
+    # architecture keys above are ignored (its config.json decides) and tokenizer.kind="hf" with an
+    # empty tokenizer.path uses its tokenizer.
+    c.model.hf_path = ""
 
     # ---- optimiser --------------------------------------------------------------------------
     c.optimizer = ConfigDict(dict(learning_rate=3e-3, warmup_steps=50, end_lr_ratio=0.05, b1=0.9,

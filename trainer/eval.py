@@ -145,7 +145,9 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     abstract = experiment.abstract_with_shardings(spec.init_params_fn(0), spec.param_shardings)
     finetuned = ckpt.restore_params(step, abstract)
     ckpt.close()
-    base = spec.init_params(config.seed)  # the untrained initialisation the run started from
+    base = spec.init_params(config.seed)  # what the run started from: the HF weights or the init
+    base_name = (f"base ({os.path.basename(os.path.normpath(spec.hf_path))})" if spec.hf_path
+                 else "base (untrained init)")
 
     # ---- loss on the split --------------------------------------------------------------
     batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
@@ -187,8 +189,8 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
         return [tok.decode(x, skip_special_tokens=True) for x in ids]
 
     zero = prompts_for(0)
-    settings = [("base (untrained init)", "zero-shot", base, zero),
-                ("base (untrained init)", f"{ecfg.few_shot_k}-shot", base, prompts_for(ecfg.few_shot_k)),
+    settings = [(base_name, "zero-shot", base, zero),
+                (base_name, f"{ecfg.few_shot_k}-shot", base, prompts_for(ecfg.few_shot_k)),
                 (f"fine-tuned (step {step})", "zero-shot", finetuned, zero)]
     result_rows, predictions = [], None
     for model_name, prompting, params, prompts in settings:

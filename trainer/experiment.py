@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipeline import loader, pipeline, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import metrics as metrics_lib, sharding as sharding_lib
+from trainer import hf_io, metrics as metrics_lib, sharding as sharding_lib
 from trainer.cli import UserError
 from trainer.model import ModelConfig, Transformer
 from trainer.step import TrainState
@@ -103,7 +103,10 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
     if not os.path.isdir(path) and train_rows is not None:
         if jax.process_index() == 0:
             try:
-                tok = tokenizer_lib.build_tokenizer(config.tokenizer,
+                tok_cfg = config.tokenizer.to_dict()
+                if tok_cfg["kind"] == "hf" and not tok_cfg["path"]:
+                    tok_cfg["path"] = hf_path(config)
+                tok = tokenizer_lib.build_tokenizer(ml_collections.ConfigDict(tok_cfg),
                                                     (r["messages"] for r in train_rows))
             except (OSError, ValueError) as e:
                 raise UserError(f"tokenizer: {e}") from e
@@ -136,7 +139,20 @@ def tokenize(config: ml_collections.ConfigDict, tok, rows: dict[str, list[dict[s
 # Model and state
 # ---------------------------------------------------------------------------------------------
 
+def hf_path(config: ml_collections.ConfigDict) -> str:
+    """The HF checkpoint directory the run starts from ("" for a model trained from scratch)."""
+    return config.model.get("hf_path", "")
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """From ``model.hf_path``'s ``config.json`` (only dtypes and the attention backend are taken from
+    ``config.model``), or from ``config.model`` with the tokenizer's vocabulary for a new model."""
+    runtime = {k: config.model[k] for k in ("dtype", "param_dtype", "attention_impl")}
+    if path := hf_path(config):
+        try:
+            return hf_io.model_config_from_hf(hf_io.read_hf_config(path), **runtime)
+        except hf_io.HFError as e:
+            raise UserError(f"model.hf_path: {e}") from e
     return ModelConfig.from_dict({**config.model.to_dict(), "vocab_size": vocab_size,
                                   "max_position_embeddings": config.data.max_length})
 
@@ -160,22 +176,50 @@ class ModelSpec:
     graphdef: nnx.GraphDef
     param_shardings: Any  # pure dict of NamedSharding, same structure as params
     mesh: Mesh
+    hf_path: str = ""
 
     def init_params_fn(self, seed: int):
         cfg = self.cfg
         return lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
 
     def init_params(self, seed: int) -> Any:
-        """Initialises parameters directly in their shardings (never whole on one device)."""
-        return jax.jit(self.init_params_fn(seed), out_shardings=self.param_shardings)()
+        """The run's starting parameters, created or read directly in their shardings.
+
+        From scratch: a jitted init with ``out_shardings`` (never whole on one device). From an HF
+        checkpoint: each tensor is read on the host, converted, and each device receives only its
+        shard (``jax.make_array_from_callback``).
+        """
+        if not self.hf_path:
+            return jax.jit(self.init_params_fn(seed), out_shardings=self.param_shardings)()
+        expected = jax.eval_shape(self.init_params_fn(0))
+
+        def place(path, value):
+            want = hf_io._get(expected, path)
+            if value.shape != want.shape:
+                raise UserError(f"model.hf_path: {'/'.join(map(str, path))} has shape {value.shape}, "
+                                f"expected {want.shape}")
+            return jax.make_array_from_callback(value.shape, hf_io._get(self.param_shardings, path),
+                                                lambda idx: value[idx])
+        try:
+            model_type = hf_io.read_hf_config(self.hf_path)["model_type"]
+            params = hf_io.load_hf(self.hf_path, self.cfg, model_type, place)
+        except hf_io.HFError as e:
+            raise UserError(f"model.hf_path: {e}") from e
+        if jax.tree.structure(params) != jax.tree.structure(expected):
+            raise UserError(f"model.hf_path: the checkpoint's tensors do not fill the model "
+                            f"({len(jax.tree.leaves(params))} of {len(jax.tree.leaves(expected))})")
+        return params
 
 
 def model_spec(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> ModelSpec:
     cfg = model_config(config, vocab_size)
+    if cfg.vocab_size < vocab_size:
+        raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size} "
+                        "embeddings")
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_params = nnx.split(abstract, nnx.Param)
     shardings = sharding_lib.state_shardings(abs_params, mesh, rules(config)).to_pure_dict()
-    return ModelSpec(cfg, graphdef, shardings, mesh)
+    return ModelSpec(cfg, graphdef, shardings, mesh, hf_path(config))
 
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation) -> TrainState:
@@ -196,13 +240,22 @@ def abstract_with_shardings(fn, shardings: Any) -> Any:
 
 def init_train_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int,
                      shardings: TrainState) -> TrainState:
-    init_params = spec.init_params_fn(seed)
+    """Step 0: the starting parameters (``spec.init_params``) and fresh optimizer moments."""
+    params = spec.init_params(seed)
 
-    def init() -> TrainState:
-        params = init_params()
+    def init(params) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, in_shardings=(spec.param_shardings,), out_shardings=shardings,
+                   donate_argnums=(0,))(params)
+
+
+def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState) -> Any:
+    """The TrainState's shapes, dtypes and shardings, without reading or creating any weights."""
+    def shapes() -> TrainState:
+        params = spec.init_params_fn(0)()
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return abstract_with_shardings(shapes, shardings)
 
 
 def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:

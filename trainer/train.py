@@ -100,8 +100,7 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        abstract = experiment.abstract_with_shardings(
-            lambda: experiment.init_train_state(spec, tx, config.seed, state_sh), state_sh)
+        abstract = experiment.abstract_state(spec, tx, state_sh)
         state, data_state = ckpt.restore(start, abstract)
         if data_state:
             train_iter.set_state(data_state)

@@ -1,0 +1,101 @@
+"""Fine-tuning from a Hugging Face checkpoint directory end to end: train -> eval -> export, and the
+exported directory reloads in transformers with our checkpoint's logits."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from data_pipeline.synthetic import synthetic_splits  # noqa: E402
+from data_pipeline.templating import prompt_completion_messages  # noqa: E402
+from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: E402
+from tests.cli_test import run  # noqa: E402
+from trainer import experiment  # noqa: E402
+from trainer.checkpoint import Checkpointer  # noqa: E402
+from trainer.model import attention_mask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Qwen2 (qkv biases, tied embeddings) with a padded vocabulary, plus tokenizer."""
+    path = str(tmp_path_factory.mktemp("qwen2_tiny"))
+    rows = synthetic_splits(400, 0, {"train": 1.0})["train"]
+    tok = train_demo_tokenizer([prompt_completion_messages(r["prompt"], r["completion"]) for r in rows],
+                               vocab_size=300, min_frequency=4)
+    tok.save_pretrained(path)
+    cfg = transformers.Qwen2Config(
+        vocab_size=-(-len(tok) // 64) * 64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def ours_from_checkpoint(wd):
+    config = experiment.load_config(wd)
+    tok = experiment.build_or_load_tokenizer(config, wd, train_rows=None)
+    spec = experiment.model_spec(config, len(tok), experiment.make_mesh(config))
+    ckpt = Checkpointer(wd, read_only=True)
+    params = ckpt.restore_params(ckpt.resolve("latest"), experiment.abstract_with_shardings(
+        spec.init_params_fn(0), spec.param_shardings))
+    ckpt.close()
+    return spec, params
+
+
+def logits_both(spec, params, out_dir):
+    tokens = np.random.default_rng(0).integers(3, 200, (2, 10))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+    ours, _ = nnx.merge(spec.graphdef, params)(
+        jnp.asarray(tokens, jnp.int32), jnp.broadcast_to(jnp.arange(10), (2, 10)),
+        attention_mask(jnp.ones((2, 10), jnp.int32)))
+    return np.asarray(ours), ref
+
+
+def test_train_eval_export_from_hf_checkpoint(hf_dir, tmp_path):
+    wd, out = str(tmp_path / "run"), str(tmp_path / "export")
+    r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", wd,
+            f"--config.model.hf_path={hf_dir}", "--config.tokenizer.kind=hf")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    r = run("trainer.eval", "--workdir", wd, "--checkpoint", "latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"| base ({os.path.basename(hf_dir)}) | zero-shot |" in r.stdout
+    r = run("trainer.export", "--workdir", wd, "--out", out, "--checkpoint", "latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "qwen2"
+    assert os.path.exists(os.path.join(out, "generation_config.json"))
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    spec, params = ours_from_checkpoint(wd)
+    base = spec.init_params(0)  # the imported weights: fine-tuning changed them
+    assert not np.allclose(np.asarray(base["embed"]), np.asarray(params["embed"]))
+    ours, ref = logits_both(spec, params, out)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_export_of_a_model_trained_from_scratch(tmp_path):
+    wd, out = str(tmp_path / "run"), str(tmp_path / "export")
+    assert run("trainer.train", "--config", "configs/tiny.py", "--workdir", wd).returncode == 0
+    r = run("trainer.export", "--workdir", wd, "--out", out, "--checkpoint", "latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "llama"
+    spec, params = ours_from_checkpoint(wd)
+    ours, ref = logits_both(spec, params, out)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    r = run("trainer.export", "--workdir", wd, "--out", out)
+    assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_bad_hf_path_is_one_clear_error(tmp_path):
+    r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+            f"--config.model.hf_path={tmp_path}", "--config.tokenizer.kind=train_bpe")
+    assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
