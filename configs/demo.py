@@ -110,4 +110,5 @@ def get_config() -> ConfigDict:
     c.eval.few_shot_k = 3  # exemplars (same task, from train) for the base model's few-shot row
     # Longer prompts lose exemplars first, then are cut from the left (0: max_length x (k + 1)).
     c.eval.max_prompt_length = 0
+    c.eval.stop = ()  # stop strings: a prediction ends at the first one (EOS always ends it)
     return c

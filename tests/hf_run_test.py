@@ -4,6 +4,7 @@ exported directory reloads in transformers with our checkpoint's logits."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,3 +100,25 @@ def test_bad_hf_path_is_one_clear_error(tmp_path):
     r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
             f"--config.model.hf_path={tmp_path}", "--config.tokenizer.kind=train_bpe")
     assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_import_places_each_shard_on_its_device_only(hf_dir):
+    """On a data x fsdp x tensor mesh, every imported leaf has its target sharding, devices hold only
+    their shards, and the values are the checkpoint's."""
+    from tests.helpers import tiny_config  # noqa: PLC0415
+    from trainer import hf_io, sharding as sharding_lib  # noqa: PLC0415
+    config = tiny_config(data=2, fsdp=2, tensor=2)
+    config.model.hf_path = hf_dir
+    mesh = sharding_lib.make_mesh(dict(config.mesh))
+    spec = experiment.model_spec(config, 300, mesh)
+    params = spec.init_params(0)
+    plain = hf_io.load_hf(hf_dir, spec.cfg, "qwen2")
+    assert jax.tree.structure(params) == jax.tree.structure(plain)
+    sharded_somewhere = False
+    for x, want, sh in zip(jax.tree.leaves(params), jax.tree.leaves(plain),
+                           jax.tree.leaves(spec.param_shardings)):
+        assert x.sharding == sh
+        np.testing.assert_array_equal(np.asarray(x), want)
+        shard_shape = x.addressable_shards[0].data.shape
+        sharded_somewhere |= shard_shape != x.shape
+    assert sharded_somewhere  # e.g. the embedding is split over fsdp x tensor

@@ -23,7 +23,7 @@ from data_pipeline import pipeline, templating
 from trainer import cli, experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import Checkpointer
 from trainer.cli import UserError, launch
-from trainer.generate import generate_all, make_generate_fn
+from trainer.generate import cut_at_stop, generate_all, make_generate_fn
 from trainer.step import make_eval_step
 
 flags.DEFINE_string("workdir", None, "A trainer.train run directory.")
@@ -186,7 +186,8 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     def run(params, prompts) -> list[str]:
         ids = generate_all(generate, params, prompts, batch_size=ecfg.batch_size,
                            pad_id=tok.pad_token_id, eos_ids=eos_ids)
-        return [tok.decode(x, skip_special_tokens=True) for x in ids]
+        stop = tuple(ecfg.get("stop", ()))  # e.g. "\n\n" for a base model that rambles on
+        return [cut_at_stop(tok.decode(x, skip_special_tokens=True), stop) for x in ids]
 
     zero = prompts_for(0)
     settings = [(base_name, "zero-shot", base, zero),

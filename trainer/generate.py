@@ -15,19 +15,37 @@ import numpy as np
 from flax import nnx
 
 
-def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Next token from [batch, vocab] float32 logits: greedy at temperature 0, else sampled."""
+def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float = 1.0
+          ) -> jax.Array:
+    """Next token from [batch, vocab] float32 logits: greedy at temperature 0, else sampled from the
+    top-k and then the top-p (nucleus) tokens."""
     if temperature == 0.0:
         return jnp.argmax(logits, -1).astype(jnp.int32)
     logits = logits / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        # Keep the most likely tokens whose probability mass *before* them is < top_p (so at least
+        # the argmax survives), as HF's TopPLogitsWarper does.
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, -1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(
+            sorted_logits)
     return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (generation halts there)."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
 def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Sequence[int],
-                     pad_id: int, temperature: float = 0.0, top_k: int = 0):
+                     pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
     """Returns jitted ``generate(params, prompts, prompt_valid, rng) -> [batch, max_new_tokens] int32``.
 
     ``prompts``: [batch, P] int32, left-padded; ``prompt_valid``: [batch, P] bool. Output tokens after a
@@ -54,7 +72,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
         key_pos = jnp.concatenate([positions, jnp.zeros((b, n), jnp.int32)], axis=1)
         logits, cache = model(prompts, positions, mask, cache, jnp.int32(0), key_pos)
         rng, sub = jax.random.split(rng)
-        tok = _pick(logits[:, -1], sub, temperature, top_k)
+        tok = _pick(logits[:, -1], sub, temperature, top_k, top_p)
         out = jnp.full((b, n), pad_id, jnp.int32)
         done = jnp.zeros((b,), bool)
         pos = positions[:, -1]
@@ -73,7 +91,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
             logits, cache = model(tok[:, None], pos[:, None], key_valid[:, None, :], cache, p + t,
                                   key_pos)
             rng, sub = jax.random.split(rng)
-            tok = _pick(logits[:, 0], sub, temperature, top_k)
+            tok = _pick(logits[:, 0], sub, temperature, top_k, top_p)
             return t + 1, tok, pos, cache, key_valid, key_pos, done, out, rng
 
         carry = (jnp.int32(0), tok, pos, cache, key_valid, key_pos, done, out, rng)
