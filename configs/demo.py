@@ -111,4 +111,5 @@ def get_config() -> ConfigDict:
     # Longer prompts lose exemplars first, then are cut from the left (0: max_length x (k + 1)).
     c.eval.max_prompt_length = 0
     c.eval.stop = ()  # stop strings: a prediction ends at the first one (EOS always ends it)
+    c.eval.answer_pattern = ""  # regex with one group: compare only the extracted answers
     return c

@@ -41,4 +41,5 @@ def get_config():
     c.eval.max_new_tokens = 256
     c.eval.batch_size = 32
     c.eval.few_shot_k = 2
+    c.eval.answer_pattern = r"####\s*([-0-9.,]+)"  # the final answer; the reasoning may differ
     return c

@@ -27,4 +27,5 @@ def get_config():
     # The trec file's completions are all empty (only the suffix): skip and count them, do not fail.
     c.data.on_bad_row = "skip"
     c.eval.max_new_tokens = 64
+    c.eval.answer_pattern = ""
     return c

@@ -21,3 +21,12 @@ def test_fit_prompt_drops_exemplars_then_cuts_the_question_from_the_left():
     assert used == 1 and not cut and ids.tolist() == [1, *b"xxy", *b"QQQQ"]
     ids, used, cut = fit_prompt(encode, question, shots, budget=3, bos_id=1)
     assert used == 0 and cut and ids.tolist() == [1, *b"QQ"]
+
+
+def test_answer_pattern_compares_only_the_extracted_answers():
+    from trainer.eval import exact_match  # noqa: PLC0415
+    target = "She has 3 + 4 = 7 apples.\n#### 1,007"
+    assert exact_match("Different reasoning...\n#### 1007", target, r"####\s*([-0-9.,]+)")
+    assert not exact_match("#### 1008", target, r"####\s*([-0-9.,]+)")
+    assert not exact_match("no marker 1007", target, r"####\s*([-0-9.,]+)")
+    assert not exact_match("Different reasoning...\n#### 1007", target)

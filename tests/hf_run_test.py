@@ -122,3 +122,21 @@ def test_import_places_each_shard_on_its_device_only(hf_dir):
         shard_shape = x.addressable_shards[0].data.shape
         sharded_somewhere |= shard_shape != x.shape
     assert sharded_somewhere  # e.g. the embedding is split over fsdp x tensor
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                   "data")), reason="../shared/data absent")
+def test_gpu_preset_runs_with_a_tiny_checkpoint_in_place_of_qwen(hf_dir, tmp_path):
+    """The preset's own settings (bf16 compute, packing at 1024, chatml, answer pattern) on CPU."""
+    wd = str(tmp_path / "run")
+    tiny = ["--config.train.num_steps=2", "--config.train.batch_size=8", "--config.train.eval_every=2",
+            "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+            "--config.train.progress_bar=False", "--config.data.sources.gsm8k.max_rows=40",
+            "--config.data.cache=False", "--config.eval.max_examples=4", "--config.eval.max_new_tokens=8",
+            "--config.eval.batch_size=4", "--config.eval.few_shot_k=1"]
+    r = run("trainer.train", "--config", "configs/qwen2_5_0_5b_gpu.py", "--workdir", wd,
+            f"--config.model.hf_path={hf_dir}", *tiny)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    r = run("trainer.eval", "--workdir", wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| base (qwen2_tiny" in r.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from collections import defaultdict
 from typing import Any
@@ -34,8 +35,17 @@ FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
-def exact_match(prediction: str, target: str) -> bool:
-    """Whitespace-insensitive at the ends only: 'ABC ' == 'ABC', 'A BC' != 'ABC'."""
+def exact_match(prediction: str, target: str, pattern: str = "") -> bool:
+    """Whitespace-insensitive at the ends only: 'ABC ' == 'ABC', 'A BC' != 'ABC'.
+
+    With ``pattern`` (``eval.answer_pattern``, a regex with one group, e.g. GSM8K's
+    ``####\\s*(\\S+)``) only the answers it extracts are compared; no match in the prediction is a miss.
+    """
+    if pattern:
+        t, p = re.search(pattern, target), re.search(pattern, prediction)
+        if t is None or p is None:
+            return False
+        prediction, target = p.group(1).replace(",", ""), t.group(1).replace(",", "")
     return prediction.strip() == target.strip()
 
 
@@ -74,10 +84,10 @@ def fit_prompt(encode, row: dict[str, Any], exemplars: list[dict[str, Any]], bud
     return np.concatenate([ids[:keep], ids[len(ids) - (budget - keep):]]), 0, True
 
 
-def score(rows: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
+def score(rows: list[dict[str, Any]], predictions: list[str], pattern: str = "") -> dict[str, Any]:
     by_task: dict[str, list[bool]] = defaultdict(list)
     for r, p in zip(rows, predictions):
-        by_task[r.get("task", "all")].append(exact_match(p, target_of(r)))
+        by_task[r.get("task", "all")].append(exact_match(p, target_of(r), pattern))
     hits = [h for v in by_task.values() for h in v]
     return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits),
             "per_task": {t: float(np.mean(v)) for t, v in sorted(by_task.items())}}
@@ -165,6 +175,7 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
         pool[r.get("task", "")].append(r)
 
     prompt_stats: dict[str, Any] = {}
+    pattern = ecfg.get("answer_pattern", "")
     budget = ecfg.get("max_prompt_length", 0) or config.data.max_length * (ecfg.few_shot_k + 1)
 
     def prompts_for(k: int) -> list[np.ndarray]:
@@ -197,17 +208,17 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     for model_name, prompting, params, prompts in settings:
         predictions = run(params, prompts)
         result_rows.append({"model": model_name, "prompting": prompting,
-                            **score(eval_rows, predictions)})
+                            **score(eval_rows, predictions, pattern)})
         metrics_lib.log(f"{model_name}, {prompting}: {100 * result_rows[-1]['exact_match']:.1f}% "
                         f"exact match ({time.perf_counter() - t0:.0f}s)")
 
     samples = []
     wrong_first = sorted(range(len(eval_rows)), key=lambda i: exact_match(
-        predictions[i], target_of(eval_rows[i])))[:4] + list(range(4))
+        predictions[i], target_of(eval_rows[i]), pattern))[:4] + list(range(4))
     for i in dict.fromkeys(wrong_first):
         samples.append({"prompt": prompt_of(eval_rows[i])[-1]["content"],
                         "target": target_of(eval_rows[i]), "prediction": predictions[i],
-                        "ok": exact_match(predictions[i], target_of(eval_rows[i]))})
+                        "ok": exact_match(predictions[i], target_of(eval_rows[i]), pattern)})
     result = {"workdir": workdir, "split": split, "checkpoint": checkpoint, "step": step,
               "num_examples": len(eval_rows), "rows": result_rows, "finetuned_loss": loss,
               "samples": samples[:8], "prompts": prompt_stats, "seconds": time.perf_counter() - t0}

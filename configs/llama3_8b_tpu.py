@@ -1,0 +1,32 @@
+"""Llama 3.1 8B (base) -> GSM8K instruct model on a TPU pod slice (e.g. v5e-32), fully sharded.
+
+Edit the two paths (gs:// paths work for the workdir; the model directory must be readable on every
+host), then:
+
+    TPU_NAME=... ZONE=... bash launch/tpu_pod.sh configs/llama3_8b_tpu.py gs://bucket/runs/llama8b
+
+FSDP over every chip: parameters, gradients and Adam moments are split across the slice; the batch
+is split over the same axis. The base model's tokenizer has no chat template, so the prompt format is
+Alpaca's (ending each reply with EOS).
+"""
+
+import os
+
+from configs import qwen2_5_0_5b_gpu
+
+MODEL = os.environ.get("HF_MODEL", "/mnt/disks/models/Meta-Llama-3.1-8B")
+
+
+def get_config():
+    c = qwen2_5_0_5b_gpu.get_config()
+    c.model.hf_path = MODEL
+    c.data.template = "alpaca"
+    c.data.max_length = 2048
+    c.optimizer.learning_rate = 1e-5
+    c.train.batch_size = 64
+    c.train.grad_accum_steps = 2
+    c.train.eval_batch_size = 64
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.eval.batch_size = 128
+    c.eval.stop = ()
+    return c
