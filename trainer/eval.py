@@ -161,7 +161,7 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
 
     # ---- loss on the split --------------------------------------------------------------
     batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
-    eval_step = jax.jit(make_eval_step(spec.graphdef))
+    eval_step = sharding_lib.with_mesh(mesh, jax.jit(make_eval_step(spec.graphdef)))
     loss = experiment.split_loss(eval_step, finetuned, data.examples[split], config,
                                  tok.pad_token_id, batch_sh)
 

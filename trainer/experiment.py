@@ -23,7 +23,7 @@ from data_pipeline import loader, pipeline, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
 from trainer import hf_io, metrics as metrics_lib, sharding as sharding_lib
 from trainer.cli import UserError
-from trainer.model import ModelConfig, Transformer
+from trainer.model import ModelConfig, Transformer, resolve_attention
 from trainer.step import TrainState
 
 CONFIG_FILE = "config.json"
@@ -148,13 +148,25 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     """From ``model.hf_path``'s ``config.json`` (only dtypes and the attention backend are taken from
     ``config.model``), or from ``config.model`` with the tokenizer's vocabulary for a new model."""
     runtime = {k: config.model[k] for k in ("dtype", "param_dtype", "attention_impl")}
+    axes = dict(rules(config))  # mesh axes of attention's batch/head dims (for kernels under shard_map)
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v else ())  # noqa: E731
+    runtime.update(attention_batch_axes=as_tuple(axes.get("batch")),
+                   attention_head_axes=as_tuple(axes.get("heads")))
     if path := hf_path(config):
         try:
-            return hf_io.model_config_from_hf(hf_io.read_hf_config(path), **runtime)
+            cfg = hf_io.model_config_from_hf(hf_io.read_hf_config(path), **runtime)
         except hf_io.HFError as e:
             raise UserError(f"model.hf_path: {e}") from e
-    return ModelConfig.from_dict({**config.model.to_dict(), "vocab_size": vocab_size,
-                                  "max_position_embeddings": config.data.max_length})
+    else:
+        cfg = ModelConfig.from_dict({**config.model.to_dict(), **runtime, "vocab_size": vocab_size,
+                                     "max_position_embeddings": config.data.max_length})
+    try:
+        if resolve_attention(cfg) == "splash" and config.data.max_length % 128:
+            raise ValueError(f"splash attention needs data.max_length to be a multiple of 128 "
+                             f"(got {config.data.max_length}); or set model.attention_impl=xla")
+    except ValueError as e:
+        raise UserError(f"model.attention_impl: {e}") from e
+    return cfg
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:

@@ -46,7 +46,11 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype
-    attention_impl: str = "auto"  # passed to jax.nn.dot_product_attention: auto|xla|cudnn
+    attention_impl: str = "auto"  # auto | xla | cudnn | splash (see ``resolve_attention``)
+    # Mesh axes that attention's batch and head dimensions are split over (from the sharding rules),
+    # for kernels GSPMD cannot partition itself (splash runs under shard_map over them).
+    attention_batch_axes: tuple[str, ...] = ()
+    attention_head_axes: tuple[str, ...] = ()
     # ---- family switches ----------------------------------------------------------------
     qkv_bias: bool = False         # Qwen2, GPT-2
     o_bias: bool = False           # GPT-2
@@ -85,8 +89,9 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        if "layer_types" in d:
-            d["layer_types"] = tuple(d["layer_types"] or ())
+        for key in ("layer_types", "attention_batch_axes", "attention_head_axes"):
+            if key in d:
+                d[key] = tuple(d[key] or ())
         return cls(**d)
 
 
@@ -177,6 +182,70 @@ def _softcapped_attention(q, k, v, mask, scale, softcap):
     return jnp.einsum("bhst,bthd->bshd", probs, v)
 
 
+def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
+    """The attention backend ``cfg.attention_impl`` means on this platform.
+
+    ``auto``: splash (Pallas) on TPU, cuDNN flash attention on GPU for bf16/fp16 without soft-capping,
+    otherwise XLA. An explicit choice the model cannot use raises ``ValueError`` naming the reason.
+    """
+    platform = platform or jax.default_backend()
+    impl = cfg.attention_impl
+    if impl == "auto":
+        if platform == "tpu":
+            return "splash"
+        if platform == "gpu" and cfg.dtype in ("bfloat16", "float16") and not cfg.attn_logit_softcap:
+            return "cudnn"
+        return "xla"
+    if impl == "cudnn" and (cfg.dtype not in ("bfloat16", "float16") or cfg.attn_logit_softcap):
+        raise ValueError("attention_impl='cudnn' needs model.dtype bfloat16/float16 and no attention "
+                         "soft-capping (Gemma 2); use 'xla' or 'auto'")
+    if impl not in ("xla", "cudnn", "splash"):
+        raise ValueError(f"attention_impl must be auto, xla, cudnn or splash, got {impl!r}")
+    return impl
+
+
+def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: ModelConfig, scale: float,
+                      sliding: bool) -> Array:
+    """Pallas splash attention: causal (or sliding-window), segment ids, optional soft-capping.
+
+    q/k/v: [b, s, heads, d] (k/v already repeated to all heads). Runs per device under ``shard_map``
+    over the batch/head mesh axes (a Pallas kernel cannot be partitioned by GSPMD); off TPU it runs
+    in Pallas interpret mode, which is how the CPU tests check it.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_kernel as sk, splash_attention_mask as sm)
+    s = q.shape[1]
+    if s % 128:
+        raise ValueError(f"splash attention needs the sequence length ({s}) to be a multiple of 128")
+    block = next(n for n in (512, 256, 128) if s % n == 0)
+
+    def local(q, k, v, seg):
+        shape = (s, s)
+        base = (sm.LocalMask(shape, window_size=(cfg.sliding_window - 1, 0), offset=0)
+                if sliding and cfg.sliding_window else sm.CausalMask(shape))
+        kernel = sk.make_splash_mha(
+            sm.MultiHeadMask([base] * q.shape[2]), head_shards=1, q_seq_shards=1,
+            block_sizes=sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                      block_q_dkv=block, block_kv_dkv=block,
+                                      block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
+            attn_logits_soft_cap=cfg.attn_logit_softcap or None,
+            interpret=jax.default_backend() != "tpu")
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
+            heads_first(q * scale), heads_first(k), heads_first(v), seg)
+        return heads_first(out)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, segment_ids)
+    P = jax.sharding.PartitionSpec
+    batch = tuple(a for a in cfg.attention_batch_axes if a in mesh.axis_names) or None
+    heads = tuple(a for a in cfg.attention_head_axes if a in mesh.axis_names) or None
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
         e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
@@ -198,10 +267,11 @@ class Attention(nnx.Module):
             self.k_norm = Norm(d, cfg, rngs, "head_dim")
 
     def __call__(self, x: Array, positions: Array, mask: Array, key_positions: Array,
-                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None
-                 ) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+                 segment_ids: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [b, s, e]; positions: [b, s]; mask: [b, s, t] bool (t = s, or the cache length);
-        key_positions: [b, t] (the position of every key, for sliding windows).
+        key_positions: [b, t] (the position of every key, for sliding windows); segment_ids: [b, s]
+        (training/scoring only: lets kernels that take segment ids skip the dense mask).
 
         With ``cache=(k, v)`` of shape ``[b, t, kv_heads, head_dim]``, the new keys/values are written
         at ``cache_index`` (a scalar: all rows decode in lockstep) and attention runs over the cache.
@@ -228,14 +298,20 @@ class Attention(nnx.Module):
             near = positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
             mask = mask & near
         scale = (cfg.query_pre_attn_scalar or cfg.head_size) ** -0.5
-        if cfg.attn_logit_softcap:
+        impl = resolve_attention(cfg)
+        if impl == "splash" and cache is None and segment_ids is not None:
+            groups = cfg.num_attention_heads // cfg.num_key_value_heads
+            out = _splash_attention(q, jnp.repeat(k, groups, 2).astype(dt),
+                                    jnp.repeat(v, groups, 2).astype(dt), segment_ids, cfg, scale,
+                                    self.sliding)
+        elif cfg.attn_logit_softcap:
             out = _softcapped_attention(q, k.astype(dt), v.astype(dt), mask, scale,
                                         cfg.attn_logit_softcap)
-        else:
-            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+        else:  # decoding (a cache) always takes this path; splash is for full sequences
             # Softmax is computed in float32 inside dot_product_attention for low-precision inputs.
             out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask[:, None, :, :],
-                                               scale=scale, implementation=impl)
+                                               scale=scale,
+                                               implementation="cudnn" if impl == "cudnn" else "xla")
         out = jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dt))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
@@ -276,8 +352,10 @@ class Block(nnx.Module):
             self.post_attn_norm = Norm(cfg.hidden_size, cfg, rngs)
             self.post_mlp_norm = Norm(cfg.hidden_size, cfg, rngs)
 
-    def __call__(self, x, positions, mask, key_positions, cache=None, cache_index=None):
-        h, cache = self.attn(self.attn_norm(x), positions, mask, key_positions, cache, cache_index)
+    def __call__(self, x, positions, mask, key_positions, cache=None, cache_index=None,
+                 segment_ids=None):
+        h, cache = self.attn(self.attn_norm(x), positions, mask, key_positions, cache, cache_index,
+                             segment_ids)
         x = x + (self.post_attn_norm(h) if self.post_norms else h)
         h = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(h) if self.post_norms else h), cache
@@ -301,7 +379,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: Array, positions: Array, mask: Array,
                  cache: list[tuple[Array, Array]] | None = None, cache_index: Array | None = None,
-                 key_positions: Array | None = None
+                 key_positions: Array | None = None, segment_ids: Array | None = None
                  ) -> tuple[Array, list[tuple[Array, Array]] | None]:
         """Args:
           tokens: [batch, seq] int32.
@@ -312,6 +390,8 @@ class Transformer(nnx.Module):
           cache_index: scalar int32, where this call's keys are written in the cache.
           key_positions: [batch, kv_len] int32, each key's position (sliding windows); defaults to
             ``positions`` (no cache).
+          segment_ids: [batch, seq] int32, the segments ``mask`` was built from (0 = padding); given
+            for full sequences so the splash kernel can use them instead of the dense mask.
 
         Returns:
           logits [batch, seq, vocab] float32, and the updated cache (None without one).
@@ -326,7 +406,7 @@ class Transformer(nnx.Module):
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             x, c = layer(x, positions, mask, key_positions, None if cache is None else cache[i],
-                         cache_index)
+                         cache_index, segment_ids)
             if new_cache is not None:
                 new_cache.append(c)
         x = self.final_norm(x)

@@ -83,3 +83,12 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def with_mesh(mesh: Mesh, fn):
+    """``fn`` called (and so traced) with ``mesh`` as the current mesh, for the model's
+    ``shard_map``-wrapped kernels (splash attention), which read it with ``get_abstract_mesh``."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+    return call

@@ -80,7 +80,8 @@ def make_forward(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax
 
     def forward(params: Any, batch: Batch) -> dict[str, jax.Array]:
         model: Transformer = nnx.merge(graphdef, params)
-        logits, _ = model(batch["inputs"], batch["positions"], attention_mask(batch["segment_ids"]))
+        logits, _ = model(batch["inputs"], batch["positions"], attention_mask(batch["segment_ids"]),
+                          segment_ids=batch["segment_ids"])
         return token_loss(logits, batch["targets"], batch["weights"])
 
     return forward

@@ -87,12 +87,12 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     # ----------------------------------------------------------------------------------------
     batch_tree_sh = {k: batch_sh for k in loader.FIELDS}
     rep = sharding_lib.replicated(mesh)
-    train_step = jax.jit(make_train_step(spec.graphdef, tx, schedule, tcfg.grad_accum_steps),
-                         in_shardings=(state_sh, batch_tree_sh), out_shardings=(state_sh, rep),
-                         donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(spec.graphdef), in_shardings=(spec.param_shardings,
-                                                                     batch_tree_sh),
-                        out_shardings=rep)
+    train_step = sharding_lib.with_mesh(mesh, jax.jit(
+        make_train_step(spec.graphdef, tx, schedule, tcfg.grad_accum_steps),
+        in_shardings=(state_sh, batch_tree_sh), out_shardings=(state_sh, rep), donate_argnums=(0,)))
+    eval_step = sharding_lib.with_mesh(mesh, jax.jit(
+        make_eval_step(spec.graphdef), in_shardings=(spec.param_shardings, batch_tree_sh),
+        out_shardings=rep))
 
     # ----------------------------------------------------------------------------------------
     # Checkpoint: resume or initialise
