@@ -1,6 +1,8 @@
 """Entry-point plumbing shared by ``data_pipeline.inspect`` and the trainer's entry points.
 
-User errors become one ``error:`` line with exit status 2, not a traceback. (Lives in ``data_pipeline``
+User errors become one ``error:`` line with exit status 2, not a traceback. Entry points define their
+absl flags in ``run()``/``__main__`` rather than on import, so modules such as ``trainer.train`` and
+``trainer.eval`` can be imported into one process (the tests) without a duplicate-flag error. (Lives in ``data_pipeline``
 because the data pipeline must not import trainer code; ``trainer.cli`` re-exports it.)
 """
 

@@ -22,11 +22,6 @@ from data_pipeline import loader, packing, pipeline, tokenizer as tokenizer_lib
 from data_pipeline.cli import UserError, config_flag, parse_flags
 from data_pipeline.errors import DataError
 
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_integer("preview", 3, "Templated train examples to show.")
-flags.DEFINE_string("tokenizer", "", "A tokenizer directory (e.g. RUN/tokenizer) instead of building "
-                    "the one config.tokenizer describes.")
-flags.DEFINE_string("json", "", "Also write the report as JSON to this path.")
 FLAGS = flags.FLAGS
 
 
@@ -111,6 +106,15 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
     return "\n".join(lines) + "\n", result
 
 
+def _define_flags() -> None:
+    """Defined when the entry point runs, not on import (see ``data_pipeline.cli``)."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+    flags.DEFINE_integer("preview", 3, "Templated train examples to show.")
+    flags.DEFINE_string("tokenizer", "", "A tokenizer directory (e.g. RUN/tokenizer) instead of building "
+                        "the one config.tokenizer describes.")
+    flags.DEFINE_string("json", "", "Also write the report as JSON to this path.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -128,4 +132,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -27,12 +27,7 @@ from trainer.cli import UserError, launch
 from trainer.generate import cut_at_stop, generate_all, make_generate_fn
 from trainer.step import make_eval_step
 
-flags.DEFINE_string("workdir", None, "A trainer.train run directory.")
-flags.DEFINE_string("split", "", "Split to evaluate (default: config.eval.split).")
-flags.DEFINE_string("checkpoint", "best", "best (lowest validation loss) | latest | a step number.")
-flags.DEFINE_integer("max_examples", -1, "Evaluate at most this many rows (-1: config.eval.max_examples).")
 FLAGS = flags.FLAGS
-flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
 def exact_match(prediction: str, target: str, pattern: str = "") -> bool:
@@ -236,8 +231,18 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
     return result
 
 
+def _define_flags() -> None:
+    """Defined when the entry point runs, not on import (see ``data_pipeline.cli``)."""
+    flags.DEFINE_string("workdir", None, "A trainer.train run directory.")
+    flags.DEFINE_string("split", "", "Split to evaluate (default: config.eval.split).")
+    flags.DEFINE_string("checkpoint", "best", "best (lowest validation loss) | latest | a step number.")
+    flags.DEFINE_integer("max_examples", -1, "Evaluate at most this many rows (-1: config.eval.max_examples).")
+    flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
+
+
 def run() -> None:
     """Entry point (``python -m trainer.eval`` and the ``ift-eval`` console script)."""
+    _define_flags()
     launch(lambda: evaluate(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.max_examples))
 
 

@@ -24,14 +24,7 @@ from trainer import cli, experiment, hf_io, metrics as metrics_lib
 from trainer.checkpoint import Checkpointer
 from trainer.cli import UserError, launch
 
-flags.DEFINE_string("workdir", None, "A trainer.train run directory.")
-flags.DEFINE_string("checkpoint", "best", "best (lowest validation loss) | latest | a step number.")
-flags.DEFINE_string("out", None, "Output directory (created; must be empty if it exists).")
-flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
-                  "Weight dtype (auto: the imported checkpoint's, else float32).")
-flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file before sharding.")
 FLAGS = flags.FLAGS
-flags.adopt_module_key_flags(cli)
 
 
 def _np_dtype(name: str):
@@ -92,8 +85,20 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
     return {"step": step, "out": out, "dtype": dtype, "tensors": len(tensors)}
 
 
+def _define_flags() -> None:
+    """Defined when the entry point runs, not on import (see ``data_pipeline.cli``)."""
+    flags.DEFINE_string("workdir", None, "A trainer.train run directory.")
+    flags.DEFINE_string("checkpoint", "best", "best (lowest validation loss) | latest | a step number.")
+    flags.DEFINE_string("out", None, "Output directory (created; must be empty if it exists).")
+    flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+                      "Weight dtype (auto: the imported checkpoint's, else float32).")
+    flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file before sharding.")
+    flags.adopt_module_key_flags(cli)
+
+
 def run() -> None:
     """Entry point (``python -m trainer.export`` and the ``ift-export`` console script)."""
+    _define_flags()
     launch(lambda: export(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.dtype,
                           int(FLAGS.max_shard_gb * 2**30)), required=("workdir", "out"))
 

@@ -21,8 +21,6 @@ from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError, config_flag, launch
 from trainer.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
 
 
 def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
@@ -161,11 +159,18 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
 
 
 FLAGS = flags.FLAGS
-flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
+
+
+def _define_flags() -> None:
+    """Defined when the entry point runs, not on import (see ``data_pipeline.cli``)."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
+    flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
 def run() -> None:
     """Entry point (``python -m trainer.train`` and the ``ift-train`` console script)."""
+    _define_flags()
     launch(lambda: train(config_flag(), FLAGS.workdir))
 
 
