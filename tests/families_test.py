@@ -147,8 +147,12 @@ def test_export_round_trip_reloads_in_transformers(pair, tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     tensors = hf_io.params_to_hf(jax.device_get(params), cfg, raw["model_type"])
-    hf_io.save_hf(tensors, str(out), max_shard_bytes=60_000)  # force several shards + index
+    files = hf_io.save_hf(tensors, str(out), max_shard_bytes=60_000)  # force several shards + index
+    assert len(files) > 1 and (out / "model.safetensors.index.json").exists()
     (out / "config.json").write_text(json.dumps(raw))
+    again = hf_io.load_hf(str(out), cfg, raw["model_type"])  # our import reads the shards back
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(again),
+                                                                jax.tree.leaves(params)))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
     tokens, mask, lengths = padded_batch()
     with torch.no_grad():

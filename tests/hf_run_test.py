@@ -64,8 +64,8 @@ def logits_both(spec, params, out_dir):
 
 def test_train_eval_export_from_hf_checkpoint(hf_dir, tmp_path):
     wd, out = str(tmp_path / "run"), str(tmp_path / "export")
-    r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", wd,
-            f"--config.model.hf_path={hf_dir}", "--config.tokenizer.kind=hf")
+    r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", wd, f"--hf_path={hf_dir}",
+            "--config.tokenizer.kind=hf")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     r = run("trainer.eval", "--workdir", wd, "--checkpoint", "latest")
     assert r.returncode == 0, r.stderr[-3000:]

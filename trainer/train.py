@@ -165,13 +165,20 @@ def _define_flags() -> None:
     """Defined when the entry point runs, not on import (see ``data_pipeline.cli``)."""
     config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
+    flags.DEFINE_string("hf_path", "", "Shorthand for --config.model.hf_path (start from this HF "
+                        "checkpoint directory).")
     flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
 def run() -> None:
     """Entry point (``python -m trainer.train`` and the ``ift-train`` console script)."""
     _define_flags()
-    launch(lambda: train(config_flag(), FLAGS.workdir))
+    def body():
+        config = config_flag()
+        if FLAGS.hf_path:
+            config.model.hf_path = FLAGS.hf_path
+        return train(config, FLAGS.workdir)
+    launch(body)
 
 
 if __name__ == "__main__":
