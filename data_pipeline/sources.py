@@ -306,15 +306,16 @@ def assign_splits(rows: dict[str, list[Row]], fractions: dict[str, float], salt:
     return out
 
 
-def remove_cross_split_duplicates(splits: dict[str, list[Row]]) -> Counter:
-    """Drops validation/test rows whose content is already in an earlier split; returns the counts."""
+def remove_cross_split_duplicates(splits: dict[str, list[Row]]) -> dict[str, list[Row]]:
+    """Drops validation/test rows whose content is already in an earlier split (train > validation >
+    test); returns the removed rows per split (for the per-source counts)."""
     seen: set[str] = set()
-    removed: Counter = Counter()
+    removed: dict[str, list[Row]] = {}
     for s in SPLITS:
         keys = [content_key(r["messages"]) for r in splits[s]]
-        kept = [r for r, k in zip(splits[s], keys) if s == "train" or k not in seen]
-        removed[s] = len(splits[s]) - len(kept)
-        splits[s] = kept
+        dup = [s != "train" and k in seen for k in keys]
+        removed[s] = [r for r, d in zip(splits[s], dup) if d]
+        splits[s] = [r for r, d in zip(splits[s], dup) if not d]
         seen.update(keys)
     return removed
 
@@ -373,19 +374,13 @@ def build_splits(data_cfg: Any, seed: int = 0) -> tuple[dict[str, list[Row]], li
         reports.append(report)
 
     splits = {s: [r for name in sources for r in per_source[name].get(s, [])] for s in SPLITS}
-    removed = remove_cross_split_duplicates(splits)
     by_name = {r.name: r for r in reports}
+    for s, rows in remove_cross_split_duplicates(splits).items():
+        for r in rows:
+            by_name[r["source"]].duplicates_removed[s] += 1
     for s in SPLITS:
         for r in splits[s]:
             by_name[r["source"]].rows[s] += 1
-    for rep in reports:  # attribute the removals (they are few; recount per source)
-        rep.duplicates_removed = Counter()
-    if any(removed.values()):
-        kept_ids = {s: {id(r) for r in splits[s]} for s in SPLITS}
-        for name in sources:
-            for s in ("validation", "test"):
-                gone = sum(id(r) not in kept_ids[s] for r in per_source[name].get(s, []))
-                by_name[name].duplicates_removed[s] = gone
 
     weights = {name: float(spec.weight) for name, spec in sources.items()}
     if any(w > 0 for w in weights.values()):

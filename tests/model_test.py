@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from trainer.generate import generate_all, make_generate_fn  # noqa: E402
-from trainer.hf_io import llama_params_from_hf, model_config_from_hf  # noqa: E402
+from trainer.hf_io import model_config_from_hf, params_from_hf  # noqa: E402
 from trainer.model import Transformer, attention_mask  # noqa: E402
 from trainer.step import token_loss  # noqa: E402
 
@@ -36,7 +36,7 @@ def ours(hf_cfg, hf_model):
     cfg = model_config_from_hf(hf_cfg.to_dict())
     sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    params = jax.tree.map(jnp.asarray, llama_params_from_hf(sd, cfg))
+    params = jax.tree.map(jnp.asarray, params_from_hf(lambda n: sd[n], cfg, "llama"))
     return graphdef, params
 
 

@@ -206,11 +206,11 @@ class ModelSpec:
         expected = jax.eval_shape(self.init_params_fn(0))
 
         def place(path, value):
-            want = hf_io._get(expected, path)
+            want = hf_io.get_path(expected, path)
             if value.shape != want.shape:
                 raise UserError(f"model.hf_path: {'/'.join(map(str, path))} has shape {value.shape}, "
                                 f"expected {want.shape}")
-            return jax.make_array_from_callback(value.shape, hf_io._get(self.param_shardings, path),
+            return jax.make_array_from_callback(value.shape, hf_io.get_path(self.param_shardings, path),
                                                 lambda idx: value[idx])
         try:
             model_type = hf_io.read_hf_config(self.hf_path)["model_type"]

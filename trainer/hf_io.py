@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.model import SLIDING, ModelConfig
+from trainer.model import ModelConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
@@ -223,7 +223,8 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _get(tree: Any, path: tuple) -> Any:
+def get_path(tree: Any, path: tuple) -> Any:
+    """``tree[path[0]][path[1]]...``"""
     for key in path:
         tree = tree[key]
     return tree
@@ -240,7 +241,7 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, model_typ
     dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else None
     params: dict[str, Any] = {}
     for link in links(cfg, model_type, prefix):
-        for path, value in zip(link.ours, link.to_ours(*(get(n) for n in link.hf))):
+        for path, value in zip(link.ours, link.to_ours(*(get(n) for n in link.hf)), strict=True):
             value = np.asarray(value)
             value = value.astype(dtype) if dtype is not None else value.astype(np.float32).astype(
                 _bf16())
@@ -252,7 +253,8 @@ def params_to_hf(params: Any, cfg: ModelConfig, model_type: str) -> dict[str, np
     """HF tensors (numpy) from our (host) params: the same table read the other way."""
     out = {}
     for link in links(cfg, model_type):
-        for name, value in zip(link.hf, link.to_hf(*(np.asarray(_get(params, p)) for p in link.ours))):
+        for name, value in zip(link.hf, link.to_hf(*(np.asarray(get_path(params, p)) for p in link.ours)),
+                               strict=True):
             out[name] = np.ascontiguousarray(value)
     return out
 
@@ -260,11 +262,6 @@ def params_to_hf(params: Any, cfg: ModelConfig, model_type: str) -> dict[str, np
 def _bf16():
     import ml_dtypes  # noqa: PLC0415 (a jax dependency)
     return ml_dtypes.bfloat16
-
-
-# Kept for the tests written against the first (Llama-only) version.
-def llama_params_from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
-    return params_from_hf(lambda n: np.asarray(sd[n], np.float32), cfg, "llama")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +337,3 @@ def save_hf(tensors: dict[str, np.ndarray], out: str, max_shard_bytes: int = 5 *
         json.dump({"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
                    "weight_map": weight_map}, f, indent=2)
     return names
-
-
-def layer_is_sliding(cfg: ModelConfig, i: int) -> bool:
-    return cfg.layer_type(i) == SLIDING
