@@ -44,7 +44,8 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
     if tokenizer_dir:
         tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
     else:
-        tok = tokenizer_lib.build_tokenizer(config.tokenizer, (r["messages"] for r in rows["train"]))
+        tok = tokenizer_lib.build_tokenizer(config.tokenizer, (r["messages"] for r in rows["train"]),
+                                            config.model.get("hf_path", ""))
     data = pipeline.tokenize(dcfg, tok, rows, source_reports)
     splits = list(rows)
 
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         md, result = report(config_flag(), FLAGS.tokenizer, FLAGS.preview)
-    except (UserError, DataError, OSError) as e:
+    except (UserError, DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     print(md, flush=True)

@@ -80,17 +80,20 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def build_tokenizer(tok_cfg, train_conversations: Iterable[list[dict[str, str]]]
-                    ) -> PreTrainedTokenizerBase:
+def build_tokenizer(tok_cfg, train_conversations: Iterable[list[dict[str, str]]],
+                    model_path: str = "") -> PreTrainedTokenizerBase:
     """The tokenizer ``config.tokenizer`` asks for.
 
     Args:
       tok_cfg: ``kind`` = ``train_bpe`` (learn a BPE on ``train_conversations``; the demo's way) or
-        ``hf`` (load the directory ``path``).
+        ``hf`` (load the directory ``path``; empty: ``model_path``, the base model's directory).
       train_conversations: the train split's conversations (only read for ``train_bpe``).
+      model_path: ``config.model.hf_path``.
     """
     if tok_cfg.kind == "train_bpe":
         return train_demo_tokenizer(train_conversations, tok_cfg.vocab_size, tok_cfg.min_frequency)
     if tok_cfg.kind == "hf":
-        return load_tokenizer(tok_cfg.path)
+        if not (tok_cfg.path or model_path):
+            raise ValueError("tokenizer.kind='hf' needs tokenizer.path or model.hf_path")
+        return load_tokenizer(tok_cfg.path or model_path)
     raise ValueError(f"tokenizer.kind must be 'train_bpe' or 'hf', got {tok_cfg.kind!r}")

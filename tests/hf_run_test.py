@@ -140,3 +140,6 @@ def test_gpu_preset_runs_with_a_tiny_checkpoint_in_place_of_qwen(hf_dir, tmp_pat
     r = run("trainer.eval", "--workdir", wd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| base (qwen2_tiny" in r.stdout
+    r = run("data_pipeline.inspect", "--config", "configs/qwen2_5_0_5b_gpu.py", "--preview", "1",
+            f"--config.model.hf_path={hf_dir}", "--config.data.cache=False")
+    assert r.returncode == 0 and "packed (best_fit)" in r.stdout, r.stderr[-3000:]

@@ -103,11 +103,9 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
     if not os.path.isdir(path) and train_rows is not None:
         if jax.process_index() == 0:
             try:
-                tok_cfg = config.tokenizer.to_dict()
-                if tok_cfg["kind"] == "hf" and not tok_cfg["path"]:
-                    tok_cfg["path"] = hf_path(config)
-                tok = tokenizer_lib.build_tokenizer(ml_collections.ConfigDict(tok_cfg),
-                                                    (r["messages"] for r in train_rows))
+                tok = tokenizer_lib.build_tokenizer(config.tokenizer,
+                                                    (r["messages"] for r in train_rows),
+                                                    hf_path(config))
             except (OSError, ValueError) as e:
                 raise UserError(f"tokenizer: {e}") from e
             tok.save_pretrained(path)
