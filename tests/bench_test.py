@@ -1,0 +1,19 @@
+"""The benchmark runs and reports both sides (a smoke test: speed is reported, never asserted)."""
+
+from tests.helpers import tiny_config
+from trainer.bench import bench, flops_per_token
+
+
+def test_bench_reports_ours_and_the_torch_reference():
+    row = bench(tiny_config(), batch=8, seq=16, steps=1, vocab=64)  # 8 virtual devices, data-parallel
+    assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0 and row["ratio_vs_torch"] > 0
+    assert row["mfu"] is None  # no peak FLOP/s for CPUs
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    from trainer.model import ModelConfig  # noqa: PLC0415
+    cfg = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=2)
+    # q, o: 4x2x2 each; k, v: 4x1x2 each; gated MLP 3 x 4x8; head 4x10 -> 184 matmul parameters;
+    # causal attention: 12 x layers x heads x head_dim x seq / 2
+    assert flops_per_token(cfg, 8) == 6 * 184 + 12 * 1 * 2 * 2 * 8 / 2
