@@ -64,7 +64,8 @@ def get_config() -> ConfigDict:
     c.model.tie_word_embeddings = True
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    c.model.attention_impl = "auto"
+    c.model.attention_impl = "auto"  # auto | xla | cudnn | splash
+    c.model.remat = "none"  # none | full | dots: recompute block activations in the backward pass
     # A Hugging Face checkpoint directory (config.json + *.safetensors) to start from. When set, the
     # architecture keys above are ignored (its config.json decides) and tokenizer.kind="hf" with an
     # empty tokenizer.path uses its tokenizer.

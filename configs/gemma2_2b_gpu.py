@@ -17,6 +17,7 @@ def get_config():
     c.model.hf_path = MODEL
     c.data.template = "tokenizer"  # Gemma's own <start_of_turn> template
     c.data.end_of_turn = "<end_of_turn>"
+    c.model.remat = "dots"  # the soft-capped attention keeps [heads, seq, seq] scores otherwise
     c.optimizer.learning_rate = 1e-5
     c.train.batch_size = 8
     c.train.grad_accum_steps = 2

@@ -21,6 +21,7 @@ def get_config():
     c = qwen2_5_0_5b_gpu.get_config()
     c.model.hf_path = MODEL
     c.data.template = "alpaca"
+    c.model.remat = "full"  # 32 layers x 2048 tokens: keep only block inputs for the backward pass
     c.data.max_length = 2048
     c.optimizer.learning_rate = 1e-5
     c.train.batch_size = 64

@@ -127,3 +127,23 @@ def test_schedule_first_update_is_not_zero_and_last_reaches_end():
     assert float(schedule(0)) == pytest.approx(cfg.learning_rate / 4)
     assert float(schedule(3)) == pytest.approx(cfg.learning_rate)
     assert float(schedule(9)) == pytest.approx(cfg.learning_rate * cfg.end_lr_ratio)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
+    import jax.numpy as jnp  # noqa: PLC0415
+    from trainer.step import make_forward  # noqa: PLC0415
+    config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
+    grads = {}
+    for mode in ("none", remat):
+        config.model.remat = mode
+        _, spec, *_ = helpers.setup(config, devices=jax.devices()[:1])
+        fwd = make_forward(spec.graphdef)
+        batch = {k: jnp.asarray(v) for k, v in helpers.random_batch(4, 16, 64).items()}
+        params = spec.init_params(0)
+        g = jax.grad(lambda p: fwd(p, batch)["loss_sum"])(params)
+        grads[mode] = g
+        jaxpr = str(jax.make_jaxpr(lambda p: fwd(p, batch)["loss_sum"])(params))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (mode != "none")  # it is really on
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

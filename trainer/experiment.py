@@ -145,7 +145,8 @@ def hf_path(config: ml_collections.ConfigDict) -> str:
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     """From ``model.hf_path``'s ``config.json`` (only dtypes and the attention backend are taken from
     ``config.model``), or from ``config.model`` with the tokenizer's vocabulary for a new model."""
-    runtime = {k: config.model[k] for k in ("dtype", "param_dtype", "attention_impl")}
+    runtime = {k: config.model.get(k, d) for k, d in (("dtype", "float32"), ("param_dtype", "float32"),
+                                                         ("attention_impl", "auto"), ("remat", "none"))}
     axes = dict(rules(config))  # mesh axes of attention's batch/head dims (for kernels under shard_map)
     as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v else ())  # noqa: E731
     runtime.update(attention_batch_axes=as_tuple(axes.get("batch")),

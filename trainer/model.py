@@ -75,6 +75,9 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
     rope_local_theta: float = 0.0  # Gemma 3: sliding layers' theta, unscaled (0: same as global)
+    # Rematerialisation of each block in the backward pass: none | full (keep only block inputs) |
+    # dots (keep matmul outputs without a batch dimension); trades compute for activation memory.
+    remat: str = "none"
 
     @property
     def head_size(self) -> int:
@@ -404,9 +407,10 @@ class Transformer(nnx.Module):
         if cfg.position_embedding == "learned":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
         new_cache = [] if cache is not None else None
+        call = _block_call(cfg.remat if cache is None else "none")
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, mask, key_positions, None if cache is None else cache[i],
-                         cache_index, segment_ids)
+            x, c = call(layer, x, positions, mask, key_positions, None if cache is None else cache[i],
+                        cache_index, segment_ids)
             if new_cache is not None:
                 new_cache.append(c)
         x = self.final_norm(x)
@@ -416,6 +420,18 @@ class Transformer(nnx.Module):
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         return logits, new_cache
+
+
+def _block_call(remat: str):
+    """``block(*args)``, rematerialised in the backward pass as ``remat`` asks."""
+    def call(block, *args):
+        return block(*args)
+    if remat == "none":
+        return call
+    policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if remat not in policies:
+        raise ValueError(f"model.remat must be none, full or dots, got {remat!r}")
+    return nnx.remat(call, policy=policies[remat])
 
 
 def attention_mask(segment_ids: Array) -> Array:
