@@ -18,7 +18,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data_pipeline import loader, packing, pipeline, tokenizer as tokenizer_lib
+from data_pipeline import loader, packing, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.cli import UserError, config_flag, parse_flags
 from data_pipeline.errors import DataError
 
@@ -40,7 +40,7 @@ def mark_supervised(tok, ex: loader.Example) -> str:
 def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str, dict[str, Any]]:
     """Builds the data exactly as ``trainer.train`` would; returns (Markdown, JSON-able dict)."""
     dcfg = config.data
-    rows, source_reports = pipeline.read(dcfg, config.seed)
+    rows, source_reports = sources.build_splits(dcfg, config.seed)
     if tokenizer_dir:
         tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
     else:

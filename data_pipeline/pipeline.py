@@ -1,6 +1,6 @@
 """Rows -> tokenised examples, with the length policy, a cache, and a report of everything dropped.
 
-    rows, source_reports = read(data_cfg, seed)       # sources.py: read, map, split, mix
+    rows, source_reports = sources.build_splits(data_cfg, seed)  # read, map, split, mix
     tok = tokenizer.build_tokenizer(tok_cfg, ...)     # or the run's saved tokenizer
     data = tokenize(data_cfg, tok, rows)              # this module
 
@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from data_pipeline import sources
 from data_pipeline.errors import DataError
 from data_pipeline.loader import Example
-from data_pipeline.templating import Template, TemplateError, plan, tokenize_plans
+from data_pipeline.templating import Template, TemplateError, encode_messages, plan, tokenize_plans
 
 CACHE_VERSION = "1"  # bump when tokenisation changes meaning
 LENGTH_POLICIES = ("drop", "truncate")
@@ -83,10 +83,6 @@ def template_for(data_cfg: Any, tok: PreTrainedTokenizerBase) -> Template:
 # Length policy
 # ---------------------------------------------------------------------------------------------
 
-def _encode(tok, t, msgs):
-    return tokenize_plans(tok, t, [plan(tok, t, msgs)])[0]
-
-
 def fit_length(tok: PreTrainedTokenizerBase, t: Template, messages: list[dict[str, str]],
                ids: np.ndarray, mask: np.ndarray, max_length: int, policy: str
                ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
@@ -111,7 +107,7 @@ def fit_length(tok: PreTrainedTokenizerBase, t: Template, messages: list[dict[st
         if len(users) < 2:
             break
         messages = messages[:start] + messages[users[1]:]
-        ids, mask = _encode(tok, t, messages)
+        ids, mask = encode_messages(tok, messages, template=t)
         why = "oldest turns dropped"
     if len(ids) > max_length + 1:
         first = int(np.argmax(mask > 0))
@@ -220,11 +216,6 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
         report.lengths.append(len(ids) - 1)
         examples.append(ex)
     return examples, report
-
-
-def read(data_cfg: Any, seed: int = 0):
-    """``sources.build_splits``: ``({split: [row]}, [SourceReport])``."""
-    return sources.build_splits(data_cfg, seed)
 
 
 def tokenize(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: dict[str, list[dict[str, Any]]],

@@ -71,10 +71,16 @@ class Template:
     end_of_turn: str  # the text that ends an assistant reply (supervised)
     loss_on: str  # "all" assistant turns | "last" one
     allow_special_tokens_in_text: bool
-    special_re: re.Pattern | None  # control tokens (longest first)
+    special_re: re.Pattern | None  # control tokens (longest first), as one capturing group
     special_ids: dict[str, int]
     bos_id: int | None  # the BOS to prepend if the tokenizer would add one (None: it would not)
     eos_token: str
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a generated reply: EOS, and the end-of-turn token if it is one."""
+        eos = self.special_ids[self.eos_token]
+        return sorted({eos, self.special_ids.get(self.end_of_turn, eos)})
 
     @staticmethod
     def create(tok: PreTrainedTokenizerBase, name: str = "tokenizer", end_of_turn: str = "",
@@ -104,7 +110,7 @@ class Template:
             chat_template=chat_template,
             end_of_turn=end_of_turn or _END_OF_TURN.get(name, "") or tok.eos_token,
             loss_on=loss_on, allow_special_tokens_in_text=allow_special_tokens_in_text,
-            special_re=re.compile(pattern) if pattern else None, special_ids=special,
+            special_re=re.compile(f"({pattern})") if pattern else None, special_ids=special,
             bos_id=tok.bos_token_id if _adds_bos(tok) else None, eos_token=tok.eos_token)
 
 
@@ -152,7 +158,9 @@ def plan(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[Message])
     prompt). Whatever the template writes after the last end-of-turn is dropped: the model stops there.
     """
     ph, values = _with_placeholders(messages)
+    fill = lambda text: _PLACEHOLDER.sub(lambda m: values[m.group(0)], text)  # noqa: E731
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    ends_with_prompt = not assistant or assistant[-1] != len(messages) - 1
     pieces: list[tuple[str, bool]] = []
     done = ""  # rendered (placeholder) text already cut into pieces
     for i in assistant:
@@ -174,7 +182,7 @@ def plan(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[Message])
         if end < 0:  # no end-of-turn in the template: append EOS, so the model learns to stop
             pieces.append((t.eos_token, sup))
         done = prompt + reply
-    if not assistant or assistant[-1] != len(messages) - 1:
+    if ends_with_prompt:
         prompt = _render(tok, t, ph, gen_prompt=True)
         if not prompt.startswith(done):
             raise TemplateError("the chat template does not render the prompt as a prefix extension")
@@ -183,24 +191,22 @@ def plan(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[Message])
 
     # The template must insert message text verbatim (no trimming or escaping), or the placeholders
     # would not stand for what the tokenizer sees.
-    real = _PLACEHOLDER.sub(lambda m: values[m.group(0)], done)
-    if not _render(tok, t, messages, gen_prompt=not assistant or assistant[-1] != len(messages) - 1
-                   ).startswith(real):
+    if not _render(tok, t, messages, gen_prompt=ends_with_prompt).startswith(fill(done)):
         raise TemplateError("the chat template changes message text (e.g. trims it); keep the "
                             "source's strip=True so the text needs no change")
 
     chunks: list[Chunk] = []
     for text, sup in pieces:
         if t.allow_special_tokens_in_text:  # opt-in: control tokens recognised in data too
-            chunks.append((_PLACEHOLDER.sub(lambda m: values[m.group(0)], text), sup))
+            chunks.append((fill(text), sup))
             continue
+        # special_re has one capturing group, so split() alternates text and control tokens.
         parts = t.special_re.split(text) if t.special_re else [text]
-        tokens = t.special_re.findall(text) if t.special_re else []
         for j, part in enumerate(parts):
-            if part:
-                chunks.append((_PLACEHOLDER.sub(lambda m: values[m.group(0)], part), sup))
-            if j < len(tokens):
-                chunks.append((t.special_ids[tokens[j]], sup))
+            if j % 2:
+                chunks.append((t.special_ids[part], sup))
+            elif part:
+                chunks.append((fill(part), sup))
     return chunks
 
 

@@ -19,10 +19,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from data_pipeline.loader import FIELDS
 from trainer import cli, experiment, hf_io, sharding as sharding_lib
 from trainer.cli import config_flag, launch
-from trainer.step import make_optimizer, make_train_step
+from trainer.step import make_optimizer
 
 FLAGS = flags.FLAGS
 # Peak dense bf16 FLOP/s per device (vendor figures), matched against ``device_kind``.
@@ -62,10 +61,8 @@ def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: in
     tx, schedule = make_optimizer(config.optimizer, len(data))
     state_sh = experiment.state_shardings(spec, tx)
     batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
-    step = sharding_lib.with_mesh(mesh, jax.jit(
-        make_train_step(spec.graphdef, tx, schedule, config.train.grad_accum_steps),
-        in_shardings=(state_sh, {k: batch_sh for k in FIELDS}), out_shardings=(state_sh, None),
-        donate_argnums=(0,)))
+    step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
+                                     batch_sh)
     state = experiment.init_train_state(spec, tx, config.seed, state_sh)
     device_data = [experiment.global_batch(b, batch_sh) for b in data]
     for b in device_data[:warmup]:  # compile + warm up
@@ -78,7 +75,7 @@ def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: in
     return {"seconds": time.perf_counter() - t0, "cfg": spec.cfg, "loss": float(m["loss"])}
 
 
-def bench_torch(spec_cfg, hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], warmup: int,
+def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], warmup: int,
                 lr: float) -> dict[str, Any] | None:
     try:
         import torch  # noqa: PLC0415 (test-time/benchmark reference only)
@@ -128,7 +125,7 @@ def bench(config, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: 
     if use_torch and jax.default_backend() == "cpu":  # same machine, same cores: a fair comparison
         hf_config = (hf_io.read_hf_config(experiment.hf_path(config)) if experiment.hf_path(config)
                      else hf_io.hf_config_from_model(cfg))
-        ref = bench_torch(cfg, {**hf_config, "vocab_size": cfg.vocab_size}, data, warmup,
+        ref = bench_torch({**hf_config, "vocab_size": cfg.vocab_size}, data, warmup,
                           config.optimizer.learning_rate)
     if ref:
         row["torch_tokens_per_s"] = tokens / ref["seconds"]

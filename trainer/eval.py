@@ -161,8 +161,7 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
                                  tok.pad_token_id, batch_sh)
 
     # ---- greedy generation: base zero-/few-shot vs fine-tuned ------------------------------
-    eos_ids = sorted({tok.eos_token_id, template.special_ids.get(template.end_of_turn,
-                                                                 tok.eos_token_id)})
+    eos_ids = template.stop_ids
     generate = make_generate_fn(spec.graphdef, max_new_tokens=ecfg.max_new_tokens, eos_ids=eos_ids,
                                 pad_id=tok.pad_token_id)
     pool: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -19,12 +19,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from data_pipeline import loader, pipeline, tokenizer as tokenizer_lib
+from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
 from trainer import hf_io, metrics as metrics_lib, sharding as sharding_lib
 from trainer.cli import UserError
 from trainer.model import ModelConfig, Transformer, resolve_attention
-from trainer.step import TrainState
+from trainer.step import TrainState, make_train_step
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -120,7 +120,7 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 def read_rows(config: ml_collections.ConfigDict):
     """``({split: [row]}, [SourceReport])`` as ``config.data`` describes; bad data is a UserError."""
     try:
-        return pipeline.read(config.data, config.seed)
+        return sources.build_splits(config.data, config.seed)
     except DataError as e:
         raise UserError(str(e)) from e
 
@@ -249,24 +249,32 @@ def abstract_with_shardings(fn, shardings: Any) -> Any:
                         jax.eval_shape(fn), shardings)
 
 
+def _step0(tx: optax.GradientTransformation, params: Any) -> TrainState:
+    """A fresh TrainState at step 0: ``params`` and new optimizer moments."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
 def init_train_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int,
                      shardings: TrainState) -> TrainState:
     """Step 0: the starting parameters (``spec.init_params``) and fresh optimizer moments."""
-    params = spec.init_params(seed)
+    return jax.jit(lambda p: _step0(tx, p), in_shardings=(spec.param_shardings,),
+                   out_shardings=shardings, donate_argnums=(0,))(spec.init_params(seed))
 
-    def init(params) -> TrainState:
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    return jax.jit(init, in_shardings=(spec.param_shardings,), out_shardings=shardings,
-                   donate_argnums=(0,))(params)
+def jit_train_step(spec: ModelSpec, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   grad_accum_steps: int, state_sh: TrainState, batch_sh: NamedSharding):
+    """``make_train_step`` under ``jax.jit``: explicit in/out shardings, donated state, traced with
+    the mesh current (for the model's shard_map kernels)."""
+    rep = sharding_lib.replicated(spec.mesh)
+    step = jax.jit(make_train_step(spec.graphdef, tx, schedule, grad_accum_steps),
+                   in_shardings=(state_sh, {k: batch_sh for k in loader.FIELDS}),
+                   out_shardings=(state_sh, rep), donate_argnums=(0,))
+    return sharding_lib.with_mesh(spec.mesh, step)
 
 
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState) -> Any:
     """The TrainState's shapes, dtypes and shardings, without reading or creating any weights."""
-    def shapes() -> TrainState:
-        params = spec.init_params_fn(0)()
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    return abstract_with_shardings(shapes, shardings)
+    return abstract_with_shardings(lambda: _step0(tx, spec.init_params_fn(0)()), shardings)
 
 
 def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -27,12 +27,6 @@ from trainer.cli import UserError, launch
 FLAGS = flags.FLAGS
 
 
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        return hf_io._bf16()
-    return np.dtype(name)
-
-
 def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto",
            max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
     """Exports ``workdir``'s checkpoint to ``out``; returns what was written."""
@@ -59,10 +53,10 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"cannot export as {dtype!r}; pass --dtype")
     tensors = hf_io.params_to_hf(host, spec.cfg, hf_config["model_type"])
-    tensors = {k: np.asarray(v, np.float32).astype(_np_dtype(dtype)) for k, v in tensors.items()}
+    tensors = {k: np.asarray(v, np.float32).astype(hf_io.np_dtype(dtype)) for k, v in tensors.items()}
 
     template = pipeline.template_for(config.data, tok)
-    eot_ids = sorted({tok.eos_token_id, template.special_ids.get(template.end_of_turn, tok.eos_token_id)})
+    eot_ids = template.stop_ids
     hf_config = {**hf_config, "torch_dtype": dtype, "bos_token_id": tok.bos_token_id,
                  "eos_token_id": eot_ids if len(eot_ids) > 1 else eot_ids[0],
                  "pad_token_id": tok.pad_token_id}

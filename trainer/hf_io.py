@@ -238,14 +238,11 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, model_typ
     ``place(path, array)`` puts each converted leaf where it belongs (e.g. straight into its sharding),
     so no more than one HF tensor is ever held whole, on the host.
     """
-    dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else None
+    dtype = np_dtype(cfg.param_dtype)
     params: dict[str, Any] = {}
     for link in links(cfg, model_type, prefix):
         for path, value in zip(link.ours, link.to_ours(*(get(n) for n in link.hf)), strict=True):
-            value = np.asarray(value)
-            value = value.astype(dtype) if dtype is not None else value.astype(np.float32).astype(
-                _bf16())
-            _set(params, path, place(path, value))
+            _set(params, path, place(path, np.asarray(value).astype(dtype)))
     return params
 
 
@@ -259,9 +256,10 @@ def params_to_hf(params: Any, cfg: ModelConfig, model_type: str) -> dict[str, np
     return out
 
 
-def _bf16():
-    import ml_dtypes  # noqa: PLC0415 (a jax dependency)
-    return ml_dtypes.bfloat16
+def np_dtype(name: str) -> np.dtype:
+    """The numpy dtype for ``name``, including ``bfloat16`` (from ml_dtypes, a jax dependency)."""
+    import ml_dtypes  # noqa: PLC0415
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 # ---------------------------------------------------------------------------------------------

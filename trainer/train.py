@@ -19,7 +19,7 @@ from data_pipeline import loader
 from trainer import cli, experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError, config_flag, launch
-from trainer.step import TrainState, make_eval_step, make_optimizer, make_train_step
+from trainer.step import TrainState, make_eval_step, make_optimizer
 
 
 
@@ -85,9 +85,8 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     # ----------------------------------------------------------------------------------------
     batch_tree_sh = {k: batch_sh for k in loader.FIELDS}
     rep = sharding_lib.replicated(mesh)
-    train_step = sharding_lib.with_mesh(mesh, jax.jit(
-        make_train_step(spec.graphdef, tx, schedule, tcfg.grad_accum_steps),
-        in_shardings=(state_sh, batch_tree_sh), out_shardings=(state_sh, rep), donate_argnums=(0,)))
+    train_step = experiment.jit_train_step(spec, tx, schedule, tcfg.grad_accum_steps, state_sh,
+                                           batch_sh)
     eval_step = sharding_lib.with_mesh(mesh, jax.jit(
         make_eval_step(spec.graphdef), in_shardings=(spec.param_shardings, batch_tree_sh),
         out_shardings=rep))
