@@ -23,10 +23,10 @@ def get_config() -> ConfigDict:
     # letter-level reverse/sort in minutes; there are still ~110k distinct words.
     c.data.synthetic = ConfigDict(dict(num_rows=10000, seed=0, min_word_len=3, max_word_len=5,
                                        alphabet="ABCDEFGHIJ", max_first_addend=999,
-                                       max_second_addend=9))
+                                       max_second_addend=9, words="random"))
     # Addition needs the most examples (a 100-entry digit table); counting the fewest.
     c.data.synthetic.task_weights = ConfigDict(dict(reverse=1.0, sort=1.0, double=1.0, count=0.5,
-                                                    add=2.0))
+                                                    upper=0.0, first=0.0, add=2.0))
     c.data.split_fractions = ConfigDict(dict(train=0.8, validation=0.1, test=0.1))
     c.data.split_salt = "flax-ift"
     c.data.mixture_rows = 0  # train rows per mixture epoch when sources have weights (0: sum of sizes)
@@ -70,6 +70,9 @@ def get_config() -> ConfigDict:
     # architecture keys above are ignored (its config.json decides) and tokenizer.kind="hf" with an
     # empty tokenizer.path uses its tokenizer.
     c.model.hf_path = ""
+    # ... or a GGUF file (llama.cpp; Llama/Qwen2/Qwen3 architectures, F32/F16/BF16/Q8_0/Q4_0/Q4_1/
+    # Q5_x/K-quants), dequantised to model.param_dtype on load; tokenizer.kind="hf" uses its tokenizer.
+    c.model.gguf_path = ""
 
     # ---- optimiser --------------------------------------------------------------------------
     c.optimizer = ConfigDict(dict(learning_rate=3e-3, warmup_steps=50, end_lr_ratio=0.05, b1=0.9,

@@ -45,7 +45,7 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
         tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
     else:
         tok = tokenizer_lib.build_tokenizer(config.tokenizer, (r["messages"] for r in rows["train"]),
-                                            config.model.get("hf_path", ""))
+                                            config.model.get("hf_path", "") or config.model.get("gguf_path", ""))
     data = pipeline.tokenize(dcfg, tok, rows, source_reports)
     splits = list(rows)
 

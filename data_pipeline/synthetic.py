@@ -43,7 +43,56 @@ WORD_TASKS: dict[str, tuple[tuple[str, ...], Any]] = {
         ('How many letters are in "{w}"?', 'Count the characters in "{w}".', 'What is the length of "{w}"?'),
         lambda w: str(len(w)),
     ),
+    "upper": (
+        ('Write "{w}" in capital letters.', 'Convert "{w}" to uppercase.', 'What is "{w}" in upper case?'),
+        lambda w: w.upper(),
+    ),
+    "first": (
+        ('What is the first letter of "{w}"?', 'Which letter does "{w}" start with?',
+         'Give the first character of "{w}".'),
+        lambda w: w[0],
+    ),
 }
+# Common English words (3-7 letters) for ``words="english"``: a pretrained model knows them, so the
+# word tasks are ones it can partly do when asked -- the honest baseline for a real base model.
+ENGLISH_WORDS = tuple("""
+able acid aged also area army away baby back ball band bank base bath bear beat bell belt best bird
+blow blue boat body bone book boot born boss both bowl bread break brown build burn busy cake call calm
+camp card care cart case cash cast cell chair chalk cheap check chest chief child chin city claim class
+clean clear clock cloud coach coal coast coat code cold come cook cool copy corn cost cover crew crop
+cross crowd dance dark data date dawn dead deal dear debt deep desk diet dirt dish door down draw dream
+dress drink drive drop drum duck dust duty each early earth east easy edge egg eight empty enemy enjoy
+enter equal error event exact exit face fact fail fair fall farm fast fate fear feed feel field fight
+film find fine fire firm fish five flag flat floor flow food foot force form fort four frame free fresh
+front fruit fuel full fund game gate gift girl give glad glass goal gold golf good grab grain grass
+great green grey grid grow guard guess guest guide hair half hall hand hang happy hard harm hat head
+heart heat heavy help hero hide high hill hire hold hole home hope horse host hotel hour house huge
+idea inch iron item jacket join joke judge juice jump just keep key kick kind king kiss knee knife
+know lack lady lake lamp land large last late laugh lawn layer lead leaf learn leave left legal lemon
+level life lift light limit line lion list live load loan local lock long look lose loud love lucky
+lunch magic main major make male many map march mark market mass match meal meat meet melt menu metal
+milk mind mine mint miss mix model money month moon more most mother motor mouse mouth move much music
+name narrow navy near neck need nest never news next nice night nine noise north nose note novel
+number nurse ocean offer often oil old open orange order other ought oven owner page pain paint pair
+palm panel paper park part party pass past path peace pearl pen people pepper phone piano pick piece
+pilot pink pipe pitch place plan plant plate play plot pocket poem point pool poor port post pound
+power press price pride print prize proof proud pull pump pupil push queen quick quiet quite rabbit
+race radio rain range rapid rate reach read ready real red rent rest rice rich ride right ring rise
+risk river road rock role roof room root rope rose round route royal rule run safe sail salad salt
+same sand save scale scene school score sea seat second seed sell send sense serve seven shade shape
+share sharp sheep shelf shell shift shine ship shirt shoe shop shore short show shut sick side sign
+silk silver simple sing sink sister six size skin sky sleep slice slow small smart smile smoke snake
+snow soap sock soft soil solid song soon sort sound soup south space spare speak speed spend spice
+spin spoon sport spot spring square staff stage stair stamp stand star start state stay steam steel
+step stick still stock stone stop store storm story stove strap straw street strong study style sugar
+suit summer sun super sure sweet swim table tail take talk tall tank tape taste team tear tell ten
+tent test text thank thick thin thing third three throw ticket tide tiger tight time tiny tire title
+toast today toe tone tool tooth top total touch tower town toy track trade train tree trial trick
+trip truck true trust truth try tube tune turn twin type uncle union unit upper urban use valley
+value van verse very view village visit voice vote wage wait walk wall warm wash waste watch water
+wave wealth wear week weight west wheel white whole wide wife wild win wind window wine wing winter
+wire wise wish woman wood wool word work world worry write yard year yellow young youth zero zone
+""".split())
 ADD_PHRASINGS = ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}.",
                  "{a} + {b} = ?")
 TASKS = tuple(WORD_TASKS) + ("add",)
@@ -51,22 +100,28 @@ TASKS = tuple(WORD_TASKS) + ("add",)
 
 def make_synthetic_rows(num_rows: int, seed: int, *, min_len: int = 3, max_len: int = 5,
                         alphabet: str = string.ascii_uppercase, max_first_addend: int = 999,
-                        max_second_addend: int = 9,
+                        max_second_addend: int = 9, words: str = "random",
                         task_weights: dict[str, float] | None = None) -> list[dict[str, str]]:
     """Generates ``num_rows`` unique rows ``{prompt, completion, task, input}``, deterministic from ``seed``.
 
-    Tasks are drawn with ``task_weights`` (default uniform). ``input`` is the task's payload (used for
-    hash-stable splitting).
+    Tasks are drawn with ``task_weights`` (default uniform; 0 leaves a task out). ``input`` is the
+    task's payload (used for hash-stable splitting). ``words``: ``random`` (``min_len``..``max_len``
+    letters of ``alphabet``) or ``english`` (``ENGLISH_WORDS``, for a pretrained base model).
     Addition adds a small number to a larger one: every digit fact (and carry) is seen many times in
     train with other leading digits, so unseen sums in test are reachable by generalisation, not recall.
     """
-    combos = {"add": (max_first_addend + 1) * (max_second_addend + 1),
-              "word": sum(len(alphabet) ** n for n in range(min_len, max_len + 1))}
-    if num_rows > 0.5 * (combos["add"] + len(WORD_TASKS) * combos["word"]):
-        raise ValueError(f"{num_rows} unique rows requested, too many for these synthetic settings")
+    if words not in ("random", "english"):
+        raise ValueError(f"synthetic words must be 'random' or 'english', got {words!r}")
     weights = [float((task_weights or {}).get(t, 1.0)) for t in TASKS]
     if unknown := set(task_weights or {}) - set(TASKS):
         raise ValueError(f"unknown synthetic task(s) {sorted(unknown)}; tasks are {list(TASKS)}")
+    n_words = len(ENGLISH_WORDS) if words == "english" else sum(
+        len(alphabet) ** n for n in range(min_len, max_len + 1))
+    combos = (max_first_addend + 1) * (max_second_addend + 1) * (weights[TASKS.index("add")] > 0) + \
+        n_words * sum(w > 0 for t, w in zip(TASKS, weights) if t != "add")
+    if num_rows > 0.5 * combos:
+        raise ValueError(f"{num_rows} unique rows requested, too many for these synthetic settings "
+                         f"(at most {int(0.5 * combos)})")
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < num_rows:
@@ -77,8 +132,11 @@ def make_synthetic_rows(num_rows: int, seed: int, *, min_len: int = 3, max_len: 
             prompt = rng.choice(ADD_PHRASINGS).format(a=a, b=b)
             answer = str(a + b)
         else:
-            n = rng.randint(min_len, max_len)
-            payload = "".join(rng.choice(alphabet) for _ in range(n))
+            if words == "english":
+                payload = rng.choice(ENGLISH_WORDS)
+            else:
+                n = rng.randint(min_len, max_len)
+                payload = "".join(rng.choice(alphabet) for _ in range(n))
             phrasings, fn = WORD_TASKS[task]
             prompt = rng.choice(phrasings).format(w=payload)
             answer = fn(payload)

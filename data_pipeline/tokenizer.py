@@ -68,11 +68,51 @@ def train_demo_tokenizer(conversations: Iterable[list[dict[str, str]]], vocab_si
         model_max_length=4096, padding_side="right")
 
 
+def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """The tokenizer (and chat template) stored in a GGUF file, without torch.
+
+    transformers' own ``from_pretrained(gguf_file=...)`` reads the file through a torch-based
+    reader, so this reads the metadata with the ``gguf`` package and hands it to the torch-free
+    builders transformers uses behind that call (``gguf_tokenizer_mapping``).
+    """
+    import gguf  # noqa: PLC0415
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (  # noqa: PLC0415
+        GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+    try:
+        fields = gguf.GGUFReader(path).fields
+    except Exception as e:  # noqa: BLE001 -- a damaged file fails anywhere inside the reader
+        raise ValueError(f"{path}: cannot read the GGUF file ({type(e).__name__}: {e})") from e
+    groups = {group: {name: fields["tokenizer." + key].contents() for key, name in renames.items()
+                      if "tokenizer." + key in fields}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tok_dict, tok_config = groups["tokenizer"], groups["tokenizer_config"]
+    if "tokens" not in tok_dict:
+        raise ValueError(f"{path}: the GGUF file has no tokenizer (tokenizer.ggml.tokens)")
+    try:
+        backend, _ = convert_gguf_tokenizer(fields["general.architecture"].contents(), tok_dict)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot build its tokenizer: {e}") from e
+    tokens = tok_dict["tokens"]
+    special = {name: tokens[tok_dict[key]] for name, key in
+               (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")) if key in tok_dict}
+    if tok_config.get("add_bos_token", tok_dict.get("tokenizer_type") == "llama") and "bos_token" in special:
+        bos = special["bos_token"]  # llama.cpp prepends BOS when the file says so: so does this tokenizer
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(tok_dict["bos_token_id"]))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=tok_config.get("chat_template"),
+                                   model_max_length=1 << 30, **special)
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """Loads a tokenizer directory offline (never downloads), with a clear error if it is unusable."""
-    if not os.path.isdir(path):
+    """Loads a tokenizer directory (or a GGUF file's tokenizer) offline, never downloading, with a
+    clear error if it is unusable."""
+    if os.path.isfile(path):
+        tok = gguf_tokenizer(path)
+    elif not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not tok.is_fast:
         raise ValueError(f"tokenizer in {path!r} is not a fast (Rust) tokenizer")
     if tok.pad_token_id is None:
@@ -86,14 +126,14 @@ def build_tokenizer(tok_cfg, train_conversations: Iterable[list[dict[str, str]]]
 
     Args:
       tok_cfg: ``kind`` = ``train_bpe`` (learn a BPE on ``train_conversations``; the demo's way) or
-        ``hf`` (load the directory ``path``; empty: ``model_path``, the base model's directory).
+        ``hf`` (load the directory or GGUF file ``path``; empty: ``model_path``, the base model).
       train_conversations: the train split's conversations (only read for ``train_bpe``).
-      model_path: ``config.model.hf_path``.
+      model_path: the base model (``config.model.hf_path`` or ``config.model.gguf_path``).
     """
     if tok_cfg.kind == "train_bpe":
         return train_demo_tokenizer(train_conversations, tok_cfg.vocab_size, tok_cfg.min_frequency)
     if tok_cfg.kind == "hf":
         if not (tok_cfg.path or model_path):
-            raise ValueError("tokenizer.kind='hf' needs tokenizer.path or model.hf_path")
+            raise ValueError("tokenizer.kind='hf' needs tokenizer.path, model.hf_path or model.gguf_path")
         return load_tokenizer(tok_cfg.path or model_path)
     raise ValueError(f"tokenizer.kind must be 'train_bpe' or 'hf', got {tok_cfg.kind!r}")

@@ -143,3 +143,19 @@ def test_gpu_preset_runs_with_a_tiny_checkpoint_in_place_of_qwen(hf_dir, tmp_pat
     r = run("data_pipeline.inspect", "--config", "configs/qwen2_5_0_5b_gpu.py", "--preview", "1",
             f"--config.model.hf_path={hf_dir}", "--config.data.cache=False")
     assert r.returncode == 0 and "packed (best_fit)" in r.stdout, r.stderr[-3000:]
+
+
+def test_config_and_weights_that_disagree_are_one_clear_error(hf_dir, tmp_path):
+    """config.json says one size, the safetensors another: one line naming the file and the tensor."""
+    import shutil  # noqa: PLC0415
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 96  # the weights have 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+            f"--hf_path={bad}", "--config.tokenizer.kind=hf", "--config.train.num_steps=1")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(errors) == 1 and str(bad) in errors[0], r.stderr[-3000:]
+    assert "model.layers.0.mlp.gate_proj.weight (64, 32)" in errors[0], errors

@@ -15,14 +15,16 @@ def test_deterministic_and_unique():
 
 
 def test_answers_are_exact():
-    for r in make_synthetic_rows(300, seed=0):
+    rows = make_synthetic_rows(300, seed=0) + make_synthetic_rows(300, seed=0, words="english")
+    assert {r["task"] for r in rows} == {"reverse", "sort", "double", "count", "upper", "first", "add"}
+    for r in rows:
         w, c = r["input"], r["completion"]
         if r["task"] == "add":
             a, b = map(int, w.split("+"))
             assert c == str(a + b) and str(a) in r["prompt"] and str(b) in r["prompt"]
         else:
             expected = {"reverse": w[::-1], "sort": "".join(sorted(w)), "double": w + w,
-                        "count": str(len(w))}[r["task"]]
+                        "count": str(len(w)), "upper": w.upper(), "first": w[0]}[r["task"]]
             assert c == expected and f'"{w}"' in r["prompt"]
 
 
@@ -45,6 +47,19 @@ def test_hash_split_is_stable_when_the_dataset_grows():
     where = {r["prompt"]: name for name, rows in big.items() for r in rows}
     for name, rows in small.items():
         assert all(where[r["prompt"]] == name for r in rows)
+
+
+def test_english_words_and_zero_weights():
+    """The pretrained-base variant: dictionary words, a task left out by weight 0, and still no input
+    of one split in another."""
+    from data_pipeline.synthetic import ENGLISH_WORDS  # noqa: PLC0415
+    splits = synthetic_splits(1000, 0, FRACTIONS, salt="s", words="english", max_first_addend=40,
+                              task_weights=dict(reverse=0, sort=0, double=1, count=1, upper=1, first=1, add=1))
+    rows = [r for rs in splits.values() for r in rs]
+    assert {r["task"] for r in rows} == {"double", "count", "upper", "first", "add"}
+    assert all(r["input"] in ENGLISH_WORDS for r in rows if r["task"] != "add")
+    inputs = {name: {r["input"] for r in rs} for name, rs in splits.items()}
+    assert not inputs["test"] & inputs["train"] and not inputs["validation"] & inputs["train"]
 
 
 def test_hash_split_fractions():

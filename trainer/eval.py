@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import time
 from collections import defaultdict
 from typing import Any
@@ -25,23 +24,10 @@ from trainer import cli, experiment, metrics as metrics_lib, sharding as shardin
 from trainer.checkpoint import Checkpointer
 from trainer.cli import UserError, launch
 from trainer.generate import cut_at_stop, generate_all, make_generate_fn
+from trainer.scoring import bootstrap_interval, exact_match, paired_difference  # noqa: F401 (re-exported)
 from trainer.step import make_eval_step
 
 FLAGS = flags.FLAGS
-
-
-def exact_match(prediction: str, target: str, pattern: str = "") -> bool:
-    """Whitespace-insensitive at the ends only: 'ABC ' == 'ABC', 'A BC' != 'ABC'.
-
-    With ``pattern`` (``eval.answer_pattern``, a regex with one group, e.g. GSM8K's
-    ``####\\s*(\\S+)``) only the answers it extracts are compared; no match in the prediction is a miss.
-    """
-    if pattern:
-        t, p = re.search(pattern, target), re.search(pattern, prediction)
-        if t is None or p is None:
-            return False
-        prediction, target = p.group(1).replace(",", ""), t.group(1).replace(",", "")
-    return prediction.strip() == target.strip()
 
 
 def target_of(row: dict[str, Any]) -> str:
@@ -80,12 +66,16 @@ def fit_prompt(encode, row: dict[str, Any], exemplars: list[dict[str, Any]], bud
 
 
 def score(rows: list[dict[str, Any]], predictions: list[str], pattern: str = "") -> dict[str, Any]:
+    """Exact match overall and per task, each with its 95% bootstrap interval; ``hits`` per row."""
+    hits = [exact_match(p, target_of(r), pattern) for r, p in zip(rows, predictions)]
     by_task: dict[str, list[bool]] = defaultdict(list)
-    for r, p in zip(rows, predictions):
-        by_task[r.get("task", "all")].append(exact_match(p, target_of(r), pattern))
-    hits = [h for v in by_task.values() for h in v]
+    for r, h in zip(rows, hits):
+        by_task[r.get("task", "all")].append(h)
     return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits),
-            "per_task": {t: float(np.mean(v)) for t, v in sorted(by_task.items())}}
+            "interval": bootstrap_interval(hits),
+            "per_task": {t: float(np.mean(v)) for t, v in sorted(by_task.items())},
+            "per_task_interval": {t: bootstrap_interval(v) for t, v in sorted(by_task.items())},
+            "hits": [int(h) for h in hits]}
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -98,12 +88,19 @@ def markdown_report(result: dict[str, Any]) -> str:
     tasks = sorted({t for r in result["rows"] for t in r["per_task"]})
     lines = [f"## Evaluation: `{result['split']}` split, {result['num_examples']} rows",
              "", f"Run `{result['workdir']}`, checkpoint step {result['step']} "
-             f"({result['checkpoint']}). Exact match of greedy generation.", "",
-             "| model | prompting | exact match | " + " | ".join(tasks) + " |",
-             "|---|---|---:|" + "---:|" * len(tasks)]
+             f"({result['checkpoint']}). Exact match of greedy generation, with 95% bootstrap "
+             "intervals over the evaluated rows.", "",
+             "| model | prompting | exact match | 95% interval | " + " | ".join(tasks) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(tasks)]
     for r in result["rows"]:
+        lo, hi = r["interval"]
         lines.append(f"| {r['model']} | {r['prompting']} | **{100 * r['exact_match']:.1f}%** | "
+                     f"{100 * lo:.1f}–{100 * hi:.1f} | "
                      + " | ".join(f"{100 * r['per_task'].get(t, 0):.1f}%" for t in tasks) + " |")
+    if d := result.get("gain"):
+        lines += ["", f"Fine-tuned minus the best base row ({d['versus']}): **{100 * d['difference']:+.1f} "
+                  f"points**, 95% paired-bootstrap interval {100 * d['low']:+.1f} to {100 * d['high']:+.1f} "
+                  f"(share of resamples with no gain: {d['p_not_better']:.4f})."]
     loss = result["finetuned_loss"]
     lines += ["", f"Fine-tuned completion loss on `{result['split']}`: {loss['loss']:.4f} "
               f"(token accuracy {100 * loss['token_accuracy']:.1f}% over {int(loss['tokens'])} "
@@ -206,6 +203,9 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
         metrics_lib.log(f"{model_name}, {prompting}: {100 * result_rows[-1]['exact_match']:.1f}% "
                         f"exact match ({time.perf_counter() - t0:.0f}s)")
 
+    best_base = max(result_rows[:-1], key=lambda r: r["exact_match"])
+    gain = {"versus": best_base["prompting"],
+            **paired_difference(result_rows[-1]["hits"], best_base["hits"], seed=config.seed)}
     samples = []
     wrong_first = sorted(range(len(eval_rows)), key=lambda i: exact_match(
         predictions[i], target_of(eval_rows[i]), pattern))[:4] + list(range(4))
@@ -214,7 +214,7 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
                         "target": target_of(eval_rows[i]), "prediction": predictions[i],
                         "ok": exact_match(predictions[i], target_of(eval_rows[i]), pattern)})
     result = {"workdir": workdir, "split": split, "checkpoint": checkpoint, "step": step,
-              "num_examples": len(eval_rows), "rows": result_rows, "finetuned_loss": loss,
+              "num_examples": len(eval_rows), "rows": result_rows, "gain": gain, "finetuned_loss": loss,
               "samples": samples[:8], "prompts": prompt_stats, "seconds": time.perf_counter() - t0}
 
     md = markdown_report(result)

@@ -138,13 +138,18 @@ def tokenize(config: ml_collections.ConfigDict, tok, rows: dict[str, list[dict[s
 # ---------------------------------------------------------------------------------------------
 
 def hf_path(config: ml_collections.ConfigDict) -> str:
-    """The HF checkpoint directory the run starts from ("" for a model trained from scratch)."""
-    return config.model.get("hf_path", "")
+    """The base model the run starts from: ``model.hf_path`` (an HF directory) or ``model.gguf_path``
+    (a GGUF file); "" for a model trained from scratch."""
+    hf, gg = config.model.get("hf_path", ""), config.model.get("gguf_path", "")
+    if hf and gg:
+        raise UserError("set model.hf_path or model.gguf_path, not both")
+    return hf or gg
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """From ``model.hf_path``'s ``config.json`` (only dtypes and the attention backend are taken from
-    ``config.model``), or from ``config.model`` with the tokenizer's vocabulary for a new model."""
+    """From the base model's ``config.json`` or GGUF metadata (only dtypes, remat and the attention
+    backend are taken from ``config.model``), or from ``config.model`` with the tokenizer's vocabulary
+    for a new model."""
     runtime = {k: config.model.get(k, d) for k, d in (("dtype", "float32"), ("param_dtype", "float32"),
                                                          ("attention_impl", "auto"), ("remat", "none"))}
     axes = dict(rules(config))  # mesh axes of attention's batch/head dims (for kernels under shard_map)
@@ -155,7 +160,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
         try:
             cfg = hf_io.model_config_from_hf(hf_io.read_hf_config(path), **runtime)
         except hf_io.HFError as e:
-            raise UserError(f"model.hf_path: {e}") from e
+            raise UserError(f"base model: {e}") from e
     else:
         cfg = ModelConfig.from_dict({**config.model.to_dict(), **runtime, "vocab_size": vocab_size,
                                      "max_position_embeddings": config.data.max_length})
@@ -207,17 +212,17 @@ class ModelSpec:
         def place(path, value):
             want = hf_io.get_path(expected, path)
             if value.shape != want.shape:
-                raise UserError(f"model.hf_path: {'/'.join(map(str, path))} has shape {value.shape}, "
-                                f"expected {want.shape}")
+                raise ValueError(f"our {'/'.join(map(str, path))} would be {value.shape}, the config "
+                                 f"implies {want.shape}")
             return jax.make_array_from_callback(value.shape, hf_io.get_path(self.param_shardings, path),
                                                 lambda idx: value[idx])
         try:
             model_type = hf_io.read_hf_config(self.hf_path)["model_type"]
             params = hf_io.load_hf(self.hf_path, self.cfg, model_type, place)
         except hf_io.HFError as e:
-            raise UserError(f"model.hf_path: {e}") from e
+            raise UserError(f"base model: {e}") from e
         if jax.tree.structure(params) != jax.tree.structure(expected):
-            raise UserError(f"model.hf_path: the checkpoint's tensors do not fill the model "
+            raise UserError(f"base model {self.hf_path}: the checkpoint's tensors do not fill the model "
                             f"({len(jax.tree.leaves(params))} of {len(jax.tree.leaves(expected))})")
         return params
 

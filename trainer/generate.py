@@ -70,7 +70,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
         mask = (slots[None, None, :] <= q[None, :, None]) & key_valid[:, None, :]
         mask = mask | (slots[None, None, :] == q[None, :, None])  # padding rows attend to themselves
         key_pos = jnp.concatenate([positions, jnp.zeros((b, n), jnp.int32)], axis=1)
-        logits, cache = model(prompts, positions, mask, cache, jnp.int32(0), key_pos)
+        logits, cache = model(prompts, positions, mask, cache, jnp.int32(0), key_pos, last_only=True)
         rng, sub = jax.random.split(rng)
         tok = _pick(logits[:, -1], sub, temperature, top_k, top_p)
         out = jnp.full((b, n), pad_id, jnp.int32)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer import gguf_io
 from trainer.model import ModelConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
@@ -28,23 +29,40 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
                 "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 
-class HFError(ValueError):
-    """A checkpoint directory or config this code cannot load (the message says why)."""
-
+HFError = gguf_io.GGUFError  # one error type for every base-model format this module reads
 
 # ---------------------------------------------------------------------------------------------
 # config.json -> ModelConfig
 # ---------------------------------------------------------------------------------------------
 
-def _rope(hf: Mapping[str, Any]) -> dict[str, Any]:
-    rp = dict(hf.get("rope_parameters") or {})
+def normalized_config(hf: Mapping[str, Any]):
+    """transformers' own config object for a ``config.json`` dict, in its current normal form.
+
+    Hub repos ship config.json files in the form the transformers release of their day wrote (Gemma 2
+    without ``layer_types``, Gemma 3 with ``sliding_window_pattern``/``rope_local_base_freq``, Gemma 1
+    with ``hidden_act: gelu`` meaning the tanh form, ``rope_scaling`` for ``rope_parameters`` ...).
+    transformers' config classes normalise every one of those vintages (needing no torch); we read
+    their normalised attributes rather than re-implement the legacy rules.
+    """
+    import transformers  # noqa: PLC0415
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise HFError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
+    kw = {k: v for k, v in hf.items() if k != "model_type"}
+    try:
+        return transformers.AutoConfig.for_model(mt, **kw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise HFError(f"transformers cannot read this {mt} config: {e}") from e
+
+
+def _rope(c) -> dict[str, Any]:
+    rp = dict(getattr(c, "rope_parameters", None) or {})
     full, local = (rp.get("full_attention", {}), rp.get("sliding_attention", {})) \
         if "full_attention" in rp else (rp, {})
-    full = {**(hf.get("rope_scaling") or {}), **full}
-    kind = full.get("rope_type", full.get("type", "default"))
+    kind = full.get("rope_type", "default")
     if kind not in ("default", "linear", "llama3"):
         raise HFError(f"RoPE type {kind!r} is not supported (default, linear, llama3)")
-    out = {"rope_theta": float(full.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_type": kind,
+    out = {"rope_theta": float(full.get("rope_theta", 10000.0)), "rope_type": kind,
            "rope_factor": float(full.get("factor", 1.0))}
     if kind == "llama3":
         out.update(rope_low_freq_factor=float(full["low_freq_factor"]),
@@ -52,56 +70,56 @@ def _rope(hf: Mapping[str, Any]) -> dict[str, Any]:
                    rope_original_max_position_embeddings=int(full["original_max_position_embeddings"]))
     if local.get("rope_type", "default") != "default":
         raise HFError("scaled RoPE on sliding-window layers is not supported")
-    local_theta = local.get("rope_theta", hf.get("rope_local_base_freq"))
-    if local_theta:
-        out["rope_local_theta"] = float(local_theta)
+    if local.get("rope_theta"):
+        out["rope_local_theta"] = float(local["rope_theta"])
     return out
 
 
 def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-    """Our ``ModelConfig`` from an HF ``config.json`` dict (``model_type`` in ``SUPPORTED``)."""
-    mt = hf.get("model_type")
-    if mt not in SUPPORTED:
-        raise HFError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
+    """Our ``ModelConfig`` from an HF ``config.json`` dict of any vintage (see ``normalized_config``)."""
+    c = normalized_config(hf)
+    mt = c.model_type
     if mt == "gpt2":
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        if c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn:
             raise HFError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn "
                           "are not supported")
-        e = hf["n_embd"]
-        kw = dict(vocab_size=hf["vocab_size"], hidden_size=e, intermediate_size=hf.get("n_inner") or 4 * e,
-                  num_hidden_layers=hf["n_layer"], num_attention_heads=hf["n_head"],
-                  num_key_value_heads=hf["n_head"], rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                  tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                  max_position_embeddings=hf.get("n_positions", 1024), qkv_bias=True, o_bias=True,
-                  mlp_bias=True, norm="layer", mlp="plain", position_embedding="learned",
-                  activation=_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"), "?"))
+        e = c.n_embd
+        kw = dict(vocab_size=c.vocab_size, hidden_size=e, intermediate_size=c.n_inner or 4 * e,
+                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                  num_key_value_heads=c.n_head, rms_norm_eps=c.layer_norm_epsilon,
+                  tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.n_positions,
+                  qkv_bias=True, o_bias=True, mlp_bias=True, norm="layer", mlp="plain",
+                  position_embedding="learned", activation=_activation_of(c.activation_function))
         return ModelConfig(**{**kw, **overrides})
-    if hf.get("mlp_bias"):
+    if getattr(c, "mlp_bias", False):
         raise HFError("mlp_bias=True is not supported")
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-    if act not in _ACTIVATIONS:
-        raise HFError(f"activation {act!r} is not supported")
     gemma = mt.startswith("gemma")
-    window = hf.get("sliding_window") or 0
-    if mt == "qwen2" and not hf.get("use_sliding_window"):
-        window = 0
-    layer_types = tuple(hf.get("layer_types") or ()) if window else ()
+    # Gemma 2/3 name their activation hidden_activation; the others (and Gemma 1, normalised to the
+    # tanh form by its config class) hidden_act.
+    act = _activation_of(getattr(c, "hidden_activation", None) or c.hidden_act)
+    window = int(getattr(c, "sliding_window", None) or 0)
+    layer_types = tuple(getattr(c, "layer_types", None) or ()) if window else ()
     kw = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")),
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None), rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=bool(c.tie_word_embeddings), max_position_embeddings=c.max_position_embeddings,
+        qkv_bias=mt == "qwen2" or bool(getattr(c, "attention_bias", False)),
+        o_bias=mt != "qwen2" and bool(getattr(c, "attention_bias", False)),
         qk_norm=mt in ("qwen3", "gemma3_text"), norm_offset=1.0 if gemma else 0.0,
-        activation=_ACTIVATIONS[act], embed_scale=gemma, post_norms=mt in ("gemma2", "gemma3_text"),
-        attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
-        final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0.0),
-        sliding_window=int(window), layer_types=layer_types, **_rope(hf))
+        activation=act, embed_scale=gemma, post_norms=mt in ("gemma2", "gemma3_text"),
+        attn_logit_softcap=float(getattr(c, "attn_logit_softcapping", None) or 0.0),
+        final_logit_softcap=float(getattr(c, "final_logit_softcapping", None) or 0.0),
+        query_pre_attn_scalar=float(getattr(c, "query_pre_attn_scalar", None) or 0.0),
+        sliding_window=window, layer_types=layer_types, **_rope(c))
     return ModelConfig(**{**kw, **overrides})
+
+
+def _activation_of(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise HFError(f"activation {name!r} is not supported ({', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
@@ -231,18 +249,25 @@ def get_path(tree: Any, path: tuple) -> Any:
 
 
 def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, model_type: str,
-                   place: Callable[[tuple, np.ndarray], Any] = lambda path, x: x, prefix: str = ""
-                   ) -> dict[str, Any]:
+                   place: Callable[[tuple, np.ndarray], Any] = lambda path, x: x, prefix: str = "",
+                   source: str = "") -> dict[str, Any]:
     """Our pure param dict from HF tensors (``get(name) -> array``), one link at a time.
 
     ``place(path, array)`` puts each converted leaf where it belongs (e.g. straight into its sharding),
-    so no more than one HF tensor is ever held whole, on the host.
+    so no more than one HF tensor is ever held whole, on the host. A tensor whose shape does not fit
+    (``place`` raises ``ValueError``) is an ``HFError`` naming ``source`` and the HF tensor.
     """
     dtype = np_dtype(cfg.param_dtype)
     params: dict[str, Any] = {}
     for link in links(cfg, model_type, prefix):
-        for path, value in zip(link.ours, link.to_ours(*(get(n) for n in link.hf)), strict=True):
-            _set(params, path, place(path, np.asarray(value).astype(dtype)))
+        tensors = [get(n) for n in link.hf]
+        try:
+            for path, value in zip(link.ours, link.to_ours(*tensors), strict=True):
+                _set(params, path, place(path, np.asarray(value).astype(dtype)))
+        except ValueError as e:  # a reshape that cannot work, or ``place``'s shape check
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(link.hf, tensors))
+            raise HFError(f"{source or 'checkpoint'}: tensor {shapes} does not fit the model its config "
+                          f"describes ({e})") from e
     return params
 
 
@@ -267,11 +292,17 @@ def np_dtype(name: str) -> np.dtype:
 # ---------------------------------------------------------------------------------------------
 
 def read_hf_config(path: str) -> dict[str, Any]:
+    """The ``config.json`` dict of a base model: an HF directory, or a ``.gguf`` file's metadata."""
+    if gguf_io.is_gguf(path):
+        return gguf_io.open_gguf(path).config
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise HFError(f"{path!r} is not a Hugging Face model directory (no config.json)")
-    with open(cfg_path) as f:
-        hf = json.load(f)
+        raise HFError(f"{path!r} is not a Hugging Face model directory (no config.json) or a .gguf file")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise HFError(f"{cfg_path}: not readable JSON ({e})") from e
     if hf.get("model_type") == "gemma3":  # a multimodal Gemma 3 checkpoint: use its text model
         raise HFError("model_type 'gemma3' (multimodal) is not supported; use a text-only "
                       "Gemma3ForCausalLM checkpoint (model_type 'gemma3_text')")
@@ -304,12 +335,19 @@ class SafetensorsReader:
         return self._files[self._where[name]].get_tensor(name)
 
 
+def open_weights(path: str) -> SafetensorsReader | gguf_io.GGUFCheckpoint:
+    """``reader(hf_tensor_name) -> np.ndarray`` (and ``reader.names()``) for an HF directory or a GGUF
+    file: GGUF tensors come back dequantised, under their HF names and in HF's layout."""
+    return gguf_io.open_gguf(path) if gguf_io.is_gguf(path) else SafetensorsReader(path)
+
+
 def load_hf(path: str, cfg: ModelConfig, model_type: str,
             place: Callable[[tuple, np.ndarray], Any] = lambda path, x: x) -> dict[str, Any]:
-    """Reads a checkpoint directory's weights into our param dict (see ``params_from_hf``)."""
-    reader = SafetensorsReader(path)
+    """Reads a checkpoint's weights (HF directory or GGUF file) into our param dict
+    (see ``params_from_hf``)."""
+    reader = open_weights(path)
     prefix = "transformer." if model_type == "gpt2" and "transformer.wte.weight" in reader.names() else ""
-    return params_from_hf(reader, cfg, model_type, place, prefix)
+    return params_from_hf(reader, cfg, model_type, place, prefix, source=path)
 
 
 def save_hf(tensors: dict[str, np.ndarray], out: str, max_shard_bytes: int = 5 * 2**30) -> list[str]:

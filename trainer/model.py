@@ -382,8 +382,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: Array, positions: Array, mask: Array,
                  cache: list[tuple[Array, Array]] | None = None, cache_index: Array | None = None,
-                 key_positions: Array | None = None, segment_ids: Array | None = None
-                 ) -> tuple[Array, list[tuple[Array, Array]] | None]:
+                 key_positions: Array | None = None, segment_ids: Array | None = None,
+                 last_only: bool = False) -> tuple[Array, list[tuple[Array, Array]] | None]:
         """Args:
           tokens: [batch, seq] int32.
           positions: [batch, seq] int32 (restart at 0 per packed segment).
@@ -395,9 +395,11 @@ class Transformer(nnx.Module):
             ``positions`` (no cache).
           segment_ids: [batch, seq] int32, the segments ``mask`` was built from (0 = padding); given
             for full sequences so the splash kernel can use them instead of the dense mask.
+          last_only: logits for the last position only (generation's prefill: ``[batch, 1, vocab]``
+            instead of ``[batch, seq, vocab]``, which for a 50k vocabulary dwarfs the model).
 
         Returns:
-          logits [batch, seq, vocab] float32, and the updated cache (None without one).
+          logits [batch, seq (or 1), vocab] float32, and the updated cache (None without one).
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         key_positions = positions if key_positions is None else key_positions
@@ -413,7 +415,7 @@ class Transformer(nnx.Module):
                         cache_index, segment_ids)
             if new_cache is not None:
                 new_cache.append(c)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bse,ev->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = logits.astype(jnp.float32)

@@ -166,6 +166,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
     flags.DEFINE_string("hf_path", "", "Shorthand for --config.model.hf_path (start from this HF "
                         "checkpoint directory).")
+    flags.DEFINE_string("gguf", "", "Shorthand for --config.model.gguf_path (start from this GGUF "
+                        "file).")
     flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
@@ -176,6 +178,8 @@ def run() -> None:
         config = config_flag()
         if FLAGS.hf_path:
             config.model.hf_path = FLAGS.hf_path
+        if FLAGS.gguf:
+            config.model.gguf_path = FLAGS.gguf
         return train(config, FLAGS.workdir)
     launch(body)
 

@@ -1,0 +1,242 @@
+"""GGUF import against transformers reading the same file (``gguf_file=``, torch at test time only).
+
+The test writes tiny Llama and Qwen2 models as GGUF files with the ``gguf`` package's writer, the way
+llama.cpp's converter lays them out (q/k rows permuted for ``llama``, quantised matrices), with a
+byte-level BPE tokenizer and a chat template inside. Our import must give transformers' logits and
+greedy tokens, and our torch-free tokenizer must encode like transformers' GGUF tokenizer.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
+
+from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
+from trainer import gguf_io, hf_io  # noqa: E402
+from trainer.generate import generate_all, make_generate_fn  # noqa: E402
+from trainer.model import Transformer, attention_mask  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Q = gguf.GGMLQuantizationType
+TEXTS = ["Reverse the letters of \"ABCD\".", "hello world 12345", "<|im_start|>user\nhi<|im_end|>"]
+
+
+def demo_tokenizer():
+    convs = [[{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}] for t in
+             ["Reverse the letters of \"ABCDEFG\".", "hello world, what is 12 plus 7?", "sort these words"] * 30]
+    return tokenizer_lib.train_demo_tokenizer(convs, vocab_size=300, min_frequency=2)
+
+
+def write_gguf(path, arch: str, qtypes: dict[str, int]):
+    """A random tiny model of ``arch`` as a GGUF file; returns the token list length (vocab)."""
+    tok = demo_tokenizer()
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    specials = set(tok.all_special_tokens)
+    e, f, h, k, d, n = 64, 96, 4, 2, 16, 2
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    hf_cfg = cls(vocab_size=len(tokens), hidden_size=e, intermediate_size=f, num_hidden_layers=n,
+                 num_attention_heads=h, num_key_value_heads=k, max_position_embeddings=128,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    sd = {name: p.detach().numpy().astype(np.float32) for name, p in model.state_dict().items()}
+    for name in sd:
+        if "norm" in name:
+            sd[name] = np.random.default_rng(1).uniform(0.5, 1.5, sd[name].shape).astype(np.float32)
+        elif name.endswith("bias"):
+            sd[name] = np.random.default_rng(2).uniform(-0.5, 0.5, sd[name].shape).astype(np.float32)
+        else:
+            sd[name] = np.random.default_rng(3).normal(0, 0.15, sd[name].shape).astype(np.float32)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny " + arch)
+    w.add_context_length(128)
+    w.add_embedding_length(e)
+    w.add_block_count(n)
+    w.add_feed_forward_length(f)
+    w.add_head_count(h)
+    w.add_head_count_kv(k)
+    w.add_rope_dimension_count(d)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tokenizer_lib.CHATML_TEMPLATE)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                 "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for name, x in sd.items():
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            target = f"blk.{i}.{per_layer[rest]}"
+        else:
+            target = names[name]
+        if arch == "llama" and rest_is(name, "q_proj.weight"):  # as llama.cpp's converter does
+            x = gguf_io.permute_rope_rows(x, h)
+        elif arch == "llama" and rest_is(name, "k_proj.weight"):
+            x = gguf_io.permute_rope_rows(x, k)
+        qtype = next((t for key, t in qtypes.items() if key in target), Q.F32) if x.ndim == 2 else Q.F32
+        if qtype in (Q.F32, Q.F16):
+            w.add_tensor(target, x.astype(np.float16 if qtype == Q.F16 else np.float32))
+        else:
+            w.add_tensor(target, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def rest_is(name, suffix):
+    return name.endswith(suffix)
+
+
+QTYPES = {"llama": {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.F16,
+                    "ffn_": Q.Q8_0, "output.": Q.Q5_1},
+          "qwen2": {"attn_": Q.Q8_0, "ffn_up": Q.Q4_1, "token_embd": Q.F16}}
+
+
+@pytest.fixture(scope="module", params=sorted(QTYPES))
+def gguf_file(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / f"tiny-{request.param}.gguf"
+    write_gguf(path, request.param, QTYPES[request.param])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    return request.param, str(path), hf
+
+
+def ours(path):
+    raw = hf_io.read_hf_config(path)
+    cfg = hf_io.model_config_from_hf(raw)
+    params = jax.tree.map(jnp.asarray, hf_io.load_hf(path, cfg, raw["model_type"]))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, params, cfg
+
+
+def test_gguf_logits_and_greedy_match_transformers(gguf_file):
+    arch, path, hf = gguf_file
+    graphdef, params, cfg = ours(path)
+    assert cfg.tie_word_embeddings is False and cfg.qkv_bias == (arch == "qwen2")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, cfg.vocab_size, (2, 14))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+    pos = np.broadcast_to(np.arange(14), tokens.shape)
+    logits, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32),
+                                            attention_mask(jnp.ones(tokens.shape, jnp.int32)))
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=0, err_msg=arch)
+
+    prompts = [rng.integers(3, cfg.vocab_size, n).astype(np.int32) for n in (5, 9)]
+    gen = make_generate_fn(graphdef, max_new_tokens=24, eos_ids=[-1], pad_id=0)
+    got = generate_all(gen, params, prompts, batch_size=2, pad_id=0, eos_ids=[-1])
+    hf.generation_config.eos_token_id = None
+    for p, g in zip(prompts, got):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor(p[None].astype(np.int64)), do_sample=False, max_new_tokens=24,
+                               pad_token_id=0).numpy()[0, len(p):]
+        assert g == want.tolist(), arch
+
+
+def test_gguf_permutation_round_trips():
+    w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
+    assert not np.array_equal(gguf_io.permute_rope_rows(w, 8), w)
+    np.testing.assert_array_equal(gguf_io.unpermute_rope_rows(gguf_io.permute_rope_rows(w, 8), 8), w)
+
+
+def test_gguf_tokenizer_matches_transformers(gguf_file):
+    _, path, _ = gguf_file
+    ours_tok = tokenizer_lib.load_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    for text in TEXTS:
+        assert ours_tok(text).input_ids == theirs(text).input_ids, text
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    assert ours_tok.apply_chat_template(msgs, tokenize=False) == theirs.apply_chat_template(msgs, tokenize=False)
+    assert (ours_tok.bos_token, ours_tok.eos_token) == (theirs.bos_token, theirs.eos_token)
+
+
+def test_gguf_export_is_a_plain_hf_directory(gguf_file, tmp_path):
+    """A GGUF user leaves with safetensors + config.json that transformers loads without gguf_file."""
+    arch, path, hf = gguf_file
+    graphdef, params, cfg = ours(path)
+    raw = hf_io.read_hf_config(path)
+    hf_io.save_hf(hf_io.params_to_hf(jax.device_get(params), cfg, raw["model_type"]), str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        np.testing.assert_allclose(again(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-5, rtol=0)
+
+
+# ---- bad input: one clear error naming the file ---------------------------------------------
+
+def test_bad_gguf_files_fail_clearly(gguf_file, tmp_path):
+    _, path, _ = gguf_file
+    data = open(path, "rb").read()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(gguf_io.GGUFError, match="truncated.gguf: "):
+        hf_io.load_hf(str(truncated), *_cfg_and_type(path))
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 this is a zip file")
+    with pytest.raises(gguf_io.GGUFError, match="weights.gguf: not a GGUF file"):
+        hf_io.read_hf_config(str(not_gguf))
+
+    other = tmp_path / "falcon.gguf"
+    w = gguf.GGUFWriter(str(other), "falcon")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(gguf_io.GGUFError, match="architecture 'falcon' is not supported; supported: llama"):
+        hf_io.read_hf_config(str(other))
+
+    iq = tmp_path / "iq.gguf"
+    w = gguf.GGUFWriter(str(iq), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 136), np.uint8), raw_dtype=Q.IQ4_XS)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(gguf_io.GGUFError, match="type IQ4_XS, which is not supported; supported: F32"):
+        hf_io.read_hf_config(str(iq))
+
+
+def _cfg_and_type(path):
+    raw = hf_io.read_hf_config(path)
+    return hf_io.model_config_from_hf(raw), raw["model_type"]
+
+
+def test_cli_reports_a_truncated_gguf_in_one_line(gguf_file, tmp_path):
+    _, path, _ = gguf_file
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(open(path, "rb").read()[:5000])
+    r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "configs/tiny.py",
+                        "--workdir", str(tmp_path / "wd"), f"--gguf={bad}", "--config.tokenizer.kind=hf"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cut.gguf" in errors[0], r.stderr[-2000:]
