@@ -16,16 +16,14 @@ import sys
 from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from data_pipeline import loader, packing, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.cli import UserError, config_flag, parse_flags
 from data_pipeline.errors import DataError
 
 FLAGS = flags.FLAGS
 
 
-def mark_supervised(tok, ex: loader.Example) -> str:
+def mark_supervised(tok, ex) -> str:
     """Decodes an example with each supervised span wrapped in ``[[...]]``."""
     out, start = [], 0
     ids, mask = ex.ids.tolist(), ex.loss_mask.tolist()
@@ -39,6 +37,8 @@ def mark_supervised(tok, ex: loader.Example) -> str:
 
 def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str, dict[str, Any]]:
     """Builds the data exactly as ``trainer.train`` would; returns (Markdown, JSON-able dict)."""
+    # Imported here, not at the top: ``--help`` should not wait for datasets/transformers/grain.
+    from data_pipeline import packing, pipeline, sources, tokenizer as tokenizer_lib  # noqa: PLC0415
     dcfg = config.data
     rows, source_reports = sources.build_splits(dcfg, config.seed)
     if tokenizer_dir:
@@ -109,6 +109,7 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
 
 def _define_flags() -> None:
     """Defined when the entry point runs, not on import (see ``data_pipeline.cli``)."""
+    from ml_collections import config_flags  # noqa: PLC0415
     config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
     flags.DEFINE_integer("preview", 3, "Templated train examples to show.")
     flags.DEFINE_string("tokenizer", "", "A tokenizer directory (e.g. RUN/tokenizer) instead of building "

@@ -1,7 +1,7 @@
 """The benchmark runs and reports both sides (a smoke test: speed is reported, never asserted)."""
 
 from tests.helpers import tiny_config
-from trainer.bench import bench, flops_per_token
+from trainer.benchmark import bench, flops_per_token
 
 
 def test_bench_reports_ours_and_the_torch_reference():

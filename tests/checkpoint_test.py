@@ -10,7 +10,7 @@ from trainer import experiment
 from trainer.checkpoint import Checkpointer
 from trainer.cli import UserError
 from trainer.step import make_train_step
-from trainer.train import train
+from trainer.loop import train
 
 
 def test_save_restore_is_bitwise(tmp_path):

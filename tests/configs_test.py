@@ -7,7 +7,7 @@ import os
 import pytest
 
 from configs import demo
-from trainer import experiment
+from trainer import config_checks
 
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
     os.path.dirname(__file__), "..", "configs", "*.py")) if not p.endswith("__init__.py"))
@@ -29,7 +29,8 @@ def keys(d, prefix=""):
 @pytest.mark.parametrize("name", NAMES)
 def test_config_loads_validates_and_has_the_demo_keys(name):
     c = importlib.import_module(f"configs.{name}").get_config()
-    experiment.validate_config(c)
+    # Away from its checkpoint and its pod: every check but files and the device count.
+    assert config_checks.problems(c, device_count=None, check_paths=False) == []
     assert keys(c.to_dict()) == keys(demo.get_config().to_dict())
 
 
@@ -37,3 +38,35 @@ def test_presets_point_at_hf_checkpoints():
     for name in ("qwen2_5_0_5b_gpu", "gemma2_2b_gpu", "llama3_8b_tpu"):
         c = importlib.import_module(f"configs.{name}").get_config()
         assert c.model.hf_path and c.tokenizer.kind == "hf" and c.model.dtype == "bfloat16"
+
+
+def test_every_problem_is_reported_at_once():
+    c = demo.get_config()
+    c.train.batch_size = 0
+    c.optimizer.learning_rate = -1e-3
+    c.train.eval_batch_size = 12
+    c.data.packing = "tight"
+    c.model.hf_path = "/nonexistent/model"
+    c.eval.max_new_tokens = 0
+    out = config_checks.problems(c, device_count=8, process_count=1)
+    assert out == [
+        "train.batch_size must be at least 1, got 0",
+        "optimizer.learning_rate must be positive, got -0.001",
+        "data.packing must be one of none, best_fit, first_fit, got 'tight'",
+        "model.hf_path: '/nonexistent/model' is not a directory",
+        "eval.max_new_tokens must be at least 1, got 0",
+        "train.eval_batch_size=12 must be divisible by the data-parallel size 8 and the process count 1 "
+        "(rows would be dropped)"]
+
+
+def test_divisibility_by_mesh_and_processes_and_base_positions():
+    c = demo.get_config()
+    c.mesh.data, c.mesh.fsdp = 2, 2  # 4 devices, batch split 4 ways
+    c.train.batch_size, c.train.grad_accum_steps = 12, 2
+    c.train.eval_batch_size = 6
+    out = config_checks.problems(c, device_count=4, process_count=2, base_positions=128)
+    assert "train.batch_size=12 must be divisible by the data-parallel size 4 x train.grad_accum_steps=2" in out
+    assert any(p.startswith("train.eval_batch_size=6 must be divisible by the data-parallel size 4") for p in out)
+    assert any(p.startswith("eval prompts (144 tokens") for p in out)  # 36 x (3 + 1) + 12 > 128
+    assert config_checks.problems(c, device_count=3) == ["mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} needs 4 "
+                                                         "devices, but 3 are available"]

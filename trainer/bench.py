@@ -2,143 +2,19 @@ r"""Train-step throughput: tokens/s and MFU of our jitted step, and the PyTorch 
 
     python -m trainer.bench --config configs/demo.py [--batch 16 --seq 256 --steps 10] [--json out.json]
 
-Both sides train the same architecture (``config.model``, or ``model.hf_path``'s config.json) with
-AdamW on the same random full-length batches: ours is ``make_train_step`` under ``jax.jit`` with the
-run's shardings and donated state; the reference is the transformers PyTorch model with
-``torch.optim.AdamW`` on the CPU (skipped when torch is not installed, or with ``--no_torch``). MFU is
-printed where the device's peak bf16 FLOP/s is known (GPUs, TPUs), never for CPUs.
+The logic is ``trainer.benchmark``; this module imports only absl until the flags are parsed.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from typing import Any
 
-import jax
-import numpy as np
 from absl import flags
 
-from trainer import cli, experiment, hf_io, sharding as sharding_lib
+from trainer import cli
 from trainer.cli import config_flag, launch
-from trainer.step import make_optimizer
 
 FLAGS = flags.FLAGS
-# Peak dense bf16 FLOP/s per device (vendor figures), matched against ``device_kind``.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
-
-
-def peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-
-
-def flops_per_token(cfg, seq: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + attention (12 x layers x heads x d x seq/2)."""
-    e, f, h, k, d, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                        cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers)
-    per_layer = e * d * (2 * h + 2 * k) + e * f * (3 if cfg.mlp == "gated" else 2)
-    matmul = n * per_layer + e * cfg.vocab_size
-    return 6 * matmul + 12 * n * h * d * seq / 2  # causal: half the attention scores
-
-
-def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
-        out.append({"inputs": ids[:, :-1], "targets": ids[:, 1:],
-                    "weights": np.ones((batch, seq), np.float32),
-                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-                    "segment_ids": np.ones((batch, seq), np.int32)})
-    return out
-
-
-def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: int) -> dict[str, Any]:
-    mesh = experiment.make_mesh(config)
-    spec = experiment.model_spec(config, vocab, mesh)
-    tx, schedule = make_optimizer(config.optimizer, len(data))
-    state_sh = experiment.state_shardings(spec, tx)
-    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
-    step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
-                                     batch_sh)
-    state = experiment.init_train_state(spec, tx, config.seed, state_sh)
-    device_data = [experiment.global_batch(b, batch_sh) for b in data]
-    for b in device_data[:warmup]:  # compile + warm up
-        state, m = step(state, b)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for b in device_data[warmup:]:
-        state, m = step(state, b)
-    jax.block_until_ready(m)
-    return {"seconds": time.perf_counter() - t0, "cfg": spec.cfg, "loss": float(m["loss"])}
-
-
-def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], warmup: int,
-                lr: float) -> dict[str, Any] | None:
-    try:
-        import torch  # noqa: PLC0415 (test-time/benchmark reference only)
-        import transformers  # noqa: PLC0415
-    except ImportError:
-        return None
-    cfg = transformers.AutoConfig.for_model(**hf_config)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-
-    def step(b):
-        logits = model(input_ids=torch.from_numpy(b["inputs"]).long()).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                                 torch.from_numpy(b["targets"]).long().flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    for b in data[:warmup]:
-        step(b)
-    t0 = time.perf_counter()
-    for b in data[warmup:]:
-        loss = step(b)
-    return {"seconds": time.perf_counter() - t0, "loss": float(loss), "threads": torch.get_num_threads()}
-
-
-def bench(config, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: bool = True,
-          vocab: int = 32000) -> dict[str, Any]:
-    """Runs both sides; returns tokens/s, MFU and the ratio (also printed as a Markdown table).
-
-    ``vocab`` is used for a model trained from scratch (an imported model keeps its own)."""
-    data = batches(steps + warmup, batch, seq, vocab)
-    ours = bench_ours(config, vocab, data, warmup)
-    cfg = ours["cfg"]
-    tokens = batch * seq * steps
-    row = {"batch": batch, "seq": seq, "steps": steps, "devices": jax.device_count(),
-           "device": jax.devices()[0].device_kind, "dtype": cfg.dtype,
-           "ours_tokens_per_s": tokens / ours["seconds"]}
-    peak = peak_flops(jax.devices()[0])
-    row["mfu"] = (row["ours_tokens_per_s"] * flops_per_token(cfg, seq) / (peak * jax.device_count())
-                  if peak else None)
-    ref = None
-    if use_torch and jax.default_backend() == "cpu":  # same machine, same cores: a fair comparison
-        hf_config = (hf_io.read_hf_config(experiment.hf_path(config)) if experiment.hf_path(config)
-                     else hf_io.hf_config_from_model(cfg))
-        ref = bench_torch({**hf_config, "vocab_size": cfg.vocab_size}, data, warmup,
-                          config.optimizer.learning_rate)
-    if ref:
-        row["torch_tokens_per_s"] = tokens / ref["seconds"]
-        row["ratio_vs_torch"] = row["ours_tokens_per_s"] / row["torch_tokens_per_s"]
-        row["torch_threads"] = ref["threads"]
-    lines = ["| device | batch x seq | ours tokens/s | MFU | PyTorch tokens/s | ratio |",
-             "|---|---|---:|---:|---:|---:|",
-             f"| {row['devices']} x {row['device']} ({row['dtype']}) | {batch} x {seq} | "
-             f"{row['ours_tokens_per_s']:,.0f} | "
-             + (f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a") + " | "
-             + (f"{row['torch_tokens_per_s']:,.0f} | {row['ratio_vs_torch']:.2f}x |" if ref else "- | - |")]
-    print("\n".join(lines), flush=True)
-    return row
 
 
 def _define_flags() -> None:
@@ -158,6 +34,7 @@ def run() -> None:
     _define_flags()
 
     def body():
+        from trainer.benchmark import bench  # noqa: PLC0415
         row = bench(config_flag(), FLAGS.batch, FLAGS.seq, FLAGS.steps, use_torch=FLAGS.torch,
                     vocab=FLAGS.vocab)
         if FLAGS.json:

@@ -7,17 +7,30 @@ always resolves.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as cm
 
 from trainer.cli import UserError
 
 VAL_METRIC = "val_loss"
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops Orbax's "Given directory is read only" warning: eval and export open the checkpoints
+    read-only on purpose, so the line tells the user nothing. Every other Orbax message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
 def _manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
@@ -31,6 +44,8 @@ def _manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkp
         preservation_policy=policy, best_fn=lambda m: m[VAL_METRIC], best_mode="min",
         enable_async_checkpointing=True, read_only=read_only, create=not read_only,
         save_interval_steps=0 if read_only else 1, cleanup_tmp_directories=not read_only)
+    if read_only:
+        absl_logging.get_absl_logger().addFilter(_READ_ONLY_NOTICE)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=options, item_names=("params", "opt_state", "data"))
 

@@ -60,8 +60,14 @@ def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, p
 
 
 def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) -> None:
-    """Runs an entry point: absl flags (clean errors), required-flag checks, then ``run_main(body)``."""
-    import jax
+    """Runs an entry point: absl flags (clean errors), required-flag checks, then ``run_main(body)``.
+
+    ``--help`` is answered without importing JAX (seconds on a busy machine); otherwise JAX's own
+    flags (``--jax_...``) are registered with absl first, as ``jax.config.config_with_absl`` does.
+    """
+    if not any(a in ("--help", "-h", "-?", "--helpfull", "--helpshort") for a in sys.argv[1:]):
+        import jax  # noqa: PLC0415
+        jax.config.config_with_absl()
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
@@ -71,5 +77,4 @@ def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) ->
             raise app.UsageError(f"{' and '.join(missing)} required")
         run_main(body)
 
-    jax.config.config_with_absl()
     app.run(main, flags_parser=parse_flags)

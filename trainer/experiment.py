@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import hf_io, metrics as metrics_lib, sharding as sharding_lib
+from trainer import config_checks, hf_io, metrics as metrics_lib, sharding as sharding_lib
 from trainer.cli import UserError
 from trainer.model import ModelConfig, Transformer, resolve_attention
 from trainer.step import TrainState, make_train_step
@@ -52,13 +52,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Cross-field checks that ConfigDict's type checks cannot express."""
-    t = config.train
-    if t.num_steps <= 0:
-        raise UserError(f"train.num_steps must be positive, got {t.num_steps}")
-    fr = dict(config.data.split_fractions)
-    if abs(sum(fr.values()) - 1) > 1e-6:
-        raise UserError(f"data.split_fractions must sum to 1, got {fr}")
+    """Every config problem at once, before any data or model work (``trainer.config_checks``)."""
+    positions, base_problems = None, []
+    if (path := hf_path(config)) and os.path.exists(path):
+        try:
+            positions = hf_io.model_config_from_hf(hf_io.read_hf_config(path)).max_position_embeddings
+        except hf_io.HFError as e:
+            base_problems.append(f"base model: {e}")
+    problems = base_problems + config_checks.problems(config, jax.device_count(), jax.process_count(),
+                                                      positions)
+    if problems:
+        raise UserError(f"the config has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
 def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> None:

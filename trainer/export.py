@@ -14,14 +14,9 @@ import json
 import os
 from typing import Any
 
-import jax
-import numpy as np
 from absl import flags
-from jax.experimental import multihost_utils
 
-from data_pipeline import pipeline, templating
-from trainer import cli, experiment, hf_io, metrics as metrics_lib
-from trainer.checkpoint import Checkpointer
+from trainer import cli
 from trainer.cli import UserError, launch
 
 FLAGS = flags.FLAGS
@@ -30,6 +25,14 @@ FLAGS = flags.FLAGS
 def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto",
            max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
     """Exports ``workdir``'s checkpoint to ``out``; returns what was written."""
+    # Imported here so that ``--help`` answers without loading JAX and transformers.
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    from data_pipeline import pipeline, templating  # noqa: PLC0415
+    from trainer import experiment, hf_io, metrics as metrics_lib  # noqa: PLC0415
+    from trainer.checkpoint import Checkpointer  # noqa: PLC0415
     config = experiment.load_config(workdir)
     tok = experiment.build_or_load_tokenizer(config, workdir, train_rows=None)
     mesh = experiment.make_mesh(config)
@@ -73,6 +76,7 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
         # The chat template the run trained with (a built-in one, or the tokenizer's own).
         if config.data.template in templating.BUILTIN_TEMPLATES:
             tok.chat_template = templating.BUILTIN_TEMPLATES[config.data.template]
+        tok.padding_side = "left"  # batched generation (transformers' generate) wants left padding
         tok.save_pretrained(out)
         metrics_lib.log(f"exported step {step} of {workdir} to {out} ({len(files)} safetensors "
                         f"file(s), {dtype}, {sum(x.nbytes for x in tensors.values()) / 1e6:.1f} MB)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -133,7 +134,20 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
             "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu",
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.qkv_bias,
-            "max_position_embeddings": cfg.max_position_embeddings, "torch_dtype": "float32"}
+            "max_position_embeddings": rope_positions(cfg), "torch_dtype": "float32"}
+
+
+def rope_positions(cfg: ModelConfig) -> int:
+    """The ``max_position_embeddings`` an exported from-scratch model states: the largest power of two
+    within the longest RoPE wavelength, ``2 pi theta^((d - 2) / d)``.
+
+    A RoPE model has no position table, so the training length (36 tokens for the demo) is no limit;
+    past the longest wavelength, though, its slowest rotation wraps around and positions alias. How
+    well it *attends* that far depends on what it was trained on (the export says nothing about that).
+    """
+    d = cfg.head_size
+    wavelength = 2 * math.pi * cfg.rope_theta ** ((d - 2) / d)
+    return max(2 ** int(math.log2(wavelength)), cfg.max_position_embeddings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,12 +16,13 @@ def summarize(sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Combines per-step ``{loss_sum, tokens, correct}`` into token-weighted means.
 
     ``loss = sum(loss_sum) / sum(tokens)`` -- not the mean of per-step means, which would overweight
-    steps with few supervised tokens.
+    steps with few supervised tokens. With no supervised token at all only ``tokens`` (0) is returned.
     """
     sums = jax.device_get(list(sums))
     tot = {k: float(np.sum([s[k] for s in sums])) for k in ("loss_sum", "tokens", "correct")}
-    denom = max(tot["tokens"], 1.0)
-    return {"loss": tot["loss_sum"] / denom, "token_accuracy": tot["correct"] / denom,
+    if tot["tokens"] == 0:  # no supervised token: there is no loss, and 0.0 would be a lie
+        return {"tokens": 0.0}
+    return {"loss": tot["loss_sum"] / tot["tokens"], "token_accuracy": tot["correct"] / tot["tokens"],
             "tokens": tot["tokens"]}
 
 
@@ -64,18 +65,20 @@ class MetricWriter:
 class Progress:
     """A tqdm bar over steps, showing loss and tokens/s; ETA comes from tqdm's rate."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, **tqdm_kwargs: Any):
         self.bar = None
         if enabled and jax.process_index() == 0:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            smoothing=0.1)
+                            smoothing=0.1, **tqdm_kwargs)
 
     def update(self, n: int, **postfix: Any) -> None:
+        """Advances ``n`` steps and shows ``postfix`` (this interval's loss, tokens/s) in the same
+        redraw: the postfix is set first, so the bar never shows the previous interval's numbers."""
         if self.bar is not None:
-            self.bar.update(n)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
 
     def write(self, msg: str) -> None:
         if self.bar is not None:

@@ -1,167 +1,24 @@
-r"""Supervised instruction fine-tuning.
+r"""Supervised instruction fine-tuning (entry point; the loop is ``trainer.loop.train``).
 
     python -m trainer.train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
 
-Resumes from the latest checkpoint when ``--workdir`` already has one.
+Resumes from the latest checkpoint when ``--workdir`` already has one. Only absl is imported until the
+flags are parsed, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
-import functools
-import time
-
-import jax
-import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
-from data_pipeline import loader
-from trainer import cli, experiment, metrics as metrics_lib, sharding as sharding_lib
-from trainer.checkpoint import VAL_METRIC, Checkpointer
-from trainer.cli import UserError, config_flag, launch
-from trainer.step import TrainState, make_eval_step, make_optimizer
-
-
-
-def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
-    """Trains (or resumes) the run in ``workdir``; returns the final state.
-
-    Args:
-      config: the resolved config (see ``configs/demo.py``).
-      workdir: run directory; resumed from its latest checkpoint if it has one.
-      stop_at: stop after this step, checkpointing it, as a preempted job would; the LR schedule
-        still spans ``train.num_steps``, so a later call resumes the same run.
-    """
-    experiment.validate_config(config)
-    experiment.save_or_check_config(config, workdir)
-    tcfg = config.train
-
-    # ----------------------------------------------------------------------------------------
-    # Mesh
-    # ----------------------------------------------------------------------------------------
-    mesh = experiment.make_mesh(config)
-    rules = experiment.rules(config)
-    batch_sh = sharding_lib.batch_sharding(mesh, rules)
-    dp = sharding_lib.data_parallel_size(mesh, rules)
-    if tcfg.batch_size % (dp * tcfg.grad_accum_steps):
-        raise UserError(f"train.batch_size={tcfg.batch_size} must be divisible by data-parallel size "
-                        f"{dp} x train.grad_accum_steps={tcfg.grad_accum_steps}")
-    metrics_lib.log(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices "
-                    f"({jax.process_count()} process(es))")
-
-    # ----------------------------------------------------------------------------------------
-    # Data
-    # ----------------------------------------------------------------------------------------
-    rows, source_reports = experiment.read_rows(config)
-    tok = experiment.build_or_load_tokenizer(config, workdir, rows["train"])
-    data = experiment.tokenize(config, tok, rows, source_reports)
-    for rep in source_reports:
-        if rep.bad.total:
-            metrics_lib.log(f"warning: data source {rep.name}: skipped {rep.bad.total} bad rows "
-                            f"({dict(rep.bad.counts)})")
-    for split, rep in data.reports.items():
-        metrics_lib.log(f"data {split:<10} {rep.summary()}")
-    try:
-        train_ds = loader.train_dataset(
-            data.examples["train"], seq_len=config.data.max_length, pad_id=tok.pad_token_id,
-            batch_size=tcfg.batch_size, seed=config.seed, packing=config.data.packing,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            **dict(config.data.loader))
-    except ValueError as e:
-        raise UserError(f"data: {e}") from e
-    train_iter = iter(train_ds)
-
-    # ----------------------------------------------------------------------------------------
-    # Model, optimizer and sharded state (created with eval_shape, then jit with out_shardings)
-    # ----------------------------------------------------------------------------------------
-    spec = experiment.model_spec(config, len(tok), mesh)
-    tx, schedule = make_optimizer(config.optimizer, tcfg.num_steps)
-    state_sh = experiment.state_shardings(spec, tx)
-    num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))
-    metrics_lib.log(f"model: {num_params / 1e6:.2f}M parameters, vocab {len(tok)}")
-
-    # ----------------------------------------------------------------------------------------
-    # Step functions: jitted once, explicit shardings, donated state
-    # ----------------------------------------------------------------------------------------
-    batch_tree_sh = {k: batch_sh for k in loader.FIELDS}
-    rep = sharding_lib.replicated(mesh)
-    train_step = experiment.jit_train_step(spec, tx, schedule, tcfg.grad_accum_steps, state_sh,
-                                           batch_sh)
-    eval_step = sharding_lib.with_mesh(mesh, jax.jit(
-        make_eval_step(spec.graphdef), in_shardings=(spec.param_shardings, batch_tree_sh),
-        out_shardings=rep))
-
-    # ----------------------------------------------------------------------------------------
-    # Checkpoint: resume or initialise
-    # ----------------------------------------------------------------------------------------
-    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        abstract = experiment.abstract_state(spec, tx, state_sh)
-        state, data_state = ckpt.restore(start, abstract)
-        if data_state:
-            train_iter.set_state(data_state)
-        metrics_lib.log(f"resumed from the checkpoint at step {start}")
-    else:
-        state = experiment.init_train_state(spec, tx, config.seed, state_sh)
-        start = 0
-    if start >= tcfg.num_steps:
-        metrics_lib.log(f"already trained to step {start} (train.num_steps={tcfg.num_steps}); nothing to do")
-        ckpt.close()
-        return state
-
-    # ----------------------------------------------------------------------------------------
-    # Loop
-    # ----------------------------------------------------------------------------------------
-    writer = metrics_lib.MetricWriter(workdir)
-    progress = metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar)
-    pending, real_tokens, t_last = [], 0, time.perf_counter()
-    evaluate = functools.partial(experiment.split_loss, eval_step, examples=data.examples["validation"],
-                                 config=config, pad_id=tok.pad_token_id, batch_sh=batch_sh)
-    last_step = min(tcfg.num_steps, stop_at or tcfg.num_steps)
-    for step in range(start + 1, last_step + 1):
-        local = next(train_iter)
-        real_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
-        state, m = train_step(state, experiment.global_batch(local, batch_sh))
-        pending.append(m)
-
-        if step % tcfg.log_every == 0 or step == last_step:
-            summary = metrics_lib.summarize(pending)  # blocks until these steps are done
-            dt = time.perf_counter() - t_last
-            last = jax.device_get(pending[-1])
-            row = {"loss": summary["loss"], "token_accuracy": summary["token_accuracy"],
-                   "grad_norm": float(last["grad_norm"]), "learning_rate": float(last["learning_rate"]),
-                   "tokens_per_s": real_tokens / dt,
-                   "supervised_tokens_per_s": summary["tokens"] / dt}
-            if not np.isfinite(row["loss"]):
-                raise FloatingPointError(f"non-finite training loss at step {step}: {row}")
-            writer.write(step, row, prefix="train/")
-            progress.update(len(pending), loss=f"{row['loss']:.4f}",
-                            tok_s=f"{row['tokens_per_s']:.0f}")
-            pending, real_tokens, t_last = [], 0, time.perf_counter()
-
-        is_ckpt = step % tcfg.checkpoint_every == 0 or step == last_step
-        if step % tcfg.eval_every == 0 or is_ckpt:
-            val = evaluate(state.params)
-            writer.write(step, val, prefix="val/")
-            progress.write(f"step {step}: val loss {val['loss']:.4f}, "
-                           f"token accuracy {val['token_accuracy']:.4f}")
-            t_last = time.perf_counter()  # validation time is not training throughput
-        if is_ckpt:
-            ckpt.save(step, state, train_iter.get_state(), metrics={VAL_METRIC: val["loss"]})
-
-    progress.close()
-    writer.close()
-    ckpt.wait()
-    ckpt.close()
-    return state
-
+from trainer import cli
+from trainer.cli import config_flag, launch
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
     """Defined when the entry point runs, not on import (see ``data_pipeline.cli``)."""
+    from ml_collections import config_flags  # noqa: PLC0415
     config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
     flags.DEFINE_string("hf_path", "", "Shorthand for --config.model.hf_path (start from this HF "
@@ -175,6 +32,7 @@ def run() -> None:
     """Entry point (``python -m trainer.train`` and the ``ift-train`` console script)."""
     _define_flags()
     def body():
+        from trainer.loop import train  # noqa: PLC0415 (JAX & co. only once the flags are parsed)
         config = config_flag()
         if FLAGS.hf_path:
             config.model.hf_path = FLAGS.hf_path

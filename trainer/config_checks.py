@@ -1,0 +1,152 @@
+"""Every check of a run's config that needs no data and no model work, run before either.
+
+``problems(config, ...)`` returns *all* problems, one line each, so a user fixes a config in one go
+instead of discovering its mistakes one slow start-up at a time. ``trainer.train`` calls it first
+(``experiment.validate_config``); nothing here reads data, builds a tokenizer or touches a device
+beyond counting them.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from typing import Any
+
+from data_pipeline import templating
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _mesh_sizes(mesh: dict[str, int], device_count: int) -> dict[str, int] | str:
+    """Axis sizes with -1 resolved, or why they cannot be."""
+    sizes = dict(mesh)
+    if any(not isinstance(v, int) or (v < 1 and v != -1) for v in sizes.values()):
+        return f"mesh: axis sizes must be positive integers or -1, got {sizes}"
+    if list(sizes.values()).count(-1) > 1:
+        return f"mesh: at most one axis may be -1, got {sizes}"
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        if device_count % known:
+            return f"mesh: {sizes} does not divide the {device_count} devices"
+        sizes = {k: (device_count // known if v == -1 else v) for k, v in sizes.items()}
+    if math.prod(sizes.values()) != device_count:
+        return f"mesh: {sizes} needs {math.prod(sizes.values())} devices, but {device_count} are available"
+    return sizes
+
+
+def _data_parallel(sizes: dict[str, int], rules: list[tuple[str, Any]]) -> int:
+    """How many ways the batch is split: the product of the mesh axes the ``batch`` rule names."""
+    batch = dict(rules).get("batch")
+    axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
+    return math.prod(sizes.get(a, 1) for a in axes)
+
+
+def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
+             base_positions: int | None = None, check_paths: bool = True) -> list[str]:
+    """Everything wrong with ``config``, one line per problem (empty: fine).
+
+    Args:
+      device_count, process_count: of the run (divisibility of batches by the mesh and by hosts);
+        ``device_count=None`` skips those checks (a preset checked away from its pod).
+      base_positions: ``max_position_embeddings`` of the base model, when there is one.
+      check_paths: whether files the config names (data, base model, tokenizer) must exist here.
+    """
+    out: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            out.append(msg)
+
+    t, o, d, e, m = config.train, config.optimizer, config.data, config.eval, config.model
+    # ---- training loop ----------------------------------------------------------------------------
+    for key in ("num_steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
+                "eval_batch_size", "keep_checkpoints"):
+        need(t[key] >= 1, f"train.{key} must be at least 1, got {t[key]}")
+    # ---- optimiser --------------------------------------------------------------------------------
+    need(o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
+    need(o.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(o.warmup_steps < max(t.num_steps, 1) or t.num_steps < 1,
+         f"optimizer.warmup_steps ({o.warmup_steps}) must be below train.num_steps ({t.num_steps})")
+    need(0 <= o.end_lr_ratio <= 1, f"optimizer.end_lr_ratio must be in [0, 1], got {o.end_lr_ratio}")
+    for key in ("b1", "b2"):
+        need(0 <= o[key] < 1, f"optimizer.{key} must be in [0, 1), got {o[key]}")
+    need(o.eps > 0, f"optimizer.eps must be positive, got {o.eps}")
+    need(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    need(o.max_grad_norm >= 0, f"optimizer.max_grad_norm must be >= 0 (0: no clipping), got {o.max_grad_norm}")
+    # ---- data -------------------------------------------------------------------------------------
+    need(d.max_length >= 2, f"data.max_length must be at least 2, got {d.max_length}")
+    fr = dict(d.split_fractions)
+    need(all(v >= 0 for v in fr.values()) and abs(sum(fr.values()) - 1) <= 1e-6,
+         f"data.split_fractions must be >= 0 and sum to 1, got {fr}")
+    need(fr.get("train", 0) > 0, f"data.split_fractions.train must be positive, got {fr}")
+    need(fr.get("validation", 0) > 0, "data.split_fractions.validation must be positive: validation loss "
+         "picks the best checkpoint")
+    for key, allowed in (("length_policy", ("drop", "truncate")), ("packing", ("none", "best_fit", "first_fit")),
+                         ("on_bad_row", ("error", "skip")), ("loss_on", ("all", "last")),
+                         ("template", (*templating.BUILTIN_TEMPLATES, "tokenizer"))):
+        need(d[key] in allowed, f"data.{key} must be one of {', '.join(allowed)}, got {d[key]!r}")
+    for name, src in dict(d.sources).items() if check_paths else ():
+        src = dict(src)
+        if src.get("type", "files") != "files":
+            continue
+        paths = [src.get("path")] if src.get("path") else list(dict(src.get("splits") or {}).values())
+        for p in paths:
+            need(bool(glob.glob(os.path.expanduser(p))), f"data.sources.{name}: no file matches {p!r}")
+    # ---- model and tokenizer ----------------------------------------------------------------------
+    hf, gg = m.get("hf_path", ""), m.get("gguf_path", "")
+    need(not (hf and gg), "model.hf_path and model.gguf_path are both set; set one")
+    need(not check_paths or not hf or os.path.isdir(hf), f"model.hf_path: {hf!r} is not a directory")
+    need(not check_paths or not gg or os.path.isfile(gg), f"model.gguf_path: {gg!r} is not a file")
+    for key in ("dtype", "param_dtype"):
+        need(m[key] in DTYPES, f"model.{key} must be one of {', '.join(DTYPES)}, got {m[key]!r}")
+    need(m.remat in ("none", "full", "dots"), f"model.remat must be none, full or dots, got {m.remat!r}")
+    need(m.attention_impl in ("auto", "xla", "cudnn", "splash"),
+         f"model.attention_impl must be auto, xla, cudnn or splash, got {m.attention_impl!r}")
+    if not (hf or gg):  # a model trained from scratch: its shape comes from config.model
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads"):
+            need(m[key] >= 1, f"model.{key} must be at least 1, got {m[key]}")
+        need(m.num_key_value_heads < 1 or m.num_attention_heads % m.num_key_value_heads == 0,
+             f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
+             f"model.num_key_value_heads ({m.num_key_value_heads})")
+    tk = config.tokenizer
+    need(tk.kind in ("train_bpe", "hf"), f"tokenizer.kind must be train_bpe or hf, got {tk.kind!r}")
+    need(tk.kind != "hf" or bool(tk.path or hf or gg),
+         "tokenizer.kind='hf' needs tokenizer.path, model.hf_path or model.gguf_path")
+    need(not check_paths or not tk.path or os.path.exists(tk.path),
+         f"tokenizer.path: {tk.path!r} does not exist")
+    # ---- evaluation -------------------------------------------------------------------------------
+    need(e.batch_size >= 1, f"eval.batch_size must be at least 1, got {e.batch_size}")
+    need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be at least 1, got {e.max_new_tokens}")
+    need(e.few_shot_k >= 0, f"eval.few_shot_k must be >= 0, got {e.few_shot_k}")
+    need(e.max_examples >= 0, f"eval.max_examples must be >= 0 (0: all), got {e.max_examples}")
+    # ---- devices and hosts ------------------------------------------------------------------------
+    sizes = _mesh_sizes(dict(config.mesh), device_count) if device_count else None
+    if sizes is None:
+        pass
+    elif isinstance(sizes, str):
+        out.append(sizes)
+    else:
+        rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding.rules]
+        dp = _data_parallel(sizes, rules)
+        if t.batch_size >= 1 and t.grad_accum_steps >= 1:
+            need(t.batch_size % (dp * t.grad_accum_steps) == 0,
+                 f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {dp} x "
+                 f"train.grad_accum_steps={t.grad_accum_steps}")
+        if t.eval_batch_size >= 1:
+            need(t.eval_batch_size % dp == 0 and t.eval_batch_size % process_count == 0,
+                 f"train.eval_batch_size={t.eval_batch_size} must be divisible by the data-parallel size "
+                 f"{dp} and the process count {process_count} (rows would be dropped)")
+        need(t.batch_size % process_count == 0,
+             f"train.batch_size={t.batch_size} must be divisible by the process count {process_count}")
+    # ---- positions --------------------------------------------------------------------------------
+    if base_positions:
+        need(d.max_length <= base_positions, f"data.max_length={d.max_length} exceeds the base model's "
+             f"{base_positions} positions (max_position_embeddings)")
+        prompt = e.get("max_prompt_length", 0) or d.max_length * (e.few_shot_k + 1)
+        need(prompt + e.max_new_tokens <= base_positions,
+             f"eval prompts ({prompt} tokens: eval.max_prompt_length, or data.max_length x "
+             f"(eval.few_shot_k + 1)) + eval.max_new_tokens={e.max_new_tokens} exceed the base model's "
+             f"{base_positions} positions; lower them or set eval.max_prompt_length")
+    return out
