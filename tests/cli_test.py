@@ -82,7 +82,7 @@ def test_every_config_problem_is_reported_before_any_data_work(tmp_path):
     r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", str(wd),
             "--config.train.batch_size=0", "--config.optimizer.learning_rate=-1.0",
             "--config.train.eval_batch_size=12", "--config.eval.batch_size=0")
-    assert_clean_error(r, "the config has 4 problem(s)")
+    assert_clean_error(r, "the config has 4 problems:")
     lines = r.stderr.splitlines()
     for needle in ("train.batch_size must be at least 1", "optimizer.learning_rate must be positive",
                    "train.eval_batch_size=12 must be divisible", "eval.batch_size must be at least 1"):

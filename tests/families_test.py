@@ -14,8 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 from trainer import hf_io  # noqa: E402
 from trainer.generate import generate_all, make_generate_fn  # noqa: E402
-from trainer.model import Transformer, attention_mask  # noqa: E402
+from trainer.model import Transformer  # noqa: E402
 from trainer.step import token_loss  # noqa: E402
+from tests.helpers import our_logits  # noqa: E402
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -75,13 +76,6 @@ def padded_batch():
     lengths = np.array([12, 7, 9])
     mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
     return tokens * mask, mask, lengths
-
-
-def our_logits(graphdef, params, tokens, segment_ids, positions=None):
-    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
-    logits, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
-                                            attention_mask(jnp.asarray(segment_ids, jnp.int32)))
-    return np.asarray(logits)
 
 
 def assert_same_logits(hf, graphdef, params, family):

@@ -12,10 +12,8 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,8 +22,8 @@ pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
 
 from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from trainer import gguf_io, hf_io  # noqa: E402
+from tests.helpers import load_base, our_logits  # noqa: E402
 from trainer.generate import generate_all, make_generate_fn  # noqa: E402
-from trainer.model import Transformer, attention_mask  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = gguf.GGMLQuantizationType
@@ -85,23 +83,13 @@ def write_gguf(path, arch: str, qtypes: dict[str, int]):
     w.add_add_bos_token(False)
     w.add_chat_template(tokenizer_lib.CHATML_TEMPLATE)
 
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-                 "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-                 "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    to_gguf = {hf: gg for gg, hf in {**gguf_io.GLOBAL_NAMES, **{f"blk.{i}.{k}": f"model.layers.{i}.{v}"
+               for i in range(n) for k, v in gguf_io.LAYER_NAMES.items()}}.items()}
     for name, x in sd.items():
-        if name.startswith("model.layers."):
-            i, rest = name[len("model.layers."):].split(".", 1)
-            target = f"blk.{i}.{per_layer[rest]}"
-        else:
-            target = names[name]
-        if arch == "llama" and rest_is(name, "q_proj.weight"):  # as llama.cpp's converter does
+        target = to_gguf[name]
+        if arch == "llama" and name.endswith("q_proj.weight"):  # as llama.cpp's converter does
             x = gguf_io.permute_rope_rows(x, h)
-        elif arch == "llama" and rest_is(name, "k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             x = gguf_io.permute_rope_rows(x, k)
         qtype = next((t for key, t in qtypes.items() if key in target), Q.F32) if x.ndim == 2 else Q.F32
         if qtype in (Q.F32, Q.F16):
@@ -112,10 +100,6 @@ def write_gguf(path, arch: str, qtypes: dict[str, int]):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def rest_is(name, suffix):
-    return name.endswith(suffix)
 
 
 QTYPES = {"llama": {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.F16,
@@ -132,26 +116,15 @@ def gguf_file(request, tmp_path_factory):
     return request.param, str(path), hf
 
 
-def ours(path):
-    raw = hf_io.read_hf_config(path)
-    cfg = hf_io.model_config_from_hf(raw)
-    params = jax.tree.map(jnp.asarray, hf_io.load_hf(path, cfg, raw["model_type"]))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    return graphdef, params, cfg
-
-
 def test_gguf_logits_and_greedy_match_transformers(gguf_file):
     arch, path, hf = gguf_file
-    graphdef, params, cfg = ours(path)
+    graphdef, params, cfg = load_base(path)
     assert cfg.tie_word_embeddings is False and cfg.qkv_bias == (arch == "qwen2")
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, (2, 14))
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(tokens)).logits.numpy()
-    pos = np.broadcast_to(np.arange(14), tokens.shape)
-    logits, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32),
-                                            attention_mask(jnp.ones(tokens.shape, jnp.int32)))
-    np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=0, err_msg=arch)
+    np.testing.assert_allclose(our_logits(graphdef, params, tokens), ref, atol=1e-4, rtol=0, err_msg=arch)
 
     prompts = [rng.integers(3, cfg.vocab_size, n).astype(np.int32) for n in (5, 9)]
     gen = make_generate_fn(graphdef, max_new_tokens=24, eos_ids=[-1], pad_id=0)
@@ -184,7 +157,7 @@ def test_gguf_tokenizer_matches_transformers(gguf_file):
 def test_gguf_export_is_a_plain_hf_directory(gguf_file, tmp_path):
     """A GGUF user leaves with safetensors + config.json that transformers loads without gguf_file."""
     arch, path, hf = gguf_file
-    graphdef, params, cfg = ours(path)
+    graphdef, params, cfg = load_base(path)
     raw = hf_io.read_hf_config(path)
     hf_io.save_hf(hf_io.params_to_hf(jax.device_get(params), cfg, raw["model_type"]), str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(raw))

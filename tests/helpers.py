@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from configs import tiny
 from data_pipeline.loader import FIELDS
-from trainer import experiment, sharding as sharding_lib
+from trainer import experiment, hf_io, sharding as sharding_lib
+from trainer.model import Transformer, attention_mask
 from trainer.step import make_optimizer
 
 
@@ -51,3 +54,22 @@ def tree_equal(a, b) -> bool:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return (jax.tree.structure(a) == jax.tree.structure(b)
             and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)))
+
+
+def load_base(path: str):
+    """``(graphdef, params, cfg)`` of an HF directory or GGUF file, through our import."""
+    raw = hf_io.read_hf_config(path)
+    cfg = hf_io.model_config_from_hf(raw)
+    params = jax.tree.map(jnp.asarray, hf_io.load_hf(path, cfg, raw["model_type"]))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, params, cfg
+
+
+def our_logits(graphdef, params, tokens, segment_ids=None, positions=None) -> np.ndarray:
+    """float32 logits [batch, seq, vocab] of our model (segment ids: all 1 when omitted)."""
+    tokens = np.asarray(tokens)
+    segment_ids = np.ones(tokens.shape, np.int32) if segment_ids is None else segment_ids
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
+    logits, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+                                            attention_mask(jnp.asarray(segment_ids, jnp.int32)))
+    return np.asarray(logits)

@@ -9,17 +9,14 @@ Gemma 1 with ``hidden_act: "gelu"`` (meaning the tanh form).
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers import load_base, our_logits  # noqa: E402
 from trainer import hf_io  # noqa: E402
-from trainer.model import Transformer, attention_mask  # noqa: E402
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, vocab_size=128,
              max_position_embeddings=256)
@@ -177,17 +174,11 @@ def test_release_config_imports_like_transformers(name, tmp_path):
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                                   dtype=torch.float32).eval()
 
-    raw = hf_io.read_hf_config(str(tmp_path))
-    cfg = hf_io.model_config_from_hf(raw)
-    params = jax.tree.map(jnp.asarray, hf_io.load_hf(str(tmp_path), cfg, raw["model_type"]))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    graphdef, params, cfg = load_base(str(tmp_path))
     tokens = np.random.default_rng(0).integers(4, cfg.vocab_size, (2, 20))
     with torch.no_grad():
         ref = ref_model(input_ids=torch.tensor(tokens)).logits.numpy()
-    pos = np.broadcast_to(np.arange(20), tokens.shape)
-    got, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32),
-                                         attention_mask(jnp.ones(tokens.shape, jnp.int32)))
-    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0, err_msg=name)
+    np.testing.assert_allclose(our_logits(graphdef, params, tokens), ref, atol=1e-4, rtol=0, err_msg=name)
 
 
 def test_config_transformers_cannot_read_is_one_clear_error():

@@ -61,8 +61,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             base_problems.append(f"base model: {e}")
     problems = base_problems + config_checks.problems(config, jax.device_count(), jax.process_count(),
                                                       positions)
+    if len(problems) == 1:
+        raise UserError(problems[0])
     if problems:
-        raise UserError(f"the config has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        raise UserError(f"the config has {len(problems)} problems:\n  " + "\n  ".join(problems))
 
 
 def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> None:

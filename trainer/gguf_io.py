@@ -32,14 +32,22 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2
                "Q5_K", "Q6_K")
 
 
+# llama.cpp tensor names -> HF's (``blk.N.`` <-> ``model.layers.N.`` for the per-layer ones).
+GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+               "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+               "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+               "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+               "attn_v.bias": "self_attn.v_proj.bias", "attn_q_norm.weight": "self_attn.q_norm.weight",
+               "attn_k_norm.weight": "self_attn.k_norm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
+               "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+
+
 class GGUFError(ValueError):
     """A base-model file or directory this code cannot load (the message names it and what is wrong).
 
     ``hf_io.HFError`` is the same class: callers catch one error for every checkpoint format."""
-
-
-def _contents(field) -> Any:
-    return field.contents()
 
 
 class GGUFCheckpoint:
@@ -58,7 +66,7 @@ class GGUFCheckpoint:
         except Exception as e:  # noqa: BLE001 -- a damaged file fails anywhere inside the reader
             raise GGUFError(f"{path}: cannot read the GGUF file ({type(e).__name__}: {e}); "
                             "is it truncated or damaged?") from e
-        self.metadata = {k: _contents(f) for k, f in self._reader.fields.items()
+        self.metadata = {k: f.contents() for k, f in self._reader.fields.items()
                          if not k.startswith("tokenizer.ggml.") or k.endswith("_id") or "add_" in k
                          or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre")}
         self.arch = self.metadata.get("general.architecture")
@@ -113,23 +121,14 @@ class GGUFCheckpoint:
 
     def _name_table(self) -> dict[str, str]:
         """HF tensor name -> GGUF tensor name, for every tensor in the file."""
-        table = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-        per_layer = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-                     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-                     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-                     "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-                     "attn_v.bias": "self_attn.v_proj.bias", "attn_q_norm.weight": "self_attn.q_norm.weight",
-                     "attn_k_norm.weight": "self_attn.k_norm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
-                     "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
         out = {}
         for name in self._tensors:
-            if name in table:
-                out[table[name]] = name
+            if name in GLOBAL_NAMES:
+                out[GLOBAL_NAMES[name]] = name
                 continue
             parts = name.split(".", 2)
-            if parts[0] == "blk" and len(parts) == 3 and parts[2] in per_layer:
-                out[f"model.layers.{parts[1]}.{per_layer[parts[2]]}"] = name
+            if parts[0] == "blk" and len(parts) == 3 and parts[2] in LAYER_NAMES:
+                out[f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"] = name
             else:
                 raise GGUFError(f"{self.path}: unexpected tensor {name!r} for architecture {self.arch!r}")
         return out
