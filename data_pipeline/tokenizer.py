@@ -11,6 +11,7 @@ post-processor prepends BOS *and* its chat template starts with ``{{ bos_token }
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 
@@ -93,6 +94,13 @@ def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
     except (ValueError, KeyError) as e:
         raise ValueError(f"{path}: cannot build its tokenizer: {e}") from e
     tokens = tok_dict["tokens"]
+    # transformers' GPT-2-style builder adds "<|endoftext|>" (GPT2Tokenizer's default special token)
+    # when the file's vocabulary lacks it: one id past the model's embeddings. The tokenizer must have
+    # exactly the file's tokens, so such additions are dropped.
+    spec = json.loads(backend.to_str())
+    if any(t["id"] >= len(tokens) for t in spec["added_tokens"]):
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < len(tokens)]
+        backend = Tokenizer.from_str(json.dumps(spec))
     special = {name: tokens[tok_dict[key]] for name, key in
                (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                 ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")) if key in tok_dict}

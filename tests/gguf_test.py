@@ -147,6 +147,8 @@ def test_gguf_tokenizer_matches_transformers(gguf_file):
     _, path, _ = gguf_file
     ours_tok = tokenizer_lib.load_tokenizer(path)
     theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    # Exactly the file's tokens (transformers adds a 301st, "<|endoftext|>", past the embeddings).
+    assert len(ours_tok) == hf_io.read_hf_config(path)["vocab_size"] == 300
     for text in TEXTS:
         assert ours_tok(text).input_ids == theirs(text).input_ids, text
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
@@ -213,3 +215,26 @@ def test_cli_reports_a_truncated_gguf_in_one_line(gguf_file, tmp_path):
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cut.gguf" in errors[0], r.stderr[-2000:]
+
+
+def test_fine_tune_from_gguf_then_export_for_transformers(gguf_file, tmp_path):
+    """--gguf end to end: the file's tokenizer is saved in the workdir, the base rows of the eval use the
+    GGUF weights, and the export is a plain HF directory that transformers loads with our logits."""
+    from tests.hf_run_test import logits_both, ours_from_checkpoint  # noqa: PLC0415
+    arch, path, _ = gguf_file
+    wd, out = str(tmp_path / "run"), str(tmp_path / "export")
+    r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "configs/tiny.py", "--workdir", wd,
+                        f"--gguf={path}", "--config.tokenizer.kind=hf"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(os.path.join(wd, "tokenizer", "tokenizer.json"))
+    r = subprocess.run([sys.executable, "-m", "trainer.eval", "--workdir", wd, "--checkpoint", "latest"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"| base ({os.path.basename(path)}) | zero-shot |" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "trainer.export", "--workdir", wd, "--out", out, "--checkpoint",
+                        "latest"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == arch
+    spec, params = ours_from_checkpoint(wd)
+    ours_l, ref = logits_both(spec, params, out)
+    np.testing.assert_allclose(ours_l, ref, atol=1e-4, rtol=0)

@@ -54,7 +54,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Every config problem at once, before any data or model work (``trainer.config_checks``)."""
     positions, base_problems = None, []
-    if (path := hf_path(config)) and os.path.exists(path):
+    path = config.model.get("hf_path", "") or config.model.get("gguf_path", "")  # both set: a problem below
+    if path and os.path.exists(path):
         try:
             positions = hf_io.model_config_from_hf(hf_io.read_hf_config(path)).max_position_embeddings
         except hf_io.HFError as e:
