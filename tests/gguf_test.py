@@ -44,11 +44,16 @@ def write_gguf(path, arch: str, qtypes: dict[str, int]):
     tokens = [t for t, _ in vocab]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     specials = set(tok.all_special_tokens)
-    e, f, h, k, d, n = 64, 96, 4, 2, 16, 2
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    e, f, h, k, n = 64, 96, 4, 2, 2
+    # Qwen3: head_dim != hidden / heads, stated as key_length (128: transformers' GGUF loader ignores
+    # key_length and assumes Qwen3's default).
+    d = 128 if arch == "qwen3" else e // h
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[arch]
     hf_cfg = cls(vocab_size=len(tokens), hidden_size=e, intermediate_size=f, num_hidden_layers=n,
                  num_attention_heads=h, num_key_value_heads=k, max_position_embeddings=128,
-                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 **({"head_dim": d} if arch == "qwen3" else {}))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     sd = {name: p.detach().numpy().astype(np.float32) for name, p in model.state_dict().items()}
@@ -69,6 +74,9 @@ def write_gguf(path, arch: str, qtypes: dict[str, int]):
     w.add_head_count(h)
     w.add_head_count_kv(k)
     w.add_rope_dimension_count(d)
+    if arch == "qwen3":
+        w.add_key_length(d)
+        w.add_value_length(d)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(len(tokens))
@@ -104,7 +112,8 @@ def write_gguf(path, arch: str, qtypes: dict[str, int]):
 
 QTYPES = {"llama": {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.F16,
                     "ffn_": Q.Q8_0, "output.": Q.Q5_1},
-          "qwen2": {"attn_": Q.Q8_0, "ffn_up": Q.Q4_1, "token_embd": Q.F16}}
+          "qwen2": {"attn_": Q.Q8_0, "ffn_up": Q.Q4_1, "token_embd": Q.F16},
+          "qwen3": {"attn_q.": Q.Q4_1, "attn_output": Q.Q8_0, "ffn_down": Q.Q4_0}}
 
 
 @pytest.fixture(scope="module", params=sorted(QTYPES))

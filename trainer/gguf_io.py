@@ -105,6 +105,8 @@ class GGUFCheckpoint:
             if kind == "linear":
                 cfg["rope_scaling"] = {"rope_type": "linear",
                                        "factor": float(self.metadata[self.arch + ".rope.scaling.factor"])}
+        if self.arch + ".attention.key_length" in self.metadata:  # head_dim != hidden / heads (Qwen3)
+            cfg["head_dim"] = int(self.metadata[self.arch + ".attention.key_length"])
         if "vocab_size" not in cfg:  # older files: the embedding's row count
             cfg["vocab_size"] = int(self._tensors["token_embd.weight"].shape[-1])
         for ours, theirs in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
