@@ -147,3 +147,18 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
         assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (mode != "none")  # it is really on
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_spares_biases_and_norms_whatever_their_rank():
+    """Qwen2's per-head biases are 2-D ([heads, head_dim]): a rank-based mask would decay them."""
+    from trainer.model import ModelConfig, Transformer  # noqa: PLC0415
+    from trainer.step import decay_mask  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, qkv_bias=True, qk_norm=True)
+    params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
+    mask = decay_mask(params)
+    layer = mask["layers"][0]
+    assert params["layers"][0]["attn"]["q_bias"].ndim == 2 and not layer["attn"]["q_bias"]
+    assert not layer["attn"]["q_norm"]["scale"] and not layer["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
+    assert layer["attn"]["q"] and layer["mlp"]["down"] and mask["embed"] and mask["lm_head"]

@@ -56,7 +56,9 @@ def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dic
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warmup + cosine decay and global-norm clipping.
 
-    Weight decay is applied to matrices only (not norms' scales), as in most LLM recipes.
+    Weight decay is applied to the weight matrices and embeddings only -- never to biases or norm
+    scales, as in most LLM recipes. Chosen by the parameter's role (its name), not its rank: per-head
+    biases (``q_bias: [heads, head_dim]``) are 2-D but are biases.
     """
     warmup = int(cfg.warmup_steps)
     base = optax.warmup_cosine_decay_schedule(
@@ -71,8 +73,16 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+                    mask=decay_mask))
     return tx, schedule
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the leaves weight decay applies to: not biases (``*_bias``), not norms (``*norm*``)."""
+    def decays(path, _) -> bool:
+        names = [str(getattr(k, "key", k)) for k in path]
+        return not names[-1].endswith("bias") and not any("norm" in n for n in names)
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_forward(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
