@@ -74,13 +74,6 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return _on_mesh(logical_to_spec(("batch", None), rules), mesh)
 
 
-def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
-    """How many ways the ``batch`` logical axis is split on ``mesh``."""
-    axes = batch_sharding(mesh, rules).spec[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
