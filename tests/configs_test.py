@@ -62,6 +62,7 @@ def test_every_problem_is_reported_at_once():
 def test_divisibility_by_mesh_and_processes_and_base_positions():
     c = demo.get_config()
     c.mesh.data, c.mesh.fsdp = 2, 2  # 4 devices, batch split 4 ways
+    c.data.max_length = 36
     c.train.batch_size, c.train.grad_accum_steps = 12, 2
     c.train.eval_batch_size = 6
     out = config_checks.problems(c, device_count=4, process_count=2, base_positions=128)

@@ -66,8 +66,6 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     # ---- optimiser --------------------------------------------------------------------------------
     need(o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
     need(o.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
-    need(o.warmup_steps < max(t.num_steps, 1) or t.num_steps < 1,
-         f"optimizer.warmup_steps ({o.warmup_steps}) must be below train.num_steps ({t.num_steps})")
     need(0 <= o.end_lr_ratio <= 1, f"optimizer.end_lr_ratio must be in [0, 1], got {o.end_lr_ratio}")
     for key in ("b1", "b2"):
         need(0 <= o[key] < 1, f"optimizer.{key} must be in [0, 1), got {o[key]}")
@@ -90,7 +88,7 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
         src = dict(src)
         if src.get("type", "files") != "files":
             continue
-        paths = [src.get("path")] if src.get("path") else list(dict(src.get("splits") or {}).values())
+        paths = [p for p in [src.get("path"), *dict(src.get("splits") or {}).values()] if p]
         for p in paths:
             need(bool(glob.glob(os.path.expanduser(p))), f"data.sources.{name}: no file matches {p!r}")
     # ---- model and tokenizer ----------------------------------------------------------------------
