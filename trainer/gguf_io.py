@@ -1,10 +1,10 @@
-"""GGUF files (llama.cpp's format) -> an HF-style config, HF-named float tensors, and a tokenizer.
+"""GGUF files (llama.cpp's format) -> an HF-style config and HF-named float tensors.
 
 No torch: the ``gguf`` package reads the file and dequantises with numpy (``gguf.quants.dequantize``);
-transformers contributes only its torch-free pieces -- the metadata key table
-(``integrations.ggml.GGUF_CONFIG_MAPPING``) and the tokenizer builders
-(``integrations.gguf.gguf_tokenizer_mapping``). Its own GGUF loader needs torch even for metadata, so
-it cannot be called at run time.
+transformers contributes only its torch-free metadata key table (``integrations.ggml.GGUF_CONFIG_MAPPING``).
+Its own GGUF loader needs torch even for metadata, so it cannot be called at run time. The file's
+tokenizer is built in ``data_pipeline.tokenizer.gguf_tokenizer`` (the data pipeline imports no
+trainer code).
 
 A ``GGUFCheckpoint`` answers ``checkpoint(hf_name) -> np.ndarray`` with the HF tensor names and
 layouts, so ``hf_io``'s layout tables (and its sharded placement) are reused unchanged.
