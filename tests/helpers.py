@@ -10,7 +10,7 @@ from flax import nnx
 from configs import tiny
 from data_pipeline.loader import FIELDS
 from trainer import experiment, hf_io, sharding as sharding_lib
-from trainer.model import Transformer, attention_mask
+from trainer.model import Transformer
 from trainer.step import make_optimizer
 
 
@@ -70,6 +70,7 @@ def our_logits(graphdef, params, tokens, segment_ids=None, positions=None) -> np
     tokens = np.asarray(tokens)
     segment_ids = np.ones(tokens.shape, np.int32) if segment_ids is None else segment_ids
     positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
-    logits, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
-                                            attention_mask(jnp.asarray(segment_ids, jnp.int32)))
+    logits = nnx.merge(graphdef, params).forward_logits(
+        jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+        jnp.asarray(segment_ids, jnp.int32))
     return np.asarray(logits)

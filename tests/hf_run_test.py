@@ -19,7 +19,6 @@ from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: E402
 from tests.cli_test import run  # noqa: E402
 from trainer import experiment  # noqa: E402
 from trainer.checkpoint import Checkpointer  # noqa: E402
-from trainer.model import attention_mask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +56,9 @@ def logits_both(spec, params, out_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(tokens)).logits.numpy()
-    ours, _ = nnx.merge(spec.graphdef, params)(
+    ours = nnx.merge(spec.graphdef, params).forward_logits(
         jnp.asarray(tokens, jnp.int32), jnp.broadcast_to(jnp.arange(10), (2, 10)),
-        attention_mask(jnp.ones((2, 10), jnp.int32)))
+        jnp.ones((2, 10), jnp.int32))
     return np.asarray(ours), ref
 
 

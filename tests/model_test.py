@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from trainer.generate import generate_all, make_generate_fn  # noqa: E402
 from trainer.hf_io import model_config_from_hf, params_from_hf  # noqa: E402
-from trainer.model import Transformer, attention_mask  # noqa: E402
+from trainer.model import Transformer  # noqa: E402
 from trainer.step import token_loss  # noqa: E402
 
 VOCAB = 97
@@ -57,8 +57,8 @@ def test_logits_match_transformers_with_padding(tie):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
     positions = np.broadcast_to(np.arange(12), tokens.shape).astype(np.int32)
-    logits, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions),
-                                            attention_mask(jnp.asarray(mask, jnp.int32)))
+    logits = nnx.merge(graphdef, params).forward_logits(jnp.asarray(tokens, jnp.int32),
+                                                        jnp.asarray(positions), jnp.asarray(mask, jnp.int32))
     for i, n in enumerate(lengths):
         np.testing.assert_allclose(np.asarray(logits)[i, :n], ref[i, :n], atol=1e-4, rtol=0)
 
@@ -72,10 +72,10 @@ def test_packed_equals_unpacked():
     packed = np.concatenate([a, b, [0, 0, 0]])[None].astype(np.int32)
     seg = np.array([[1] * 5 + [2] * 8 + [0] * 3], np.int32)
     pos = np.array([list(range(5)) + list(range(8)) + [0] * 3], np.int32)
-    out, _ = model(jnp.asarray(packed), jnp.asarray(pos), attention_mask(jnp.asarray(seg)))
+    out = model.forward_logits(jnp.asarray(packed), jnp.asarray(pos), jnp.asarray(seg))
     for x, sl in ((a, slice(0, 5)), (b, slice(5, 13))):
-        single, _ = model(jnp.asarray(x[None], jnp.int32), jnp.arange(len(x))[None],
-                          attention_mask(jnp.ones((1, len(x)), jnp.int32)))
+        single = model.forward_logits(jnp.asarray(x[None], jnp.int32), jnp.arange(len(x))[None],
+                                      jnp.ones((1, len(x)), jnp.int32))
         np.testing.assert_allclose(np.asarray(out)[0, sl], np.asarray(single)[0], atol=1e-5, rtol=0)
 
 
@@ -91,8 +91,8 @@ def test_completion_only_loss_matches_transformers_labels():
                  labels=torch.tensor(labels)).loss.item()
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], loss_mask[:, 1:].astype(np.float32)
     positions = np.broadcast_to(np.arange(11), inputs.shape).astype(np.int32)
-    logits, _ = nnx.merge(graphdef, params)(jnp.asarray(inputs, jnp.int32), jnp.asarray(positions),
-                                            attention_mask(jnp.asarray(mask[:, :-1], jnp.int32)))
+    logits = nnx.merge(graphdef, params).forward_logits(
+        jnp.asarray(inputs, jnp.int32), jnp.asarray(positions), jnp.asarray(mask[:, :-1], jnp.int32))
     sums = token_loss(logits, jnp.asarray(targets, jnp.int32), jnp.asarray(weights))
     np.testing.assert_allclose(float(sums["loss_sum"] / sums["tokens"]), ref, rtol=1e-5)
 

@@ -12,7 +12,7 @@ from flax import nnx
 from data_pipeline import loader, packing, pipeline, sources, tokenizer as tokenizer_lib
 from tests import helpers
 from trainer.experiment import model_config
-from trainer.model import Transformer, attention_mask
+from trainer.model import Transformer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -61,8 +61,8 @@ def test_packed_and_unpacked_per_example_losses_are_equal():
     assert len(bins) < len(exs)
 
     def per_token(batch):
-        logits, _ = model(jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
-                          attention_mask(jnp.asarray(batch["segment_ids"])))
+        logits = model.forward_logits(jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
+                                      jnp.asarray(batch["segment_ids"]))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                              jnp.asarray(batch["targets"]))
         return np.asarray(ce) * batch["weights"]

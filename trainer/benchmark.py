@@ -10,6 +10,8 @@ printed where the device's peak bf16 FLOP/s is known (GPUs, TPUs), never for CPU
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from typing import Any
 
@@ -17,26 +19,9 @@ import jax
 import numpy as np
 
 from trainer import experiment, hf_io, sharding as sharding_lib
+from trainer.flops import flops_per_token, peak_flops
+from trainer.model import resolve_attention
 from trainer.step import make_optimizer
-
-# Peak dense bf16 FLOP/s per device (vendor figures), matched against ``device_kind``.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
-
-
-def peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-
-
-def flops_per_token(cfg, seq: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + attention (12 x layers x heads x d x seq/2)."""
-    e, f, h, k, d, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                        cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers)
-    per_layer = e * d * (2 * h + 2 * k) + e * f * (3 if cfg.mlp == "gated" else 2)
-    matmul = n * per_layer + e * cfg.vocab_size
-    return 6 * matmul + 12 * n * h * d * seq / 2  # causal: half the attention scores
-
 
 def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
@@ -52,12 +37,15 @@ def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dic
 
 def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: int) -> dict[str, Any]:
     mesh = experiment.make_mesh(config)
-    spec = experiment.model_spec(config, vocab, mesh)
+    hf_config, _ = experiment.architecture(config)
+    spec = experiment.model_spec(config, vocab, mesh, hf_config)
+    if spec.hf_path and not os.path.exists(spec.hf_path):  # a preset's architecture, random weights
+        spec = dataclasses.replace(spec, hf_path="")
     tx, schedule = make_optimizer(config.optimizer, len(data))
     state_sh = experiment.state_shardings(spec, tx)
     batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
     step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
-                                     batch_sh)
+                                     batch_sh, config.train.get("loss_chunk_tokens", 1024))
     state = experiment.init_train_state(spec, tx, config.seed, state_sh)
     device_data = [experiment.global_batch(b, batch_sh) for b in data]
     for b in device_data[:warmup]:  # compile + warm up
@@ -67,11 +55,16 @@ def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: in
     for b in device_data[warmup:]:
         state, m = step(state, b)
     jax.block_until_ready(m)
-    return {"seconds": time.perf_counter() - t0, "cfg": spec.cfg, "loss": float(m["loss"])}
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"seconds": time.perf_counter() - t0, "cfg": spec.cfg, "loss": float(m["loss"]),
+            "peak_bytes": stats.get("peak_bytes_in_use")}
 
 
 def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], warmup: int,
-                lr: float) -> dict[str, Any] | None:
+                lr: float, dtype: str = "float32") -> dict[str, Any] | None:
+    """The transformers model, built in ``dtype`` -- the run's compute dtype, never the checkpoint's
+    ``torch_dtype`` (SmolLM2's config says bfloat16: a bf16 reference on a CPU is slow, and the "win"
+    against it was not real)."""
     try:
         import torch  # noqa: PLC0415 (test-time/benchmark reference only)
         import transformers  # noqa: PLC0415
@@ -80,6 +73,7 @@ def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], wa
     cfg = transformers.AutoConfig.for_model(**hf_config)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = model.to(getattr(torch, dtype))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
@@ -98,7 +92,8 @@ def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], wa
     t0 = time.perf_counter()
     for b in data[warmup:]:
         loss = step(b)
-    return {"seconds": time.perf_counter() - t0, "loss": float(loss), "threads": torch.get_num_threads()}
+    return {"seconds": time.perf_counter() - t0, "loss": float(loss), "threads": torch.get_num_threads(),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
 def bench(config, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: bool = True,
@@ -112,25 +107,29 @@ def bench(config, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: 
     tokens = batch * seq * steps
     row = {"batch": batch, "seq": seq, "steps": steps, "devices": jax.device_count(),
            "device": jax.devices()[0].device_kind, "dtype": cfg.dtype,
-           "ours_tokens_per_s": tokens / ours["seconds"]}
+           "ours_tokens_per_s": tokens / ours["seconds"], "attention": resolve_attention(cfg),
+           "scan_layers": cfg.scan_layers, "remat": cfg.remat}
+    if ours["peak_bytes"]:
+        row["peak_memory_gb"] = ours["peak_bytes"] / 1e9
     peak = peak_flops(jax.devices()[0])
     row["mfu"] = (row["ours_tokens_per_s"] * flops_per_token(cfg, seq) / (peak * jax.device_count())
                   if peak else None)
     ref = None
     if use_torch and jax.default_backend() == "cpu":  # same machine, same cores: a fair comparison
-        hf_config = (hf_io.read_hf_config(experiment.hf_path(config)) if experiment.hf_path(config)
-                     else hf_io.hf_config_from_model(cfg))
+        hf_config = experiment.architecture(config)[0] or hf_io.hf_config_from_model(cfg)
         ref = bench_torch({**hf_config, "vocab_size": cfg.vocab_size}, data, warmup,
-                          config.optimizer.learning_rate)
+                          config.optimizer.learning_rate, cfg.dtype)
     if ref:
         row["torch_tokens_per_s"] = tokens / ref["seconds"]
         row["ratio_vs_torch"] = row["ours_tokens_per_s"] / row["torch_tokens_per_s"]
         row["torch_threads"] = ref["threads"]
-    lines = ["| device | batch x seq | ours tokens/s | MFU | PyTorch tokens/s | ratio |",
+        row["torch_dtype"] = ref["dtype"]
+    lines = ["| device | batch x seq | ours tokens/s (dtype) | MFU | PyTorch tokens/s (dtype) | ratio |",
              "|---|---|---:|---:|---:|---:|",
-             f"| {row['devices']} x {row['device']} ({row['dtype']}) | {batch} x {seq} | "
-             f"{row['ours_tokens_per_s']:,.0f} | "
+             f"| {row['devices']} x {row['device']} | {batch} x {seq} | "
+             f"{row['ours_tokens_per_s']:,.0f} ({row['dtype']}) | "
              + (f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a") + " | "
-             + (f"{row['torch_tokens_per_s']:,.0f} | {row['ratio_vs_torch']:.2f}x |" if ref else "- | - |")]
+             + (f"{row['torch_tokens_per_s']:,.0f} ({row['torch_dtype']}) | {row['ratio_vs_torch']:.2f}x |"
+                if ref else "- | - |")]
     print("\n".join(lines), flush=True)
     return row

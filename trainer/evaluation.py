@@ -150,14 +150,15 @@ def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_exampl
 
     # ---- loss on the split --------------------------------------------------------------
     batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
-    eval_step = sharding_lib.with_mesh(mesh, jax.jit(make_eval_step(spec.graphdef)))
+    eval_step = sharding_lib.with_mesh(mesh, jax.jit(make_eval_step(
+        spec.graphdef, config.train.get("loss_chunk_tokens", 1024))))
     loss = experiment.split_loss(eval_step, finetuned, data.examples[split], config,
                                  tok.pad_token_id, batch_sh)
 
     # ---- greedy generation: base zero-/few-shot vs fine-tuned ------------------------------
     eos_ids = template.stop_ids
     generate = make_generate_fn(spec.graphdef, max_new_tokens=ecfg.max_new_tokens, eos_ids=eos_ids,
-                                pad_id=tok.pad_token_id)
+                                pad_id=tok.pad_token_id, mesh=mesh)
     pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows.get("train", []):
         pool[r.get("task", "")].append(r)

@@ -31,6 +31,7 @@ TOKENIZER_DIR = "tokenizer"
 # Sections that define *what* is trained. A workdir may be resumed with other values elsewhere (more
 # steps, other logging), but never with a different model, data or seed: that would silently mix runs.
 IDENTITY_KEYS = ("seed", "data", "tokenizer", "model")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,19 +154,47 @@ def hf_path(config: ml_collections.ConfigDict) -> str:
     return hf or gg
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """From the base model's ``config.json`` or GGUF metadata (only dtypes, remat and the attention
-    backend are taken from ``config.model``), or from ``config.model`` with the tokenizer's vocabulary
-    for a new model."""
-    runtime = {k: config.model.get(k, d) for k, d in (("dtype", "float32"), ("param_dtype", "float32"),
-                                                         ("attention_impl", "auto"), ("remat", "none"))}
+def architecture(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None, str]:
+    """``(config.json dict, where it came from)`` of the base model; ``(None, "")`` from scratch.
+
+    The checkpoint's own config when it is here, else ``model.arch_json`` (relative paths are tried
+    from the working directory, then from the repository root)."""
+    path = hf_path(config)
+    if path and os.path.exists(path):
+        try:
+            return hf_io.read_hf_config(path), path
+        except hf_io.HFError as e:
+            raise UserError(f"base model: {e}") from e
+    arch = config.model.get("arch_json", "")
+    if arch:
+        for candidate in (arch, os.path.join(_REPO, arch)):
+            if os.path.isfile(candidate):
+                with open(candidate) as f:
+                    return json.load(f), candidate
+        raise UserError(f"model.arch_json: {arch!r} not found")
+    if path:
+        raise UserError(f"the base model {path!r} is not here and the config has no model.arch_json "
+                        "(a copy of its config.json) to dry-run from")
+    return None, ""
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int,
+                 hf_config: dict[str, Any] | None = None) -> ModelConfig:
+    """From the base model's ``config.json`` or GGUF metadata (only dtypes, remat, layer scanning and
+    the attention backend are taken from ``config.model``), or from ``config.model`` with the tokenizer's vocabulary
+    for a new model. ``hf_config``: the base model's config.json dict when it is already known (the
+    ahead-of-time check reads a copy kept in ``configs/`` instead of the absent checkpoint)."""
+    runtime = {k: config.model.get(k, d) for k, d in (
+        ("dtype", "float32"), ("param_dtype", "float32"), ("attention_impl", "auto"), ("remat", "none"),
+        ("scan_layers", False), ("attention_block_size", 128))}
+    runtime["packed_inputs"] = config.data.get("packing", "none") != "none"
     axes = dict(rules(config))  # mesh axes of attention's batch/head dims (for kernels under shard_map)
     as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v else ())  # noqa: E731
     runtime.update(attention_batch_axes=as_tuple(axes.get("batch")),
                    attention_head_axes=as_tuple(axes.get("heads")))
-    if path := hf_path(config):
+    if hf_config is not None or (path := hf_path(config)):
         try:
-            cfg = hf_io.model_config_from_hf(hf_io.read_hf_config(path), **runtime)
+            cfg = hf_io.model_config_from_hf(hf_config or hf_io.read_hf_config(path), **runtime)
         except hf_io.HFError as e:
             raise UserError(f"base model: {e}") from e
     else:
@@ -234,8 +263,9 @@ class ModelSpec:
         return params
 
 
-def model_spec(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> ModelSpec:
-    cfg = model_config(config, vocab_size)
+def model_spec(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
+               hf_config: dict[str, Any] | None = None) -> ModelSpec:
+    cfg = model_config(config, vocab_size, hf_config)
     if cfg.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size} "
                         "embeddings")
@@ -274,11 +304,13 @@ def init_train_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: in
 
 
 def jit_train_step(spec: ModelSpec, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   grad_accum_steps: int, state_sh: TrainState, batch_sh: NamedSharding):
+                   grad_accum_steps: int, state_sh: TrainState, batch_sh: NamedSharding,
+                   loss_chunk: int = 1024):
     """``make_train_step`` under ``jax.jit``: explicit in/out shardings, donated state, traced with
     the mesh current (for the model's shard_map kernels)."""
     rep = sharding_lib.replicated(spec.mesh)
-    step = jax.jit(make_train_step(spec.graphdef, tx, schedule, grad_accum_steps),
+    step = jax.jit(make_train_step(spec.graphdef, tx, schedule, grad_accum_steps, loss_chunk,
+                                   batch_sh.spec),
                    in_shardings=(state_sh, {k: batch_sh for k in loader.FIELDS}),
                    out_shardings=(state_sh, rep), donate_argnums=(0,))
     return sharding_lib.with_mesh(spec.mesh, step)

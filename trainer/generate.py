@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trainer.model import KVCache
+from trainer.sharding import with_mesh
+
 
 def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float = 1.0
           ) -> jax.Array:
@@ -45,59 +48,70 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Sequence[int],
-                     pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+                     pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     mesh: jax.sharding.Mesh | None = None):
     """Returns jitted ``generate(params, prompts, prompt_valid, rng) -> [batch, max_new_tokens] int32``.
 
     ``prompts``: [batch, P] int32, left-padded; ``prompt_valid``: [batch, P] bool. Output tokens after a
-    row's first EOS are ``pad_id``; the loop stops early once every row has finished.
+    row's first EOS are ``pad_id``; the loop stops early once every row has finished. Prefill applies
+    the LM head to the last position only. With ``mesh``, the prompts and the KV cache are split over
+    the batch (and the cache over the kv heads) by the model's logical rules, so no device holds the
+    whole cache.
     """
     eos = jnp.asarray(list(eos_ids), jnp.int32)
     n = max_new_tokens
 
-    @jax.jit
+    def shard(x, *names):
+        """``x`` constrained to the mesh axes the model's batch/head dimensions map to."""
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*names))
+
     def generate(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params)
         cfg = model.cfg
         b, p = prompts.shape
-        t_len = p + n
-        dt = jnp.dtype(cfg.dtype)
-        cache = [(jnp.zeros((b, t_len, cfg.num_key_value_heads, cfg.head_size), dt),) * 2
-                 for _ in range(cfg.num_hidden_layers)]
+        batch_axes = tuple(a for a in cfg.attention_batch_axes if mesh is not None and a in mesh.shape)
+        head_axes = tuple(a for a in cfg.attention_head_axes if mesh is not None and a in mesh.shape)
+        batch_axes = batch_axes if batch_axes and b % _size(mesh, batch_axes) == 0 else None
+        head_axes = (head_axes if head_axes and cfg.num_key_value_heads % _size(mesh, head_axes) == 0
+                     else None)
+        prompts = shard(prompts, batch_axes, None)
+        cache = KVCache.empty(cfg, b, p + n)
+        cache = cache.replace(k=shard(cache.k, None, batch_axes, None, head_axes, None),
+                              v=shard(cache.v, None, batch_axes, None, head_axes, None))
         positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
-        key_valid = jnp.concatenate([prompt_valid, jnp.zeros((b, n), bool)], axis=1)
-        slots = jnp.arange(t_len)
-        q = jnp.arange(p)
-        mask = (slots[None, None, :] <= q[None, :, None]) & key_valid[:, None, :]
-        mask = mask | (slots[None, None, :] == q[None, :, None])  # padding rows attend to themselves
-        key_pos = jnp.concatenate([positions, jnp.zeros((b, n), jnp.int32)], axis=1)
-        logits, cache = model(prompts, positions, mask, cache, jnp.int32(0), key_pos, last_only=True)
+        hidden, cache = model(prompts, positions, prompt_valid.astype(jnp.int32), cache)
         rng, sub = jax.random.split(rng)
-        tok = _pick(logits[:, -1], sub, temperature, top_k, top_p)
+        tok = _pick(model.logits(hidden[:, -1:])[:, 0], sub, temperature, top_k, top_p)
         out = jnp.full((b, n), pad_id, jnp.int32)
         done = jnp.zeros((b,), bool)
         pos = positions[:, -1]
+        ones = jnp.ones((b, 1), jnp.int32)
 
         def cond(carry):
-            t, _, _, _, _, _, done, _, _ = carry
+            t, _, _, _, done, _, _ = carry
             return (t < n) & ~jnp.all(done)
 
         def body(carry):
-            t, tok, pos, cache, key_valid, key_pos, done, out, rng = carry
+            t, tok, pos, cache, done, out, rng = carry
             out = out.at[:, t].set(jnp.where(done, pad_id, tok))
             done = done | jnp.isin(tok, eos)
-            key_valid = key_valid.at[:, p + t].set(True)
             pos = pos + 1
-            key_pos = key_pos.at[:, p + t].set(pos)
-            logits, cache = model(tok[:, None], pos[:, None], key_valid[:, None, :], cache, p + t,
-                                  key_pos)
+            hidden, cache = model(tok[:, None], pos[:, None], ones, cache)
             rng, sub = jax.random.split(rng)
-            tok = _pick(logits[:, 0], sub, temperature, top_k, top_p)
-            return t + 1, tok, pos, cache, key_valid, key_pos, done, out, rng
+            tok = _pick(model.logits(hidden)[:, 0], sub, temperature, top_k, top_p)
+            return t + 1, tok, pos, cache, done, out, rng
 
-        carry = (jnp.int32(0), tok, pos, cache, key_valid, key_pos, done, out, rng)
-        return jax.lax.while_loop(cond, body, carry)[7]
+        carry = (jnp.int32(0), tok, pos, cache, done, out, rng)
+        return jax.lax.while_loop(cond, body, carry)[5]
 
-    return generate
+    jitted = jax.jit(generate)
+    return jitted if mesh is None else with_mesh(mesh, jitted)
+
+
+def _size(mesh, axes) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def left_pad(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,28 +126,38 @@ def left_pad(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[n
     return toks, valid
 
 
+def bucket_length(n: int, multiple: int = 16) -> int:
+    """The padded prompt length for a prompt of ``n`` tokens: ``multiple`` times a power of two, so a
+    whole eval compiles at most log2(longest / multiple) + 1 shapes."""
+    units = -(-max(n, 1) // multiple)
+    return multiple * (1 << (units - 1).bit_length())
+
+
 def generate_all(generate, params, prompts: Sequence[np.ndarray], *, batch_size: int, pad_id: int,
                  eos_ids: Sequence[int], seed: int = 0, multiple: int = 16) -> list[list[int]]:
-    """Generates for every prompt; returns each completion's ids up to (excluding) its EOS.
+    """Generates for every prompt; returns each completion's ids up to (excluding) its EOS, in the
+    prompts' order.
 
-    All batches share one shape (prompt length rounded up to ``multiple``, the last batch filled with
-    empty prompts), so ``generate`` compiles once.
+    Prompts are sorted by length and batched with their neighbours; each batch is left-padded to its
+    bucket (``bucket_length``), not to the longest prompt of the whole set, and the last batch is
+    filled with empty prompts -- so a few short-prompt batches never pay for one long prompt, and the
+    number of compiled shapes stays logarithmic. Greedy results do not depend on the batching.
     """
-    length = -(-max(len(x) for x in prompts) // multiple) * multiple
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     rng = jax.random.key(seed)
-    results: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        real = len(chunk)
-        chunk += [np.asarray([pad_id], np.int32)] * (batch_size - real)
-        toks, valid = left_pad(chunk, length, pad_id)
+    results: list[list[int] | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        chunk = [prompts[i] for i in idx]
+        chunk += [np.asarray([pad_id], np.int32)] * (batch_size - len(idx))
+        toks, valid = left_pad(chunk, bucket_length(max(len(x) for x in chunk), multiple), pad_id)
         rng, sub = jax.random.split(rng)
-        out = np.asarray(jax.device_get(generate(params, toks, valid, sub)))[:real]
-        for row in out:
+        out = np.asarray(jax.device_get(generate(params, toks, valid, sub)))[:len(idx)]
+        for i, row in zip(idx, out):
             ids = []
             for t in row.tolist():
                 if t in eos_ids:
                     break
                 ids.append(t)
-            results.append(ids)
-    return results
+            results[i] = ids
+    return results  # type: ignore[return-value]

@@ -270,14 +270,33 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, model_typ
     ``place(path, array)`` puts each converted leaf where it belongs (e.g. straight into its sharding),
     so no more than one HF tensor is ever held whole, on the host. A tensor whose shape does not fit
     (``place`` raises ``ValueError``) is an ``HFError`` naming ``source`` and the HF tensor.
+
+    With ``cfg.scan_layers`` the per-layer leaves are stacked on the host into ``[layers, ...]`` before
+    ``place``: the links are visited one leaf kind at a time (all layers' ``q``, then all ``k`` ...), so
+    one kind's layers are held at once, never the whole model.
     """
     dtype = np_dtype(cfg.param_dtype)
     params: dict[str, Any] = {}
-    for link in links(cfg, model_type, prefix):
+    table = links(cfg, model_type, prefix)
+    stacked: dict[tuple, list[np.ndarray]] = {}
+    n_layers = cfg.num_hidden_layers
+    if cfg.scan_layers:  # group each leaf kind's layers together (stable: layer order kept)
+        table.sort(key=lambda link: tuple(str(x) for x in _unlayered(link.ours[0])))
+
+    def put(path, value):
+        if not (cfg.scan_layers and path[0] == "layers"):
+            _set(params, path, place(path, value))
+            return
+        kind = _unlayered(path)
+        stacked.setdefault(kind, []).append(value)
+        if len(stacked[kind]) == n_layers:
+            _set(params, kind, place(kind, np.stack(stacked.pop(kind))))
+
+    for link in table:
         tensors = [get(n) for n in link.hf]
         try:
             for path, value in zip(link.ours, link.to_ours(*tensors), strict=True):
-                _set(params, path, place(path, np.asarray(value).astype(dtype)))
+                put(path, np.asarray(value).astype(dtype))
         except ValueError as e:  # a reshape that cannot work, or ``place``'s shape check
             shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(link.hf, tensors))
             raise HFError(f"{source or 'checkpoint'}: tensor {shapes} does not fit the model its config "
@@ -285,8 +304,17 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, model_typ
     return params
 
 
+def _unlayered(path: tuple) -> tuple:
+    """``("layers", i, *rest)`` -> ``("layers", *rest)``: a leaf's path in the scanned layout."""
+    return (path[0], *path[2:]) if path and path[0] == "layers" else path
+
+
 def params_to_hf(params: Any, cfg: ModelConfig, model_type: str) -> dict[str, np.ndarray]:
-    """HF tensors (numpy) from our (host) params: the same table read the other way."""
+    """HF tensors (numpy) from our (host) params: the same table read the other way (scanned
+    params are unstacked first)."""
+    if cfg.scan_layers:
+        from trainer.model import unstack_layers  # noqa: PLC0415
+        params = unstack_layers(params, cfg.num_hidden_layers)
     out = {}
     for link in links(cfg, model_type):
         for name, value in zip(link.hf, link.to_hf(*(np.asarray(get_path(params, p)) for p in link.ours)),

@@ -15,6 +15,7 @@ from data_pipeline import loader
 from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError
+from trainer.flops import flops_per_token, peak_flops
 from trainer.step import TrainState, make_eval_step, make_optimizer
 
 
@@ -82,10 +83,11 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     # ----------------------------------------------------------------------------------------
     batch_tree_sh = {k: batch_sh for k in loader.FIELDS}
     rep = sharding_lib.replicated(mesh)
+    chunk = tcfg.get("loss_chunk_tokens", 1024)
     train_step = experiment.jit_train_step(spec, tx, schedule, tcfg.grad_accum_steps, state_sh,
-                                           batch_sh)
+                                           batch_sh, chunk)
     eval_step = sharding_lib.with_mesh(mesh, jax.jit(
-        make_eval_step(spec.graphdef), in_shardings=(spec.param_shardings, batch_tree_sh),
+        make_eval_step(spec.graphdef, chunk), in_shardings=(spec.param_shardings, batch_tree_sh),
         out_shardings=rep))
 
     # ----------------------------------------------------------------------------------------
@@ -113,6 +115,8 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar)
     pending, real_tokens, t_last = [], 0, time.perf_counter()
+    flops_token = flops_per_token(spec.cfg, config.data.max_length)
+    peak = peak_flops(jax.devices()[0])
     evaluate = functools.partial(experiment.split_loss, eval_step, examples=data.examples["validation"],
                                  config=config, pad_id=tok.pad_token_id, batch_sh=batch_sh)
     last_step = min(tcfg.num_steps, stop_at or tcfg.num_steps)
@@ -130,11 +134,17 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
                    "grad_norm": float(last["grad_norm"]), "learning_rate": float(last["learning_rate"]),
                    "tokens_per_s": real_tokens / dt,
                    "supervised_tokens_per_s": summary["tokens"] / dt}
+            # Model FLOP/s on real (non-padding) tokens, per device, and MFU where the peak is known:
+            # the formula of trainer.bench (trainer.flops).
+            row["model_tflops_per_device"] = real_tokens / dt * flops_token / jax.device_count() / 1e12
+            if peak:
+                row["mfu"] = row["model_tflops_per_device"] * 1e12 / peak
             if not np.isfinite(row["loss"]):
                 raise FloatingPointError(f"non-finite training loss at step {step}: {row}")
             writer.write(step, row, prefix="train/")
             progress.update(len(pending), loss=f"{row['loss']:.4f}",
-                            tok_s=f"{row['tokens_per_s']:.0f}")
+                            tok_s=f"{row['tokens_per_s']:.0f}",
+                            **({"mfu": f"{100 * row['mfu']:.1f}%"} if peak else {}))
             pending, real_tokens, t_last = [], 0, time.perf_counter()
 
         is_ckpt = step % tcfg.checkpoint_every == 0 or step == last_step

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 Array = jax.Array
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -46,7 +46,11 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype
-    attention_impl: str = "auto"  # auto | xla | cudnn | splash (see ``resolve_attention``)
+    attention_impl: str = "auto"  # auto | xla | cudnn | flash | splash (see ``resolve_attention``)
+    # Whether rows pack several segments (data.packing): picks the GPU kernel that takes segment ids.
+    packed_inputs: bool = False
+    # Query block of the XLA attention path: blocks above the causal diagonal are skipped (0: dense).
+    attention_block_size: int = 128
     # Mesh axes that attention's batch and head dimensions are split over (from the sharding rules),
     # for kernels GSPMD cannot partition itself (splash runs under shard_map over them).
     attention_batch_axes: tuple[str, ...] = ()
@@ -78,6 +82,9 @@ class ModelConfig:
     # Rematerialisation of each block in the backward pass: none | full (keep only block inputs) |
     # dots (keep matmul outputs without a batch dimension); trades compute for activation memory.
     remat: str = "none"
+    # Layers as one Block with stacked [layers, ...] params under ``lax.scan``: program size and
+    # compile time independent of depth (the accelerator presets turn it on).
+    scan_layers: bool = False
 
     @property
     def head_size(self) -> int:
@@ -170,50 +177,127 @@ def _activation(name: str):
             "gelu": lambda x: jax.nn.gelu(x, approximate=False)}[name]
 
 
-def _softcapped_attention(q, k, v, mask, scale, softcap):
-    """Plain attention with tanh soft-capping of the logits (Gemma 2), softmax in float32.
+# ---------------------------------------------------------------------------------------------
+# Attention: one interface, several backends
+# ---------------------------------------------------------------------------------------------
+#
+# Layers never see a mask. They pass segment ids and positions (of the queries and of the keys) and
+# the slot of their first query; each backend derives what it needs from those: the XLA path builds
+# its dense mask block by block inside, splash and the Pallas GPU kernel take segment ids, cuDNN takes
+# ``is_causal``. The rules, the same for every backend: a query attends to keys
+#   - at a slot <= its own (causal by slot: a packed row's segments and a cache's slots are in order),
+#   - of its own segment, never padding (segment id 0),
+#   - and, on a sliding-window layer, less than ``window`` positions back.
+# A padding query (segment 0) attends to nothing; its output is finite (a uniform average) and ignored.
 
-    ``jax.nn.dot_product_attention`` has no soft-capping, so this path is written out.
-    """
-    h, kh = q.shape[2], k.shape[2]
-    k = jnp.repeat(k, h // kh, axis=2)
-    v = jnp.repeat(v, h // kh, axis=2)
-    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
-    logits = softcap * jnp.tanh(logits / softcap)
-    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhst,bthd->bshd", probs, v)
+BACKENDS = ("xla", "cudnn", "flash", "splash")
 
 
 def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
     """The attention backend ``cfg.attention_impl`` means on this platform.
 
-    ``auto``: splash (Pallas) on TPU, cuDNN flash attention on GPU for bf16/fp16 without soft-capping,
-    otherwise XLA. An explicit choice the model cannot use raises ``ValueError`` naming the reason.
+    ``auto``: splash (Pallas, segment ids) on TPU; on GPU for bf16/fp16 without soft-capping, cuDNN
+    flash attention (causal) for unpacked rows and the Pallas GPU flash kernel (segment ids) for packed
+    ones; otherwise XLA (blockwise, skipping blocks above the diagonal). An explicit choice the model
+    cannot use raises ``ValueError`` naming the reason.
     """
     platform = platform or jax.default_backend()
     impl = cfg.attention_impl
+    low_precision = cfg.dtype in ("bfloat16", "float16")
     if impl == "auto":
         if platform == "tpu":
             return "splash"
-        if platform == "gpu" and cfg.dtype in ("bfloat16", "float16") and not cfg.attn_logit_softcap:
+        if platform == "gpu" and low_precision and not cfg.attn_logit_softcap:
+            if cfg.packed_inputs:
+                return "flash" if not cfg.sliding_window else "xla"
             return "cudnn"
         return "xla"
-    if impl == "cudnn" and (cfg.dtype not in ("bfloat16", "float16") or cfg.attn_logit_softcap):
-        raise ValueError("attention_impl='cudnn' needs model.dtype bfloat16/float16 and no attention "
-                         "soft-capping (Gemma 2); use 'xla' or 'auto'")
-    if impl not in ("xla", "cudnn", "splash"):
-        raise ValueError(f"attention_impl must be auto, xla, cudnn or splash, got {impl!r}")
+    if impl not in BACKENDS:
+        raise ValueError(f"attention_impl must be auto, {', '.join(BACKENDS)}, got {impl!r}")
+    if impl == "cudnn":
+        if not low_precision or cfg.attn_logit_softcap:
+            raise ValueError("attention_impl='cudnn' needs model.dtype bfloat16/float16 and no attention "
+                             "soft-capping (Gemma 2); use 'xla' or 'auto'")
+        if cfg.packed_inputs:
+            raise ValueError("attention_impl='cudnn' is causal only and cannot keep packed segments "
+                             "apart; use 'flash' (segment ids) or 'auto', or data.packing='none'")
+    if impl == "flash" and (cfg.attn_logit_softcap or cfg.sliding_window):
+        raise ValueError("attention_impl='flash' (the Pallas GPU kernel) has no soft-capping or sliding "
+                         "window; use 'xla' or 'auto'")
     return impl
 
 
-def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: ModelConfig, scale: float,
-                      sliding: bool) -> Array:
-    """Pallas splash attention: causal (or sliding-window), segment ids, optional soft-capping.
+def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, q_pos: Array,
+                     kv_pos: Array, q_slot: Array, kv_slot: Array, window: Array | int | None,
+                     scale: float, softcap: float) -> Array:
+    """Reference attention with the mask built here. q: [b, s, h, d]; k/v: [b, t, kh, d];
+    *_seg/*_pos: [b, s] and [b, t]; q_slot [s], kv_slot [t]: slot indices. Softmax in float32.
 
-    q/k/v: [b, s, heads, d] (k/v already repeated to all heads). Runs per device under ``shard_map``
-    over the batch/head mesh axes (a Pallas kernel cannot be partitioned by GSPMD); off TPU it runs
-    in Pallas interpret mode, which is how the CPU tests check it.
+    Grouped-query heads are handled by a [kh, group] split of the query heads, never by copying k/v.
+    """
+    b, s, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, s, kh, h // kh, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
+    mask = ((kv_slot[None, None, :] <= q_slot[None, :, None])
+            & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0))
+    if window is not None:
+        mask = mask & (q_pos[:, :, None] - kv_pos[:, None, :] < window)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scale, softcap,
+                   block: int, static_window: int | None) -> Array:
+    """Blockwise causal attention in plain XLA: query block i only meets key blocks 0..i (and, on a
+    sliding layer with a static window, only the blocks the window reaches), so the fully masked
+    upper triangle is never computed or stored -- about half the FLOPs and memory of a dense mask.
+
+    Used when the queries start at slot 0 (training, scoring, prefill); a decode step (one query at
+    slot ``q_offset``) takes the dense path over the whole cache.
+    """
+    s, t = q.shape[1], k.shape[1]
+    slots = jnp.arange(max(s, t), dtype=jnp.int32)
+    if isinstance(q_offset, int) and q_offset == 0 and block and s > block and s % block == 0:
+        outs = []
+        for i in range(s // block):
+            q0, q1 = i * block, (i + 1) * block
+            k0 = 0
+            if static_window is not None:  # keys more than ``window`` slots back are out of reach
+                k0 = max(0, (q0 - static_window + 1) // block * block)
+            sl = slice(k0, min(q1, t))
+            outs.append(_dense_attention(
+                q[:, q0:q1], k[:, sl], v[:, sl], q_seg[:, q0:q1], kv_seg[:, sl], q_pos[:, q0:q1],
+                kv_pos[:, sl], slots[q0:q1], slots[sl], window, scale, softcap))
+        return jnp.concatenate(outs, axis=1)
+    return _dense_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slots[:s] + q_offset, slots[:t],
+                            window, scale, softcap)
+
+
+def _shard_mapped(fn, cfg: ModelConfig, n_qkv: int, n_seg: int):
+    """``fn(q, k, v, *segs)`` run per device under ``shard_map`` over the batch/head mesh axes (a Pallas
+    kernel cannot be partitioned by GSPMD); plain ``fn`` outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+    P = jax.sharding.PartitionSpec
+    batch = tuple(a for a in cfg.attention_batch_axes if a in mesh.axis_names) or None
+    heads = tuple(a for a in cfg.attention_head_axes if a in mesh.axis_names) or None
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * n_qkv + (P(batch, None),) * n_seg,
+                         out_specs=spec, check_vma=False)
+
+
+def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: ModelConfig, scale: float,
+                      window: int | None) -> Array:
+    """Pallas splash attention (TPU): causal or sliding-window, segment ids, optional soft-capping.
+
+    q/k/v: [b, s, heads, d] (k/v already repeated to all heads). Off TPU it runs in Pallas interpret
+    mode, which is how the CPU tests check it.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
         splash_attention_kernel as sk, splash_attention_mask as sm)
@@ -224,8 +308,8 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: Mod
 
     def local(q, k, v, seg):
         shape = (s, s)
-        base = (sm.LocalMask(shape, window_size=(cfg.sliding_window - 1, 0), offset=0)
-                if sliding and cfg.sliding_window else sm.CausalMask(shape))
+        base = (sm.LocalMask(shape, window_size=(window - 1, 0), offset=0) if window
+                else sm.CausalMask(shape))
         kernel = sk.make_splash_mha(
             sm.MultiHeadMask([base] * q.shape[2]), head_shards=1, q_seq_shards=1,
             block_sizes=sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
@@ -238,23 +322,103 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: Mod
             heads_first(q * scale), heads_first(k), heads_first(v), seg)
         return heads_first(out)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return local(q, k, v, segment_ids)
-    P = jax.sharding.PartitionSpec
-    batch = tuple(a for a in cfg.attention_batch_axes if a in mesh.axis_names) or None
-    heads = tuple(a for a in cfg.attention_head_axes if a in mesh.axis_names) or None
-    spec = P(batch, None, heads, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
-                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
+    return _shard_mapped(local, cfg, 3, 1)(q, k, v, segment_ids)
+
+
+def _flash_gpu_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: ModelConfig,
+                         scale: float) -> Array:
+    """The Pallas GPU flash kernel (Triton): causal, segment ids, so packed rows stay apart.
+    q/k/v: [b, s, heads, d] (k/v repeated to all heads). Interpret mode off GPU (tests)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
+    s = q.shape[1]
+    block = next((n for n in (128, 64, 32, 16) if s % n == 0), 0)
+    if not block:
+        raise ValueError(f"the Pallas GPU attention kernel needs the sequence length ({s}) to be a "
+                         "multiple of 16")
+    sizes = pallas_gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
+                                  block_q_dq=block, block_kv_dq=block)
+
+    def local(q, k, v, seg):
+        return pallas_gpu.mha(q, k, v, seg, sm_scale=scale, causal=True, block_sizes=sizes,
+                              interpret=jax.default_backend() != "gpu")
+
+    return _shard_mapped(local, cfg, 3, 1)(q, k, v, segment_ids)
+
+
+def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_ids: Array,
+              q_positions: Array, kv_positions: Array, q_offset: Array | int, sliding: Array | bool,
+              cfg: ModelConfig) -> Array:
+    """The one attention entry point (see the rules above).
+
+    Args:
+      q: [batch, s, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim].
+      q_segment_ids, q_positions: [batch, s] int32; kv_segment_ids, kv_positions: [batch, t] int32.
+      q_offset: the slot of the first query (0 without a cache; the cache index when decoding).
+      sliding: whether this is a sliding-window layer (a Python bool, or a traced bool under scan).
+
+    Returns:
+      [batch, s, heads, head_dim] in the compute dtype.
+    """
+    scale = (cfg.query_pre_attn_scalar or cfg.head_size) ** -0.5
+    softcap = cfg.attn_logit_softcap
+    W = cfg.sliding_window or None
+    full_sequence = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+    impl = resolve_attention(cfg) if full_sequence else "xla"  # decoding: dense over the cache
+
+    def run(window: int | None) -> Array:
+        if impl == "xla":
+            return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                                  q_offset, window, scale, softcap, cfg.attention_block_size, window)
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        kr, vr = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
+        if impl == "splash":
+            return _splash_attention(q, kr, vr, q_segment_ids, cfg, scale, window)
+        if impl == "flash":
+            return _flash_gpu_attention(q, kr, vr, q_segment_ids, cfg, scale)
+        # cuDNN: causal only (unpacked, right-padded rows: padding keys come after every real query).
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, implementation="cudnn",
+            local_window_size=(window - 1, 0) if window else None)
+
+    if W is None or sliding is False:
+        return run(None)
+    if sliding is True:
+        return run(W)
+    return jax.lax.cond(sliding, lambda: run(W), lambda: run(None))  # mixed layers under scan
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer, and what attention needs to know of each slot.
+
+    Rows are left-padded to a common prompt length so that all rows write the same slot each step.
+    """
+
+    k: Array            # [layers, batch, slots, kv_heads, head_dim]
+    v: Array            # [layers, batch, slots, kv_heads, head_dim]
+    segment_ids: Array  # [batch, slots] int32: 1 where a real token's key was written, else 0
+    positions: Array    # [batch, slots] int32
+    index: Array        # int32 scalar: the slot the next call's first token is written to
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_size)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        # index 0 as a Python int: the prefill then knows statically that its queries start at slot 0
+        # (and takes the blockwise attention path); it becomes an array after the first call.
+        return cls(zeros, zeros, jnp.zeros((batch, slots), jnp.int32),
+                   jnp.zeros((batch, slots), jnp.int32), 0)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
-        self.sliding = cfg.layer_type(layer) == SLIDING
         self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pd, fan_in=e)
         self.k = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, fan_in=e)
         self.v = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, fan_in=e)
@@ -269,15 +433,14 @@ class Attention(nnx.Module):
             self.q_norm = Norm(d, cfg, rngs, "head_dim")
             self.k_norm = Norm(d, cfg, rngs, "head_dim")
 
-    def __call__(self, x: Array, positions: Array, mask: Array, key_positions: Array,
-                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
-                 segment_ids: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
-        """x: [b, s, e]; positions: [b, s]; mask: [b, s, t] bool (t = s, or the cache length);
-        key_positions: [b, t] (the position of every key, for sliding windows); segment_ids: [b, s]
-        (training/scoring only: lets kernels that take segment ids skip the dense mask).
+    def __call__(self, x: Array, positions: Array, segment_ids: Array, sliding: Array | bool,
+                 cache: tuple[Array, Array, KVCache] | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
+        """x: [b, s, e]; positions, segment_ids: [b, s] int32; sliding: this layer's type.
 
-        With ``cache=(k, v)`` of shape ``[b, t, kv_heads, head_dim]``, the new keys/values are written
-        at ``cache_index`` (a scalar: all rows decode in lockstep) and attention runs over the cache.
+        With ``cache=(k, v, meta)`` -- this layer's ``[b, slots, kv_heads, head_dim]`` keys/values and
+        the cache's slot table (already holding this call's tokens) -- the new keys/values are written
+        at ``meta.index`` and attention runs over the cache; the updated (k, v) are returned.
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = jnp.einsum("bse,ehd->bshd", x, self.q[...].astype(dt))
@@ -288,37 +451,30 @@ class Attention(nnx.Module):
                        v + self.v_bias[...].astype(dt))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cfg.position_embedding == "rope":  # (a numpy constant: an array attribute would be state)
-            inv_freq = rope_inv_freq(cfg, cfg.head_size, local=self.sliding)
+        if cfg.position_embedding == "rope":  # (numpy constants: an array attribute would be state)
+            inv_freq = rope_inv_freq(cfg, cfg.head_size)
+            if cfg.rope_local_theta and sliding is not False:
+                local = rope_inv_freq(cfg, cfg.head_size, local=True)
+                inv_freq = local if sliding is True else jnp.where(sliding, local, inv_freq)
             q = rope(q, positions, inv_freq)
             k = rope(k, positions, inv_freq)
-        if cache is not None:
-            ck, cv = cache
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-            cache = (k, v)
-        if self.sliding and cfg.sliding_window:
-            near = positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
-            mask = mask & near
-        scale = (cfg.query_pre_attn_scalar or cfg.head_size) ** -0.5
-        impl = resolve_attention(cfg)
-        if impl == "splash" and cache is None and segment_ids is not None:
-            groups = cfg.num_attention_heads // cfg.num_key_value_heads
-            out = _splash_attention(q, jnp.repeat(k, groups, 2).astype(dt),
-                                    jnp.repeat(v, groups, 2).astype(dt), segment_ids, cfg, scale,
-                                    self.sliding)
-        elif cfg.attn_logit_softcap:
-            out = _softcapped_attention(q, k.astype(dt), v.astype(dt), mask, scale,
-                                        cfg.attn_logit_softcap)
-        else:  # decoding (a cache) always takes this path; splash is for full sequences
-            # Softmax is computed in float32 inside dot_product_attention for low-precision inputs.
-            out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask[:, None, :, :],
-                                               scale=scale,
-                                               implementation="cudnn" if impl == "cudnn" else "xla")
+        if cache is None:
+            out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                            q_positions=positions, kv_positions=positions, q_offset=0,
+                            sliding=sliding, cfg=cfg)
+            new = None
+        else:
+            ck, cv, meta = cache
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), meta.index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), meta.index, axis=1)
+            out = attention(q, ck.astype(dt), cv.astype(dt), q_segment_ids=segment_ids,
+                            kv_segment_ids=meta.segment_ids, q_positions=positions,
+                            kv_positions=meta.positions, q_offset=meta.index, sliding=sliding, cfg=cfg)
+            new = (ck, cv)
         out = jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dt))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
-        return out, cache
+        return out, new
 
 
 class MLP(nnx.Module):
@@ -345,27 +501,42 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.post_norms = cfg.post_norms
         self.attn_norm = Norm(cfg.hidden_size, cfg, rngs)
-        self.attn = Attention(cfg, layer, rngs)
+        self.attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg.hidden_size, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
         if cfg.post_norms:
             self.post_attn_norm = Norm(cfg.hidden_size, cfg, rngs)
             self.post_mlp_norm = Norm(cfg.hidden_size, cfg, rngs)
 
-    def __call__(self, x, positions, mask, key_positions, cache=None, cache_index=None,
-                 segment_ids=None):
-        h, cache = self.attn(self.attn_norm(x), positions, mask, key_positions, cache, cache_index,
-                             segment_ids)
+    def __call__(self, x, positions, segment_ids, sliding, cache=None):
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, sliding, cache)
         x = x + (self.post_attn_norm(h) if self.post_norms else h)
         h = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(h) if self.post_norms else h), cache
 
 
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _policy(remat: str):
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be none, full or dots, got {remat!r}")
+    return REMAT_POLICIES[remat]
+
+
+def _remat(fn, remat: str):
+    """``fn`` rematerialised in the backward pass as ``remat`` asks (none | full | dots)."""
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_policy(remat), prevent_cse=False)
+
+
 class Transformer(nnx.Module):
-    """Decoder-only LM. ``__call__`` returns float32 logits ``[batch, seq, vocab]``."""
+    """Decoder-only LM. ``__call__`` returns the final (normed) hidden states; ``logits`` applies the
+    head. The training loss applies the head itself, in chunks (``trainer.loss``)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
@@ -374,77 +545,130 @@ class Transformer(nnx.Module):
         if cfg.position_embedding == "learned":
             self.pos_embed = _param(rngs, (cfg.max_position_embeddings, cfg.hidden_size),
                                     (None, "embed"), pd)
-        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        if cfg.scan_layers:  # one Block whose params carry a leading [layers] axis
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs):
+                return Block(cfg, rngs)
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
         self.final_norm = Norm(cfg.hidden_size, cfg, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd,
                                   fan_in=cfg.hidden_size)
 
-    def __call__(self, tokens: Array, positions: Array, mask: Array,
-                 cache: list[tuple[Array, Array]] | None = None, cache_index: Array | None = None,
-                 key_positions: Array | None = None, segment_ids: Array | None = None,
-                 last_only: bool = False) -> tuple[Array, list[tuple[Array, Array]] | None]:
+    def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
+                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
         """Args:
           tokens: [batch, seq] int32.
           positions: [batch, seq] int32 (restart at 0 per packed segment).
-          mask: [batch, seq, kv_len] bool -- which keys each query may attend to
-            (see ``attention_mask``).
-          cache: optional per-layer ``(k, v)`` of shape [batch, kv_len, kv_heads, head_dim].
-          cache_index: scalar int32, where this call's keys are written in the cache.
-          key_positions: [batch, kv_len] int32, each key's position (sliding windows); defaults to
-            ``positions`` (no cache).
-          segment_ids: [batch, seq] int32, the segments ``mask`` was built from (0 = padding); given
-            for full sequences so the splash kernel can use them instead of the dense mask.
-          last_only: logits for the last position only (generation's prefill: ``[batch, 1, vocab]``
-            instead of ``[batch, seq, vocab]``, which for a 50k vocabulary dwarfs the model).
+          segment_ids: [batch, seq] int32, 0 = padding; attention never crosses segments.
+          cache: optional ``KVCache``; this call's tokens are written at ``cache.index``.
 
         Returns:
-          logits [batch, seq (or 1), vocab] float32, and the updated cache (None without one).
+          hidden states [batch, seq, embed] (after the final norm, compute dtype) and the updated
+          cache (None without one).
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        key_positions = positions if key_positions is None else key_positions
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         if cfg.embed_scale:  # Gemma rounds the multiplier to the compute dtype, as HF does
             x = x * jnp.asarray(cfg.hidden_size ** 0.5, dt)
         if cfg.position_embedding == "learned":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
-        new_cache = [] if cache is not None else None
-        call = _block_call(cfg.remat if cache is None else "none")
+        meta = None
+        if cache is not None:  # the slot table first: this call's tokens attend to themselves too
+            meta = cache.replace(
+                segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids,
+                                                                cache.index, axis=1),
+                positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, positions,
+                                                              cache.index, axis=1))
+        kinds = [cfg.layer_type(i) == SLIDING for i in range(cfg.num_hidden_layers)]
+        remat = cfg.remat if cache is None else "none"
+        if cfg.scan_layers:
+            x, kv = self._scan(x, positions, segment_ids, kinds, meta, remat)
+        else:
+            x, kv = self._unrolled(x, positions, segment_ids, kinds, meta, remat)
+        new_cache = None
+        if cache is not None:
+            new_cache = meta.replace(k=kv[0], v=kv[1],
+                                     index=jnp.asarray(cache.index + tokens.shape[1], jnp.int32))
+        return self.final_norm(x), new_cache
+
+    def _unrolled(self, x, positions, segment_ids, kinds, meta, remat):
+        kv = None if meta is None else (meta.k, meta.v)
         for i, layer in enumerate(self.layers):
-            x, c = call(layer, x, positions, mask, key_positions, None if cache is None else cache[i],
-                        cache_index, segment_ids)
-            if new_cache is not None:
-                new_cache.append(c)
-        x = self.final_norm(x[:, -1:] if last_only else x)
-        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bse,ev->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)
-        logits = logits.astype(jnp.float32)
-        if cfg.final_logit_softcap:
-            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
-        return logits, new_cache
+            if meta is None:
+                def call(blk, x_, sliding=kinds[i]):
+                    return blk(x_, positions, segment_ids, sliding)[0]
+                x = (call if remat == "none" else nnx.remat(call, policy=_policy(remat)))(layer, x)
+                continue
+            x, (k, v) = layer(x, positions, segment_ids, kinds[i], (kv[0][i], kv[1][i], meta))
+            kv = (kv[0].at[i].set(k), kv[1].at[i].set(v))
+        return x, kv
+
+    def _scan(self, x, positions, segment_ids, kinds, meta, remat):
+        graphdef, state = nnx.split(self.layers)
+        uniform = all(kinds) or not any(kinds)
+        flags = jnp.asarray(kinds) if not uniform else None
+
+        def body(carry, xs):
+            x, kv = carry
+            layer_state, i, flag = xs
+            sliding = kinds[0] if uniform else flag
+            block = nnx.merge(graphdef, layer_state)
+            if kv is None:
+                return (block(x, positions, segment_ids, sliding)[0], None), None
+            k_all, v_all = kv
+            layer_k = jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False)
+            layer_v = jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False)
+            x, (k, v) = block(x, positions, segment_ids, sliding, (layer_k, layer_v, meta))
+            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k, i, 0)
+            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v, i, 0)
+            return (x, (k_all, v_all)), None
+
+        body = _remat(body, remat)
+        kv = None if meta is None else (meta.k, meta.v)
+        xs = (state, jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32), flags)
+        (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+        return x, kv
+
+    def head(self) -> Array:
+        """The output projection ``[embed, vocab]`` in the compute dtype (the embeddings if tied)."""
+        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return head.astype(jnp.dtype(self.cfg.dtype))
+
+    def logits(self, hidden: Array) -> Array:
+        """hidden: [batch, seq, embed] -> float32 logits [batch, seq, vocab] (soft-capped: Gemma 2).
+
+        For generation and tests; training and eval losses never materialise these (``trainer.loss``).
+        """
+        logits = jnp.einsum("bse,ev->bsv", hidden, self.head(), preferred_element_type=jnp.float32)
+        return softcap_logits(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+
+    def forward_logits(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
+        """Logits [batch, seq, vocab] float32 for full sequences (``logits(self(...)[0])``)."""
+        return self.logits(self(tokens, positions, segment_ids)[0])
 
 
-def _block_call(remat: str):
-    """``block(*args)``, rematerialised in the backward pass as ``remat`` asks."""
-    def call(block, *args):
-        return block(*args)
-    if remat == "none":
-        return call
-    policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-    if remat not in policies:
-        raise ValueError(f"model.remat must be none, full or dots, got {remat!r}")
-    return nnx.remat(call, policy=policies[remat])
+def softcap_logits(logits: Array, cap: float) -> Array:
+    """Gemma 2's tanh soft-capping of the output logits (identity when ``cap`` is 0)."""
+    return cap * jnp.tanh(logits / cap) if cap else logits
 
 
-def attention_mask(segment_ids: Array) -> Array:
-    """Causal mask that never crosses segments. segment_ids: [b, s] int32, 0 = padding.
+# ---------------------------------------------------------------------------------------------
+# Layer layouts: unrolled ``{"layers": {0: block, 1: block, ...}}`` <-> scanned ``{"layers": block}``
+# with a leading [layers] axis on every leaf. Checkpoints keep the run's layout; HF import/export
+# converts through these.
+# ---------------------------------------------------------------------------------------------
 
-    Returns [b, s, s] bool. Padding queries attend to themselves only, so their (ignored) outputs stay
-    finite instead of a softmax over nothing.
-    """
-    s = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((s, s), bool))[None]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    valid = (segment_ids[:, None, :] != 0)
-    eye = jnp.eye(s, dtype=bool)[None]
-    return (causal & same & valid) | eye
+def stack_layers(params: dict[str, Any], num_layers: int, stack=np.stack) -> dict[str, Any]:
+    """Unrolled pure params -> scanned (each leaf stacked over the layers)."""
+    layers = [params["layers"][i] for i in range(num_layers)]
+    return {**params, "layers": jax.tree.map(lambda *xs: stack(xs), *layers)}
+
+
+def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Scanned pure params -> unrolled (layer i is every leaf's slice i)."""
+    return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], params["layers"])
+                                 for i in range(num_layers)}}

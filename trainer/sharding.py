@@ -78,10 +78,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def with_mesh(mesh: Mesh, fn):
+class with_mesh:  # noqa: N801 (used like the function it replaced)
     """``fn`` called (and so traced) with ``mesh`` as the current mesh, for the model's
-    ``shard_map``-wrapped kernels (splash attention), which read it with ``get_abstract_mesh``."""
-    def call(*args, **kwargs):
-        with jax.set_mesh(mesh):
-            return fn(*args, **kwargs)
-    return call
+    ``shard_map``-wrapped kernels (splash attention) and sharding constraints, which read it with
+    ``get_abstract_mesh``. ``.lower`` (ahead-of-time compilation) runs under the mesh too."""
+
+    def __init__(self, mesh: Mesh, fn):
+        self.mesh, self.fn = mesh, fn
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self.fn._cache_size()

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import PartitionSpec
 
-from trainer.model import Transformer, attention_mask
+from trainer.loss import SUMS, chunked_token_loss, token_loss  # noqa: F401 (token_loss: re-exported)
+from trainer.model import Transformer
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -32,25 +34,6 @@ class TrainState:
     step: jax.Array  # int32 scalar
     params: Any
     opt_state: Any
-
-
-def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
-    """Masked cross-entropy sums in float32.
-
-    Args:
-      logits: [batch, seq, vocab] float32.
-      targets: [batch, seq] int32.
-      weights: [batch, seq] float32, 0 on tokens that are not supervised.
-
-    Returns:
-      ``loss_sum`` (sum of token losses), ``tokens`` (sum of weights), ``correct`` (weighted count of
-      argmax hits) -- all float32 scalars, to be summed across batches before dividing.
-    """
-    logits = logits.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(ce * weights), "tokens": jnp.sum(weights),
-            "correct": jnp.sum(hit * weights)}
 
 
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -85,28 +68,49 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_forward(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """Returns ``forward(params, batch) -> loss sums`` for a model graph split once, outside the loop."""
+def make_forward(graphdef: nnx.GraphDef, loss_chunk: int = 1024
+                 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """Returns ``forward(params, batch) -> loss sums`` for a model graph split once, outside the loop.
+    The model returns hidden states; the loss applies the head a chunk of tokens at a time."""
 
     def forward(params: Any, batch: Batch) -> dict[str, jax.Array]:
         model: Transformer = nnx.merge(graphdef, params)
-        logits, _ = model(batch["inputs"], batch["positions"], attention_mask(batch["segment_ids"]),
-                          segment_ids=batch["segment_ids"])
-        return token_loss(logits, batch["targets"], batch["weights"])
+        hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return chunked_token_loss(hidden, model.head(), batch["targets"], batch["weights"],
+                                  chunk=loss_chunk, softcap=model.cfg.final_logit_softcap)
 
     return forward
 
 
+def micro_batches(batch: Batch, k: int, spec: PartitionSpec | None = None) -> Batch:
+    """``[B, ...]`` -> ``[k, B/k, ...]`` such that every device keeps its own rows.
+
+    Micro-batch i is rows ``i, k + i, 2k + i, ...``: a reshape to ``(B/k, k)`` then a swap of the two
+    axes. A device holding a contiguous block of the batch holds its share of every micro-batch, so no
+    rows move between devices (the naive ``(k, B/k)`` reshape puts micro-batch i on D/k devices, which
+    XLA answers with all-gathers and k-fold duplicated compute). ``spec``: the batch's PartitionSpec;
+    the constraint pins micro-batches' rows to the batch's mesh axes.
+    """
+    def split(x):
+        y = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+        if spec is not None:
+            y = jax.lax.with_sharding_constraint(y, PartitionSpec(None, *spec))
+        return y
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1
+                    schedule: optax.Schedule, grad_accum_steps: int = 1, loss_chunk: int = 1024,
+                    batch_spec: PartitionSpec | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure train step (to be wrapped in ``jax.jit`` by the caller with shardings).
 
     With ``grad_accum_steps = k`` the batch is split into k micro-batches along the batch axis and the
     *summed* gradients of the loss sums are divided once by the total supervised-token count, so the
-    update equals the full-batch update exactly (up to float summation order).
+    update equals the full-batch update exactly (up to float summation order). ``batch_spec``: the
+    PartitionSpec of the ``[batch, seq]`` inputs, so that micro-batches keep each device's rows.
     """
-    forward = make_forward(graphdef)
+    forward = make_forward(graphdef, loss_chunk)
 
     def loss_sum_fn(params, micro):
         out = forward(params, micro)
@@ -118,16 +122,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         if grad_accum_steps == 1:
             grads, sums = grad_fn(state.params, batch)
         else:
-            micro = jax.tree.map(
-                lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
-                batch)
+            micro = micro_batches(batch, grad_accum_steps, batch_spec)
 
             def body(carry, mb):
                 g, s = grad_fn(state.params, mb)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                     {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "tokens", "correct")})
+                     {k: jnp.zeros((), jnp.float32) for k in SUMS})
             (grads, sums), _ = jax.lax.scan(body, zeros, micro)
         # Normalise by the token count of the whole (global) batch. max(.,1): a batch with no
         # supervised token gives zero gradients, never NaN (the data pipeline drops such rows).
@@ -143,6 +145,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+def make_eval_step(graphdef: nnx.GraphDef, loss_chunk: int = 1024
+                   ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """``eval_step(params, batch) -> {loss_sum, tokens, correct}``; sum over batches, then divide."""
-    return make_forward(graphdef)
+    return make_forward(graphdef, loss_chunk)

@@ -4,6 +4,11 @@ r"""Supervised instruction fine-tuning (entry point; the loop is ``trainer.loop.
 
 Resumes from the latest checkpoint when ``--workdir`` already has one. Only absl is imported until the
 flags are parsed, so ``--help`` answers at once.
+
+    python -m trainer.train --config configs/llama3_1_8b_tpu.py --dry_run --dry_run_devices 32 \
+        --device_memory_gb 16
+
+compiles the step from abstract shapes only and reports memory and FLOPs (``trainer.dry_run``).
 """
 
 from __future__ import annotations
@@ -25,12 +30,22 @@ def _define_flags() -> None:
                         "checkpoint directory).")
     flags.DEFINE_string("gguf", "", "Shorthand for --config.model.gguf_path (start from this GGUF "
                         "file).")
+    flags.DEFINE_bool("dry_run", False, "Compile the step from abstract shapes (no weights, no data) "
+                      "and report per-device memory and FLOPs; no --workdir needed.")
+    flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: rehearse a mesh of this many virtual "
+                         "CPU devices (0: this machine's devices).")
+    flags.DEFINE_float("device_memory_gb", 0.0, "With --dry_run: the per-device memory to judge the "
+                       "fit against.")
     flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
 def run() -> None:
     """Entry point (``python -m trainer.train`` and the ``ift-train`` console script)."""
     _define_flags()
+    import sys  # noqa: PLC0415
+    if "--dry_run" in sys.argv or "--dry_run=true" in sys.argv:
+        _virtual_devices(sys.argv)
+
     def body():
         from trainer.loop import train  # noqa: PLC0415 (JAX & co. only once the flags are parsed)
         config = config_flag()
@@ -38,8 +53,27 @@ def run() -> None:
             config.model.hf_path = FLAGS.hf_path
         if FLAGS.gguf:
             config.model.gguf_path = FLAGS.gguf
+        if FLAGS.dry_run:
+            from trainer.dry_run import dry_run  # noqa: PLC0415
+            return dry_run(config, FLAGS.dry_run_devices or None, FLAGS.device_memory_gb or None)
         return train(config, FLAGS.workdir)
-    launch(body)
+    launch(body, required=() if "--dry_run" in __import__("sys").argv else ("workdir",))
+
+
+def _virtual_devices(argv: list[str]) -> None:
+    """``--dry_run_devices N``: N virtual CPU devices, set before JAX is imported (it reads the flag
+    once, when its CPU backend starts)."""
+    import os  # noqa: PLC0415
+    n = 0
+    for i, a in enumerate(argv):
+        if a.startswith("--dry_run_devices="):
+            n = int(a.split("=", 1)[1])
+        elif a == "--dry_run_devices" and i + 1 < len(argv):
+            n = int(argv[i + 1])
+    if n > 0:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={n}").strip()
 
 
 if __name__ == "__main__":

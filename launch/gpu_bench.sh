@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Throughput and MFU of the train step on one GPU, for the Llama-3.2-1B-shaped preset (random weights
+# of its architecture: no checkpoint needed), with each GPU attention kernel; then the GPU-only
+# kernel tests. Writes JSON rows to $OUT (default runs/gpu_bench).
+#
+#   bash launch/gpu_bench.sh [extra trainer.bench flags]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_bench}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+run() {  # name, then trainer.bench flags
+  name=$1; shift
+  timeout 240 $PY -m trainer.bench --config configs/llama3_2_1b_gpu.py --batch 8 --seq 4096 --steps 5 \
+    --notorch --json "$OUT/$name.json" "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^E0000" | tail -8
+}
+run cudnn --config.model.attention_impl=cudnn --config.data.packing=none "$@"
+run flash --config.model.attention_impl=flash "$@"
+timeout 200 $PY -m pytest -q -p no:cacheprovider tests/attention_test.py -k "gpu" 2>&1 | tail -15

@@ -1,0 +1,48 @@
+"""The ahead-of-time fit check: every preset compiles from abstract shapes on this machine (no
+checkpoint, no data), and the report's numbers are consistent."""
+
+import glob
+import os
+
+import jax
+import pytest
+from ml_collections import config_flags  # noqa: F401 (config files import ml_collections)
+
+from tests import helpers
+from trainer import dry_run
+from trainer.cli import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
+
+
+def _load(name):
+    import importlib  # noqa: PLC0415
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_dry_runs_without_its_checkpoint(name, monkeypatch, capsys):
+    monkeypatch.setenv("SMOLLM2_GGUF", "/nonexistent/SmolLM2.gguf")  # the preset's arch_json instead
+    monkeypatch.setenv("HF_MODEL", "/nonexistent/model")
+    config = _load(name)
+    if config.model.get("gguf_path"):
+        config.model.gguf_path = "/nonexistent/SmolLM2.gguf"
+    devices = 8 if config.mesh.get("fsdp", 1) == -1 else 1  # the TPU preset rehearses an 8-chip slice
+    r = dry_run.dry_run(config, devices, device_memory_gb=1e6)
+    out = capsys.readouterr().out
+    assert "dry run:" in out and "verdict: fits" in out
+    m = r["memory_per_device_bytes"]
+    assert r["parameters"] > 0 and r["flops_per_step_formula"] > 0 and m["arguments"] > 0
+    assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+
+
+def test_verdict_and_missing_architecture():
+    config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
+    r = dry_run.dry_run(config, 1, device_memory_gb=1e-6)
+    assert r["fits"] is False
+    config.model.hf_path = "/nonexistent/model"
+    with pytest.raises(UserError, match="arch_json"):
+        dry_run.dry_run(config, 1)

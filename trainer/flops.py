@@ -1,0 +1,32 @@
+"""Model FLOPs and device peaks: one formula for ``trainer.bench``, the training loop's MFU and the
+ahead-of-time fit check (``--dry_run``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Peak dense bf16 FLOP/s per device (vendor figures), matched against ``device_kind``.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def peak_flops(device: Any) -> float | None:
+    """The device's peak bf16 FLOP/s, or None where unknown (CPUs)."""
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def matmul_params(cfg) -> int:
+    """Parameters that take part in a matmul per token (all but norms, biases and the embedding
+    lookup; the LM head counts)."""
+    e, f, h, k, d, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                        cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers)
+    per_layer = e * d * (2 * h + 2 * k) + e * f * (3 if cfg.mlp == "gated" else 2)
+    return n * per_layer + e * cfg.vocab_size
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + causal attention (6 x 2 x layers x heads x
+    head_dim x seq / 2: scores and values, forward and backward, half the square)."""
+    n, h, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size
+    return 6 * matmul_params(cfg) + 12 * n * h * d * seq / 2
