@@ -19,7 +19,6 @@ def get_config():
     c = qwen2_5_0_5b_gpu.get_config()
     c.model.hf_path = MODEL
     c.model.arch_json = "configs/hf/llama3_2_1b.json"
-    c.model.remat = "dots"           # keep matmul outputs, recompute the rest: 16 layers x 32k tokens
     c.data.template = "alpaca"       # the base model's tokenizer has no chat template
     c.data.max_length = 4096
     c.train.batch_size = 8

@@ -23,6 +23,9 @@ def get_config():
     c.model.hf_path = MODEL
     c.model.arch_json = "configs/hf/qwen2_5_0_5b.json"  # its config.json, for --dry_run without it
     c.model.scan_layers = True        # compile time independent of depth
+    # Under scan every layer's residuals are stacked: without remat the 1B preset needs 160 GB per
+    # device (dry run); "dots" keeps the weight matmuls' outputs and recomputes the rest.
+    c.model.remat = "dots"
     c.model.dtype = "bfloat16"        # compute; master weights and Adam moments stay float32
     c.model.param_dtype = "float32"
     c.tokenizer.kind = "hf"           # the model's own tokenizer (tokenizer.path "" = model.hf_path)

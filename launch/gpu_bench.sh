@@ -19,4 +19,7 @@ run() {  # name, then trainer.bench flags
 }
 run cudnn --config.model.attention_impl=cudnn --config.data.packing=none "$@"
 run flash --config.model.attention_impl=flash "$@"
-timeout 200 $PY -m pytest -q -p no:cacheprovider tests/attention_test.py -k "gpu" 2>&1 | tail -15
+JAX_PLATFORMS=cuda timeout 200 $PY -m pytest -q -p no:cacheprovider tests/attention_test.py -k "gpu" 2>&1 | tail -15
+# The ahead-of-time check on the real device (its compiler's memory numbers), against 80 GB.
+timeout 150 $PY -m trainer.train --config configs/llama3_2_1b_gpu.py --dry_run --device_memory_gb 80 2>&1 \
+  | grep -v "^WARNING\|^I0000\|^E0000" | tail -8
