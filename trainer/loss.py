@@ -65,17 +65,7 @@ def chunked_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, w
     """
     b, s, e = hidden.shape
     w = weights.astype(jnp.float32)
-    order = jnp.argsort(w == 0, axis=1, stable=True)  # per row: supervised positions first
-    h = jnp.take_along_axis(hidden, order[..., None], axis=1)
-    t = jnp.take_along_axis(targets, order, axis=1)
-    w = jnp.take_along_axis(w, order, axis=1)
     width = max(1, min(s, chunk // max(b, 1)))
-    pad = -s % width
-    n = (s + pad) // width
-
-    def tiles(x):  # [b, s, ...] -> [n, b, width, ...]: the scan walks the sequence
-        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-        return jnp.swapaxes(x.reshape((b, n, width) + x.shape[2:]), 0, 1)
 
     def tile(h_c, t_c, w_c):
         logits = jnp.einsum("bse,ev->bsv", h_c, head, preferred_element_type=jnp.float32)
@@ -85,6 +75,21 @@ def chunked_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, w
         target = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         return jnp.stack([jnp.sum((lse - target) * w_c),
                           jnp.sum(((target >= top) * w_c).astype(jnp.float32))])
+
+    if width >= s:  # the batch is one tile: plain logits (no scan, sort or remat to pay for)
+        loss_sum, correct = tile(hidden, targets, w)
+        return {"loss_sum": loss_sum, "tokens": jnp.sum(w), "correct": correct}
+
+    order = jnp.argsort(w == 0, axis=1, stable=True)  # per row: supervised positions first
+    h = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    t = jnp.take_along_axis(targets, order, axis=1)
+    w = jnp.take_along_axis(w, order, axis=1)
+    pad = -s % width
+    n = (s + pad) // width
+
+    def tiles(x):  # [b, s, ...] -> [n, b, width, ...]: the scan walks the sequence
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape((b, n, width) + x.shape[2:]), 0, 1)
 
     tile = jax.checkpoint(tile, prevent_cse=False)  # keep only the hidden states for the backward
 
