@@ -6,7 +6,6 @@ import os
 
 import jax
 import pytest
-from ml_collections import config_flags  # noqa: F401 (config files import ml_collections)
 
 from tests import helpers
 from trainer import dry_run

@@ -144,8 +144,8 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
         grads[mode] = g
         jaxpr = str(jax.make_jaxpr(lambda p: fwd(p, batch)["loss_sum"])(params))
         grads[mode + "_remats"] = jaxpr.count("checkpoint") + jaxpr.count("remat")
-    # it is really on: the blocks add checkpoints to the loss tile's own
-    assert grads[remat + "_remats"] > grads["none_remats"] >= 1
+    # it is really on: the blocks add checkpoints (to the loss tiles' own, when the loss is tiled)
+    assert grads[remat + "_remats"] > grads["none_remats"]
     del grads["none_remats"], grads[remat + "_remats"]
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
