@@ -228,7 +228,7 @@ def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
 
 
 def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, q_pos: Array,
-                     kv_pos: Array, q_slot: Array, kv_slot: Array, window: Array | int | None,
+                     kv_pos: Array, q_slot: Array, kv_slot: Array, window: int | None,
                      scale: float, softcap: float) -> Array:
     """Reference attention with the mask built here. q: [b, s, h, d]; k/v: [b, t, kh, d];
     *_seg/*_pos: [b, s] and [b, t]; q_slot [s], kv_slot [t]: slot indices. Softmax in float32.
@@ -252,7 +252,7 @@ def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, 
 
 
 def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scale, softcap,
-                   block: int, static_window: int | None) -> Array:
+                   block: int) -> Array:
     """Blockwise causal attention in plain XLA: query block i only meets key blocks 0..i (and, on a
     sliding layer with a static window, only the blocks the window reaches), so the fully masked
     upper triangle is never computed or stored -- about half the FLOPs and memory of a dense mask.
@@ -270,8 +270,8 @@ def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scal
         for i in range(s // block):
             q0, q1 = i * block, (i + 1) * block
             k0 = 0
-            if static_window is not None:  # keys more than ``window`` slots back are out of reach
-                k0 = max(0, (q0 - static_window + 1) // block * block)
+            if window is not None:  # keys more than ``window`` slots back are out of reach
+                k0 = max(0, (q0 - window + 1) // block * block)
             sl = slice(k0, min(q1, t))
             outs.append(_dense_attention(
                 q[:, q0:q1], k[:, sl], v[:, sl], q_seg[:, q0:q1], kv_seg[:, sl], q_pos[:, q0:q1],
@@ -371,7 +371,7 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
     def run(window: int | None) -> Array:
         if impl == "xla":
             return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                                  q_offset, window, scale, softcap, cfg.attention_block_size, window)
+                                  q_offset, window, scale, softcap, cfg.attention_block_size)
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         kr, vr = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
         if impl == "splash":
