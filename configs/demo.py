@@ -100,7 +100,7 @@ def get_config() -> ConfigDict:
     c.train.eval_every = 300  # validation loss
     c.train.eval_batch_size = 128
     c.train.checkpoint_every = 300
-    c.train.keep_checkpoints = 2
+    c.train.keep_checkpoints = 2  # the last N, plus the best by checkpoint.best_metric
     c.train.progress_bar = True
 
     # ---- parallelism: a mesh with named axes (sizes multiply to the device count) ------------
@@ -119,7 +119,14 @@ def get_config() -> ConfigDict:
         ("norm", None),
     )
 
-    # ---- evaluation (trainer.eval) ----------------------------------------------------------
+    # ---- checkpoint selection ------------------------------------------------------------------
+    c.checkpoint = ConfigDict()
+    # What `--checkpoint best` means: val/loss, or an in-training eval metric (val/exact_match,
+    # val/rougeL, val/chrf, ...: eval.every_steps then also runs at every checkpoint).
+    c.checkpoint.best_metric = "val/loss"
+    c.checkpoint.best_mode = "auto"  # auto (min for losses, max otherwise) | min | max
+
+    # ---- evaluation (trainer.eval, and generation eval during training) ----------------------
     c.eval = ConfigDict()
     c.eval.split = "test"
     c.eval.max_examples = 0  # 0 = the whole split
@@ -130,4 +137,11 @@ def get_config() -> ConfigDict:
     c.eval.max_prompt_length = 0
     c.eval.stop = ()  # stop strings: a prediction ends at the first one (EOS always ends it)
     c.eval.answer_pattern = ""  # regex with one group: compare only the extracted answers
+    # Exact match compares the texts after these (the default trims the ends only).
+    c.eval.normalize = ConfigDict(dict(strip=True, lowercase=False, whitespace=False, punctuation=False))
+    c.eval.baselines = "zero_shot,few_shot"  # base-model rows of trainer.eval (few_shot:K sets K)
+    # Generation eval during training: every N steps on a fixed seeded sample of validation rows,
+    # logged as val/exact_match, val/rougeL, val/chrf, ... (0: off).
+    c.eval.every_steps = 300
+    c.eval.in_training_examples = 64
     return c

@@ -28,4 +28,5 @@ def get_config():
     c.eval.batch_size = 8
     c.eval.max_new_tokens = 4
     c.eval.few_shot_k = 1
+    c.eval.every_steps = 0  # tests that test the in-training generation eval turn it on
     return c

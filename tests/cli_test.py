@@ -50,10 +50,24 @@ def test_eval_writes_report(workdir):
     assert r.returncode == 0, r.stderr[-4000:]
     assert "read only" not in r.stderr and "PyTorch was not found" not in r.stderr  # no noise
     assert "| fine-tuned (step 2) | zero-shot |" in r.stdout
-    report = json.load(open(os.path.join(workdir, "eval", "test_step2.json")))
+    out = os.path.join(workdir, "eval", "test_step2")
+    report = json.load(open(os.path.join(out, "report.json")))
     assert [row["prompting"] for row in report["rows"]] == ["zero-shot", "1-shot", "zero-shot"]
-    assert report["num_examples"] == 16 and math.isfinite(report["finetuned_loss"]["loss"])
-    assert os.path.exists(os.path.join(workdir, "eval", "test_step2.md"))
+    assert report["num_examples"] == 16 and math.isfinite(report["rows"][-1]["loss"]["loss"])
+    for row in report["rows"]:
+        for m in ("exact_match", "rouge1", "rouge2", "rougeL", "chrf"):
+            s = row["metrics"][m]
+            assert s["low"] <= s["mean"] <= s["high"]
+    assert report["gain"]["a"] == "fine-tuned (step 2), zero-shot"
+    md = open(os.path.join(out, "report.md")).read()
+    assert "ROUGE-L" in md and "chrF" in md and "![per_task.png](per_task.png)" in md
+    preds = [json.loads(x) for x in open(os.path.join(out, "predictions.jsonl"))]
+    assert len(preds) == 16 and len(preds[0]["predictions"]) == 3
+    assert set(preds[0]["scores"]["fine-tuned (step 2), zero-shot"]) == {
+        "exact_match", "rouge1", "rouge2", "rougeL", "chrf"}
+    import matplotlib.image  # noqa: PLC0415
+    for png in ("per_task.png", "training.png"):  # readable images, not empty files
+        assert matplotlib.image.imread(os.path.join(out, png)).shape[0] > 100
 
 
 def test_rerun_of_finished_workdir_resumes_and_stops(workdir):
@@ -133,3 +147,83 @@ def test_missing_checkpoint_step(workdir):
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path):
     r = run("trainer.eval", "--workdir", str(tmp_path))
     assert_clean_error(r, "not a trainer.train workdir")
+
+
+# ---- trainer.eval without a run: any HF model on any data file ------------------------------
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random Llama with its tokenizer (no chat template: the eval falls back to `plain`)."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from data_pipeline.synthetic import synthetic_splits  # noqa: PLC0415
+    from data_pipeline.templating import prompt_completion_messages  # noqa: PLC0415
+    from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: PLC0415
+    path = str(tmp_path_factory.mktemp("llama_tiny"))
+    rows = synthetic_splits(300, 0, {"train": 1.0})["train"]
+    tok = train_demo_tokenizer([prompt_completion_messages(r["prompt"], r["completion"]) for r in rows],
+                               vocab_size=300, min_frequency=4)
+    tok.save_pretrained(path)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=2048, tie_word_embeddings=True,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    data = os.path.join(path, "..", "rows.jsonl")
+    with open(data, "w") as f:
+        for r in rows[:200]:
+            f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n")
+    return path, os.path.abspath(data)
+
+
+def test_eval_of_an_hf_model_with_no_workdir(llama_dir, tmp_path):
+    path, data = llama_dir
+    out = str(tmp_path / "report")
+    r = run("trainer.eval", f"--hf_path={path}", f"--data={data}", "--limit=8", f"--out={out}",
+            "--baselines=zero_shot,few_shot:2", "--max_new_tokens=4", "--batch_size=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| llama_tiny" in r.stdout and "2-shot minus" in r.stdout.replace(", ", " ")
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert [x["prompting"] for x in report["rows"]] == ["zero-shot", "2-shot"]
+    assert report["num_examples"] == 8 and math.isfinite(report["rows"][0]["loss"]["loss"])
+    assert report["rows"][1]["prompts"]["mean_exemplars"] > 0
+    assert len(open(os.path.join(out, "predictions.jsonl")).readlines()) == 8
+    import matplotlib.image  # noqa: PLC0415
+    assert matplotlib.image.imread(os.path.join(out, "per_task.png")).shape[0] > 100
+    assert not os.path.exists(os.path.join(out, "training.png"))  # no run, no curves
+
+
+def test_eval_bad_inputs_are_one_line_each(llama_dir, tmp_path, workdir):
+    import shutil  # noqa: PLC0415
+    path, data = llama_dir
+    no_tok = str(tmp_path / "no_tokenizer")
+    shutil.copytree(path, no_tok, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    r = run("trainer.eval", f"--hf_path={no_tok}", f"--data={data}")
+    assert_clean_error(r, "has no tokenizer")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n')
+    r = run("trainer.eval", f"--hf_path={path}", f"--data={bad}")
+    assert_clean_error(r, "bad.jsonl:2")
+    r = run("trainer.eval", f"--hf_path={path}")
+    assert_clean_error(r, "--data")
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompt": "a", "completion": "b"}\n')
+    r = run("trainer.eval", f"--hf_path={path}", f"--data={one}", "--split=validation", "--baselines=zero_shot")
+    r2 = run("trainer.eval", f"--hf_path={path}", f"--data={one}", "--split=test", "--baselines=zero_shot")
+    assert any(x.returncode == 2 and "is empty" in x.stderr and "Traceback" not in x.stderr for x in (r, r2)), \
+        r.stderr[-2000:] + r2.stderr[-2000:]
+
+
+def test_an_answer_pattern_that_never_matches_is_a_counted_warning(workdir, tmp_path):
+    cfg = tmp_path / "pattern.py"
+    cfg.write_text("from configs import tiny\n\ndef get_config():\n    c = tiny.get_config()\n"
+                   "    c.eval.answer_pattern = r'####\\s*(\\d+)'\n    return c\n")
+    out = str(tmp_path / "out")
+    r = run("trainer.eval", "--workdir", workdir, "--checkpoint", "latest", f"--data={cfg}", f"--out={out}",
+            "--baselines=zero_shot")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "matches no answer in 16 of 16 references" in r.stdout
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert "16 of 16" in report["pattern_warning"]
+    assert "exact match*" in open(os.path.join(out, "report.md")).read()

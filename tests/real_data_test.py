@@ -36,7 +36,7 @@ def test_real_data_trains_and_evaluates(tmp_path, name, extra):
     assert any("val/loss" in m for m in metrics)
     r = run("trainer.eval", "--workdir", wd)
     assert r.returncode == 0, r.stderr[-4000:]
-    report = json.load(open(os.path.join(wd, "eval", "test_step3.json")))
+    report = json.load(open(os.path.join(wd, "eval", "test_step3", "report.json")))
     tasks = set(report["rows"][-1]["per_task"])
     if name == "t0_mix":  # per-task scores, one per task file that has test rows
         assert len(tasks) >= 5 and "xsum_DOC_write_summary_of_above" in tasks

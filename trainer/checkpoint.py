@@ -1,8 +1,9 @@
 """Orbax checkpoints: the train state, the data iterator position, and which step is best.
 
 Layout: ``workdir/checkpoints/<step>/{params,opt_state,data}``. The manager saves asynchronously and keeps the
-last ``keep`` checkpoints *plus* the one with the lowest validation loss, so ``--checkpoint best``
-always resolves.
+last ``keep`` checkpoints *plus* the best one by ``checkpoint.best_metric`` (validation loss unless the
+config names an in-training eval metric such as ``val/exact_match``), so ``--checkpoint best`` always
+resolves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,30 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from trainer.cli import UserError
 
-VAL_METRIC = "val_loss"
+VAL_METRIC = "val/loss"  # the default checkpoint.best_metric
+_LEGACY = {"val/loss": "val_loss"}  # the key workdirs written before best_metric existed carry
+
+
+def best_mode_fn(metric: str, mode: str = "auto") -> str:
+    """``min`` for losses and perplexities, ``max`` for every other metric (``mode=auto``)."""
+    if mode != "auto":
+        return mode
+    return "min" if metric.endswith(("loss", "perplexity")) else "max"
+
+
+def metric_fn(metric: str, mode: str):
+    """Reads ``metric`` from a checkpoint's saved metrics; a missing or non-finite value ranks last, so
+    a NaN step is never "best"."""
+    worst = float("inf") if mode == "min" else float("-inf")
+
+    def get(m: dict[str, Any]) -> float:
+        v = m.get(metric, m.get(_LEGACY.get(metric, ""), None)) if m else None
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return worst
+        return v if np.isfinite(v) else worst
+    return get
 
 
 class _ReadOnlyNotice(logging.Filter):
@@ -33,15 +57,17 @@ class _ReadOnlyNotice(logging.Filter):
 _READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
-def _manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: str = VAL_METRIC,
+             mode: str = "auto") -> ocp.CheckpointManager:
+    mode = best_mode_fn(best_metric, mode)
+    get = metric_fn(best_metric, mode)
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=keep),
-        cm.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=True, n=1,
-                 keep_checkpoints_without_metrics=False),
+        cm.BestN(get_metric_fn=get, reverse=mode == "min", n=1, keep_checkpoints_without_metrics=False),
     ])
     # best_fn also makes orbax write the metrics next to each step, so best_step() survives restarts.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=lambda m: m[VAL_METRIC], best_mode="min",
+        preservation_policy=policy, best_fn=get, best_mode=mode,
         enable_async_checkpointing=True, read_only=read_only, create=not read_only,
         save_interval_steps=0 if read_only else 1, cleanup_tmp_directories=not read_only)
     if read_only:
@@ -53,9 +79,14 @@ def _manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkp
 class Checkpointer:
     """Saves/restores ``TrainState`` (sharded, async) and the loader state for one workdir."""
 
-    def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
+    def __init__(self, workdir: str, keep: int = 2, read_only: bool = False,
+                 best_metric: str = VAL_METRIC, best_mode: str = "auto"):
+        """``best_metric`` (``checkpoint.best_metric``, e.g. ``val/exact_match``) ranks the saved steps
+        for ``best``; ``best_mode`` min | max | auto (min for losses)."""
         self.workdir = workdir
-        self.mgr = _manager(workdir, keep, read_only)
+        self.best_metric = best_metric
+        self.mode = best_mode_fn(best_metric, best_mode)
+        self.mgr = _manager(workdir, keep, read_only, best_metric, best_mode)
 
     def latest_step(self) -> int | None:
         return self.mgr.latest_step()
@@ -64,8 +95,14 @@ class Checkpointer:
         return sorted(self.mgr.all_steps())
 
     def best_step(self) -> int | None:
-        """The saved step with the lowest validation loss (None if no step has one)."""
-        return self.mgr.best_step() if any(self.mgr.metrics(s) for s in self.all_steps()) else None
+        """The saved step with the best ``best_metric`` (None if no step has a finite one)."""
+        mode = self.mode
+        get = metric_fn(self.best_metric, mode)
+        scored = [(get(self.mgr.metrics(s) or {}), s) for s in self.all_steps()]
+        scored = [(v, s) for v, s in scored if np.isfinite(v)]
+        if not scored:
+            return None
+        return (min if mode == "min" else max)(scored, key=lambda vs: (vs[0], -vs[1]))[1]
 
     def save(self, step: int, state: Any, data_state: dict[str, Any] | None,
              metrics: dict[str, float] | None = None) -> None:
@@ -101,7 +138,7 @@ class Checkpointer:
         if which == "best":
             best = self.best_step()
             if best is None:
-                raise UserError(f"no checkpoint in {where} has a validation loss; "
+                raise UserError(f"no checkpoint in {where} has a finite {self.best_metric}; "
                                 f"use --checkpoint latest or one of {steps}")
             return best
         try:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 from typing import Any
 
 from data_pipeline import templating
+from trainer import scoring
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -119,6 +121,30 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be at least 1, got {e.max_new_tokens}")
     need(e.few_shot_k >= 0, f"eval.few_shot_k must be >= 0, got {e.few_shot_k}")
     need(e.max_examples >= 0, f"eval.max_examples must be >= 0 (0: all), got {e.max_examples}")
+    need(e.get("every_steps", 0) >= 0, f"eval.every_steps must be >= 0 (0: off), got {e.get('every_steps')}")
+    need(e.get("in_training_examples", 64) >= 1,
+         f"eval.in_training_examples must be at least 1, got {e.get('in_training_examples')}")
+    try:
+        scoring.Normalization.from_config(e.get("normalize"))
+    except ValueError as err:
+        out.append(str(err))
+    from trainer.evaluator import parse_baselines  # noqa: PLC0415 (jax-free callers stay jax-free)
+    try:
+        parse_baselines(e.get("baselines", "zero_shot"), e.few_shot_k)
+    except ValueError as err:
+        out.append(f"eval.baselines: {err}")
+    if pattern := e.get("answer_pattern", ""):
+        try:
+            need(re.compile(pattern).groups >= 1,
+                 f"eval.answer_pattern {pattern!r} needs one group: the answer it extracts")
+        except re.error as err:
+            out.append(f"eval.answer_pattern {pattern!r} is not a regular expression: {err}")
+    ck = config.get("checkpoint", {})
+    best = ck.get("best_metric", "val/loss")
+    known = ("val/loss", "val/token_accuracy", *(f"val/{m}" for m in scoring.METRICS))
+    need(best in known, f"checkpoint.best_metric must be one of {', '.join(known)}, got {best!r}")
+    need(ck.get("best_mode", "auto") in ("auto", "min", "max"),
+         f"checkpoint.best_mode must be auto, min or max, got {ck.get('best_mode')!r}")
     # ---- devices and hosts ------------------------------------------------------------------------
     sizes = _mesh_sizes(dict(config.mesh), device_count) if device_count else None
     if sizes is None:

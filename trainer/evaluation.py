@@ -1,228 +1,290 @@
-r"""Evaluation of a run: the fine-tuned model against zero-/few-shot prompting of the base
-(the CLI is ``trainer.eval``).
+r"""Standalone evaluation (the CLI is ``trainer.eval``): a fine-tuned run against zero-/few-shot prompting
+of its base model, or any HF/GGUF model on any data the pipeline reads.
 
-Needs only the workdir (its ``config.json`` and ``tokenizer/`` say what data, template and model were
-used). Writes ``workdir/eval/<split>_step<N>.{md,json}`` and prints the Markdown table.
+What is compared:
+  * ``workdir``: the run's base model (its HF/GGUF weights, or the untrained init) under each baseline
+    prompting, then the fine-tuned checkpoint zero-shot. Config, tokenizer and data come from the run.
+  * ``hf_path`` / ``gguf`` (no run at all): that model under each baseline prompting; its own tokenizer
+    and chat template; ``data`` says what to evaluate on.
+
+Every row goes through one ``Evaluator`` (``trainer.evaluator``); the files are written by
+``trainer.reports`` into ``workdir/eval/<split>_step<N>/`` (or ``out``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import os
-import random
 import time
-from collections import defaultdict
 from typing import Any
 
 import jax
-import numpy as np
+import ml_collections
 
-from data_pipeline import pipeline, templating
-from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
-from trainer.checkpoint import Checkpointer
+from data_pipeline import sources, tokenizer as tokenizer_lib
+from data_pipeline.errors import DataError
+from trainer import experiment, metrics as metrics_lib, reports
+from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError
-from trainer.generate import cut_at_stop, generate_all, make_generate_fn
-from trainer.scoring import bootstrap_interval, exact_match, paired_difference  # noqa: F401 (re-exported)
-from trainer.step import make_eval_step
+from trainer.evaluator import (Evaluator, Result, few_shot_messages, fit_prompt,  # noqa: F401
+                               log_pattern_warning, parse_baselines, prompt_of, sample_rows, target_of)
+from trainer.scoring import HEADLINE_PAIRED, exact_match, paired_difference  # noqa: F401
 
 
+@dataclasses.dataclass
+class Request:
+    """What ``trainer.eval`` was asked (its flags)."""
 
-def target_of(row: dict[str, Any]) -> str:
-    """The reference answer: the conversation's last assistant message."""
-    return row["messages"][-1]["content"]
-
-
-def prompt_of(row: dict[str, Any]) -> list[templating.Message]:
-    return row["messages"][:-1]
-
-
-def few_shot_messages(row: dict[str, Any], exemplars: list[dict[str, Any]]
-                      ) -> list[templating.Message]:
-    """Solved exemplars (rows from train), then the question, as one conversation."""
-    prompt = prompt_of(row)
-    system = [m for m in prompt[:1] if m["role"] == "system"]
-    msgs: list[templating.Message] = list(system)
-    for ex in exemplars:
-        msgs += [m for m in ex["messages"] if m["role"] != "system"]
-    return msgs + prompt[len(system):]
+    workdir: str = ""
+    checkpoint: str = "best"
+    hf_path: str = ""
+    gguf: str = ""
+    data: str = ""          # a configs/*.py file (its data and eval sections) or a data file
+    split: str = ""         # "" = eval.split
+    limit: int = -1         # -1 = eval.max_examples; 0 = all
+    baselines: str = ""     # "" = eval.baselines
+    out: str = ""
+    max_new_tokens: int = 0  # 0 = eval.max_new_tokens
+    batch_size: int = 0      # 0 = eval.batch_size
+    progress: bool = True
 
 
-def fit_prompt(encode, row: dict[str, Any], exemplars: list[dict[str, Any]], budget: int,
-               bos_id: int | None) -> tuple[np.ndarray, int, bool]:
-    """The longest prompt within ``budget`` tokens: fewer exemplars first, then the question cut
-    from the left (keeping BOS), as the training length policy does.
+# ---------------------------------------------------------------------------------------------
+# Config: from the run, or the defaults plus a model and data
+# ---------------------------------------------------------------------------------------------
 
-    Returns: (ids, exemplars used, whether the question itself was cut).
-    """
-    for k in range(len(exemplars), -1, -1):
-        ids = encode(few_shot_messages(row, exemplars[:k]))
-        if len(ids) <= budget:
-            return ids, k, False
-    keep = int(bos_id is not None and ids[0] == bos_id)
-    return np.concatenate([ids[:keep], ids[len(ids) - (budget - keep):]]), 0, True
-
-
-def score(rows: list[dict[str, Any]], predictions: list[str], pattern: str = "") -> dict[str, Any]:
-    """Exact match overall and per task, each with its 95% bootstrap interval; ``hits`` per row."""
-    hits = [exact_match(p, target_of(r), pattern) for r, p in zip(rows, predictions)]
-    by_task: dict[str, list[bool]] = defaultdict(list)
-    for r, h in zip(rows, hits):
-        by_task[r.get("task", "all")].append(h)
-    return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits),
-            "interval": bootstrap_interval(hits),
-            "per_task": {t: float(np.mean(v)) for t, v in sorted(by_task.items())},
-            "per_task_interval": {t: bootstrap_interval(v) for t, v in sorted(by_task.items())},
-            "hits": [int(h) for h in hits]}
-
-
-def _cell(text: str, limit: int = 160) -> str:
-    """Text fit for one Markdown table cell."""
-    text = text if len(text) <= limit else "..." + text[-limit:]
-    return text.replace("|", "\\|").replace("\n", "<br>") or " "
-
-
-def markdown_report(result: dict[str, Any]) -> str:
-    tasks = sorted({t for r in result["rows"] for t in r["per_task"]})
-    lines = [f"## Evaluation: `{result['split']}` split, {result['num_examples']} rows",
-             "", f"Run `{result['workdir']}`, checkpoint step {result['step']} "
-             f"({result['checkpoint']}). Exact match of greedy generation, with 95% bootstrap "
-             "intervals over the evaluated rows.", "",
-             "| model | prompting | exact match | 95% interval | " + " | ".join(tasks) + " |",
-             "|---|---|---:|---:|" + "---:|" * len(tasks)]
-    for r in result["rows"]:
-        lo, hi = r["interval"]
-        lines.append(f"| {r['model']} | {r['prompting']} | **{100 * r['exact_match']:.1f}%** | "
-                     f"{100 * lo:.1f}–{100 * hi:.1f} | "
-                     + " | ".join(f"{100 * r['per_task'].get(t, 0):.1f}%" for t in tasks) + " |")
-    if d := result.get("gain"):
-        lines += ["", f"Fine-tuned minus the best base row ({d['versus']}): **{100 * d['difference']:+.1f} "
-                  f"points**, 95% paired-bootstrap interval {100 * d['low']:+.1f} to {100 * d['high']:+.1f} "
-                  f"(share of resamples with no gain: {d['p_not_better']:.4f})."]
-    loss = result["finetuned_loss"]
-    lines += ["", f"Fine-tuned completion loss on `{result['split']}`: {loss['loss']:.4f} "
-              f"(token accuracy {100 * loss['token_accuracy']:.1f}% over {int(loss['tokens'])} "
-              "supervised tokens)."]
-    for setting, st in result.get("prompts", {}).items():
-        if st["questions_cut"] or setting != "0-shot":
-            lines.append(f"{setting} prompts: {st['mean_exemplars']:.2f} exemplars on average within "
-                         f"eval.max_prompt_length; {st['questions_cut']} questions cut from the left.")
-    lines += ["", "Sample fine-tuned predictions:", "",
-              "| prompt | target | prediction | ok |", "|---|---|---|---|"]
-    for s in result["samples"]:
-        lines.append(f"| {_cell(s['prompt'])} | {_cell(s['target'])} | {_cell(s['prediction'])} | "
-                     f"{'yes' if s['ok'] else 'no'} |")
-    return "\n".join(lines) + "\n"
+def guess_format(path: str) -> str:
+    """The row format of a data file from its first record's keys."""
+    keys: set[str] = set()
+    try:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8-sig") as f:
+                for line in f:
+                    if line.strip():
+                        keys = set(json.loads(line))
+                        break
+        elif path.endswith(".json"):
+            with open(path, encoding="utf-8-sig") as f:
+                obj = json.load(f)
+            rec = obj[0] if isinstance(obj, list) and obj else (
+                next(iter(obj.values()))[0] if isinstance(obj, dict) and obj
+                and isinstance(next(iter(obj.values())), list) else obj)
+            keys = set(rec) if isinstance(rec, dict) else set()
+        elif path.endswith(".csv"):
+            import csv  # noqa: PLC0415
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                keys = set(next(csv.reader(f), []))
+        else:
+            return "prompt_completion"
+    except (OSError, ValueError, StopIteration, IndexError) as e:
+        raise UserError(f"--data {path}: cannot read its first record: {e}") from e
+    if "messages" in keys:
+        return "messages"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    raise UserError(f"--data {path}: cannot tell the row format from the fields {sorted(keys)}; "
+                    "expected messages, instruction/output (alpaca) or prompt/completion")
 
 
-def evaluate(workdir: str, split: str = "", checkpoint: str = "best", max_examples: int = -1
-             ) -> dict[str, Any]:
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("_eval_data_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module.get_config()
+    except Exception as e:  # a user's config file: any error is theirs, said in one line
+        raise UserError(f"--data {path}: cannot load get_config(): {type(e).__name__}: {e}") from e
+
+
+def apply_data(config: ml_collections.ConfigDict, data: str) -> str:
+    """Points ``config`` at ``data``; returns a short name for it. A ``.py`` config contributes its
+    ``data`` and ``eval`` sections; a data file becomes the only source, split by content hash with
+    ``data.split_fractions`` as in training (so few-shot exemplars come from its train part)."""
+    if not os.path.exists(data):
+        raise UserError(f"--data {data!r} does not exist")
+    name = os.path.splitext(os.path.basename(data))[0]
+    if data.endswith(".py"):
+        other = _load_config_file(data)
+        config.data = other.data
+        config.eval = other.eval
+        return name
+    config.data.sources = ml_collections.ConfigDict(
+        {name: sources.source(type="files", path=data, format=guess_format(data))})
+    config.data.synthetic = config.data.get("synthetic", ml_collections.ConfigDict())
+    return name
+
+
+def model_only_config(req: Request) -> ml_collections.ConfigDict:
+    """The defaults (``configs/demo.py``) with the model, its tokenizer and the data of ``req``."""
+    from configs import demo  # noqa: PLC0415
+    if not req.data:
+        raise UserError("--hf_path/--gguf evaluate a model on --data (a configs/*.py file or a data file)")
+    config = demo.get_config()
+    config.model.hf_path, config.model.gguf_path = req.hf_path, req.gguf
+    config.data.max_length = 512  # a data file's rows; a --data config sets its own
+    apply_data(config, req.data)
+    config.tokenizer.kind, config.tokenizer.path = "hf", ""
+    return config
+
+
+def load_model_tokenizer(path: str):
+    """The HF directory's or GGUF file's own tokenizer, or one clear line."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in (
+            "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise UserError(f"{path} has no tokenizer (no tokenizer.json, tokenizer_config.json, "
+                        "tokenizer.model or vocab.json); copy the base model's tokenizer files there")
+    try:
+        return tokenizer_lib.load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {path}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+def evaluate(req: Request) -> dict[str, Any]:
     t0 = time.perf_counter()
-    config = experiment.load_config(workdir)
+    if req.workdir and (req.hf_path or req.gguf):
+        raise UserError("--workdir evaluates a run (its base and its checkpoint); --hf_path/--gguf "
+                        "evaluate a model without one: give one of them")
+    if not (req.workdir or req.hf_path or req.gguf):
+        raise UserError("give --workdir (a trainer.train run), --hf_path (an HF model directory) or "
+                        "--gguf (a GGUF file)")
+    if req.hf_path and req.gguf:
+        raise UserError("give --hf_path or --gguf, not both")
+    model_path = req.hf_path or req.gguf
+    if model_path and not os.path.exists(model_path):
+        raise UserError(f"{'--hf_path' if req.hf_path else '--gguf'} {model_path!r} does not exist")
+
+    # ---- config and tokenizer -----------------------------------------------------------------
+    if req.workdir:
+        config = experiment.load_config(req.workdir)
+        data_name = "the run's data"
+        if req.data:
+            data_name = f"`{apply_data(config, req.data)}`"
+        tok = experiment.build_or_load_tokenizer(config, req.workdir, train_rows=None)
+    else:
+        config = model_only_config(req)
+        data_name = f"`{os.path.basename(req.data)}`"
+        tok = load_model_tokenizer(model_path)
+        config.data.template = "tokenizer" if tok.chat_template else "plain"
+        metrics_lib.log(f"{os.path.basename(model_path)}: its own tokenizer, template "
+                        f"{config.data.template!r}")
     ecfg = config.eval
-    split = split or ecfg.split
-    max_examples = ecfg.max_examples if max_examples < 0 else max_examples
+    if req.max_new_tokens:
+        ecfg.max_new_tokens = req.max_new_tokens
+    if req.batch_size:
+        ecfg.batch_size = req.batch_size
+    split = req.split or ecfg.split
+    limit = ecfg.max_examples if req.limit < 0 else req.limit
+    try:
+        shots_list = parse_baselines(req.baselines or ecfg.get("baselines", "zero_shot,few_shot"),
+                                     ecfg.few_shot_k)
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
-    # ---- data and tokenizer, exactly as the run saw them ----------------------------------
-    tok = experiment.build_or_load_tokenizer(config, workdir, train_rows=None)
+    # ---- data -----------------------------------------------------------------------------------
     rows, _ = experiment.read_rows(config)
-    template = pipeline.template_for(config.data, tok)
     if split not in rows:
-        raise UserError(f"no split {split!r} in this run's data; available: {', '.join(rows)}")
-    eval_rows = rows[split]
-    if 0 < max_examples < len(eval_rows):  # a seeded sample, so every task/source is represented
-        keep = sorted(random.Random(config.seed).sample(range(len(eval_rows)), max_examples))
-        eval_rows = [eval_rows[i] for i in keep]
-    if not eval_rows:
-        raise UserError(f"split {split!r} is empty")
-    data = experiment.tokenize(config, tok, {split: eval_rows})
+        raise UserError(f"no split {split!r} in this data; available: {', '.join(rows)}")
+    if not rows[split]:
+        raise UserError(f"split {split!r} of {data_name} is empty (its sources and split fractions "
+                        "leave it no rows; python -m data_pipeline.inspect shows why)")
+    if split == "train" and any(shots_list):
+        raise UserError("few-shot exemplars come from the train split, so the train split cannot be "
+                        "evaluated few-shot; use --baselines zero_shot")
+    if any(shots_list) and not rows.get("train"):
+        raise UserError(f"few-shot baselines need train rows for exemplars and {data_name} has none; "
+                        "use --baselines zero_shot")
+    eval_rows = sample_rows(rows[split], limit, config.seed)
+    try:
+        examples = experiment.tokenize(config, tok, {split: eval_rows}).examples[split]
+    except DataError as e:
+        raise UserError(str(e)) from e
 
-    # ---- model: fine-tuned checkpoint and the base it started from ------------------------
+    # ---- models ---------------------------------------------------------------------------------
     mesh = experiment.make_mesh(config)
     spec = experiment.model_spec(config, len(tok), mesh)
-    ckpt = Checkpointer(workdir, read_only=True)
-    step = ckpt.resolve(checkpoint)
-    abstract = experiment.abstract_with_shardings(spec.init_params_fn(0), spec.param_shardings)
-    finetuned = ckpt.restore_params(step, abstract)
-    ckpt.close()
-    base = spec.init_params(config.seed)  # what the run started from: the HF weights or the init
+    step = None
+    if req.workdir:
+        ccfg = config.get("checkpoint", {})
+        ckpt = Checkpointer(req.workdir, read_only=True, best_metric=ccfg.get("best_metric", VAL_METRIC),
+                            best_mode=ccfg.get("best_mode", "auto"))
+        step = ckpt.resolve(req.checkpoint)
+        abstract = experiment.abstract_with_shardings(spec.init_params_fn(0), spec.param_shardings)
+        finetuned = ckpt.restore_params(step, abstract)
+        ckpt.close()
+    base = spec.init_params(config.seed)  # the run's start: the HF/GGUF weights or the init
     base_name = (f"base ({os.path.basename(os.path.normpath(spec.hf_path))})" if spec.hf_path
                  else "base (untrained init)")
+    compared: list[tuple[str, Any, int]] = [(base_name if req.workdir else os.path.basename(
+        os.path.normpath(model_path)), base, k) for k in shots_list]
+    if req.workdir:
+        compared.append((f"fine-tuned (step {step})", finetuned, 0))
 
-    # ---- loss on the split --------------------------------------------------------------
-    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
-    eval_step = sharding_lib.with_mesh(mesh, jax.jit(make_eval_step(
-        spec.graphdef, config.train.get("loss_chunk_tokens", 1024))))
-    loss = experiment.split_loss(eval_step, finetuned, data.examples[split], config,
-                                 tok.pad_token_id, batch_sh)
+    # ---- the Evaluator, once; every compared row through it -------------------------------------
+    try:
+        evaluator = Evaluator.create(config, tok, spec, eval_rows, rows.get("train", []),
+                                     examples=examples, progress=req.progress)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    warning = log_pattern_warning(evaluator)
+    results: list[Result] = []
+    loss_done: set[int] = set()
+    for name, params, shots in compared:
+        with_loss = id(params) not in loss_done  # the loss does not depend on the prompting: once
+        loss_done.add(id(params))
+        try:
+            result = evaluator.run(params, shots, with_loss=with_loss, desc=f"{name}, {shots}-shot")
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        results.append(result)
+        m = result.metrics()
+        metrics_lib.log(f"{name}, {result.prompting}: exact match {100 * m['exact_match']:.1f}%, "
+                        f"ROUGE-L {100 * m['rougeL']:.1f}, chrF {100 * m['chrf']:.1f} "
+                        f"({result.generation['tokens_per_s']:.0f} generated tokens/s, "
+                        f"{time.perf_counter() - t0:.0f}s)")
 
-    # ---- greedy generation: base zero-/few-shot vs fine-tuned ------------------------------
-    eos_ids = template.stop_ids
-    generate = make_generate_fn(spec.graphdef, max_new_tokens=ecfg.max_new_tokens, eos_ids=eos_ids,
-                                pad_id=tok.pad_token_id, mesh=mesh)
-    pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows.get("train", []):
-        pool[r.get("task", "")].append(r)
-
-    prompt_stats: dict[str, Any] = {}
-    pattern = ecfg.get("answer_pattern", "")
-    budget = ecfg.get("max_prompt_length", 0) or config.data.max_length * (ecfg.few_shot_k + 1)
-
-    def prompts_for(k: int) -> list[np.ndarray]:
-        """Prompts of at most ``eval.max_prompt_length`` tokens (0: room for k exemplars and the
-        question, each as long as a training row: ``data.max_length * (few_shot_k + 1)``)."""
-        rng = random.Random(config.seed)
-        encode = lambda msgs: templating.encode_messages(tok, msgs, template=template)[0]  # noqa: E731
-        out, shots, cut = [], 0, 0
-        for r in eval_rows:
-            candidates = pool.get(r.get("task", ""), []) or [x for xs in pool.values() for x in xs]
-            exemplars = rng.sample(candidates, min(k, len(candidates)))
-            ids, used, was_cut = fit_prompt(encode, r, exemplars, budget, template.bos_id)
-            out.append(ids)
-            shots += used
-            cut += was_cut
-        prompt_stats[f"{k}-shot"] = {"mean_exemplars": shots / len(eval_rows), "questions_cut": cut}
-        return out
-
-    def run(params, prompts) -> list[str]:
-        ids = generate_all(generate, params, prompts, batch_size=ecfg.batch_size,
-                           pad_id=tok.pad_token_id, eos_ids=eos_ids)
-        stop = tuple(ecfg.get("stop", ()))  # e.g. "\n\n" for a base model that rambles on
-        return [cut_at_stop(tok.decode(x, skip_special_tokens=True), stop) for x in ids]
-
-    zero = prompts_for(0)
-    settings = [(base_name, "zero-shot", base, zero),
-                (base_name, f"{ecfg.few_shot_k}-shot", base, prompts_for(ecfg.few_shot_k)),
-                (f"fine-tuned (step {step})", "zero-shot", finetuned, zero)]
-    result_rows, predictions = [], None
-    for model_name, prompting, params, prompts in settings:
-        predictions = run(params, prompts)
-        result_rows.append({"model": model_name, "prompting": prompting,
-                            **score(eval_rows, predictions, pattern)})
-        metrics_lib.log(f"{model_name}, {prompting}: {100 * result_rows[-1]['exact_match']:.1f}% "
-                        f"exact match ({time.perf_counter() - t0:.0f}s)")
-
-    best_base = max(result_rows[:-1], key=lambda r: r["exact_match"])
-    gain = {"versus": best_base["prompting"],
-            **paired_difference(result_rows[-1]["hits"], best_base["hits"], seed=config.seed)}
-    samples = []
-    wrong_first = sorted(range(len(eval_rows)), key=lambda i: exact_match(
-        predictions[i], target_of(eval_rows[i]), pattern))[:4] + list(range(4))
-    for i in dict.fromkeys(wrong_first):
-        samples.append({"prompt": prompt_of(eval_rows[i])[-1]["content"],
-                        "target": target_of(eval_rows[i]), "prediction": predictions[i],
-                        "ok": exact_match(predictions[i], target_of(eval_rows[i]), pattern)})
-    result = {"workdir": workdir, "split": split, "checkpoint": checkpoint, "step": step,
-              "num_examples": len(eval_rows), "rows": result_rows, "gain": gain, "finetuned_loss": loss,
-              "samples": samples[:8], "prompts": prompt_stats, "seconds": time.perf_counter() - t0}
-
-    md = markdown_report(result)
+    # ---- the report -------------------------------------------------------------------------------
+    report_rows = [reports.result_row(name, r) for (name, _, _), r in zip(compared, results)]
+    for row, r in zip(report_rows, results):
+        row["delta_vs_first"] = {m: paired_difference(r.scores[m], results[0].scores[m], seed=config.seed)
+                                 for m in HEADLINE_PAIRED}
+    gain = None
+    if len(results) > 1:  # the last row (fine-tuned, or the most-shot) against the best other row
+        versus = max(range(len(results) - 1),
+                     key=lambda i: results[i].summary["metrics"]["exact_match"]["mean"])
+        gain = {"a": reports.row_label(report_rows[-1]), "b": reports.row_label(report_rows[versus]),
+                **{m: paired_difference(results[-1].scores[m], results[versus].scores[m], seed=config.seed)
+                   for m in HEADLINE_PAIRED}}
+    else:
+        versus = 0
+    title = (f"{os.path.basename(os.path.normpath(req.workdir))} (step {step})" if req.workdir
+             else os.path.basename(os.path.normpath(model_path)))
+    report = {"title": title, "workdir": req.workdir, "model_path": model_path,
+              "checkpoint": req.checkpoint if req.workdir else None, "step": step, "data": data_name,
+              "split": split, "split_rows": len(rows[split]), "num_examples": len(eval_rows),
+              "max_new_tokens": ecfg.max_new_tokens, "answer_pattern": ecfg.get("answer_pattern", ""),
+              "normalize": dict(ecfg.get("normalize", {})), "rows": report_rows, "gain": gain,
+              "pattern_warning": warning, "examples": reports.examples(evaluator, results, versus)}
+    out = req.out or (os.path.join(req.workdir, "eval", f"{split}_step{step}") if req.workdir else
+                      os.path.join("eval", f"{title}_{os.path.splitext(os.path.basename(req.data))[0]}_{split}"))
+    report["seconds"] = time.perf_counter() - t0
     if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "eval")
-        os.makedirs(out_dir, exist_ok=True)
-        stem = os.path.join(out_dir, f"{split}_step{step}")
-        with open(stem + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(md)
-        print(md + f"\n(eval took {result['seconds']:.0f}s; report: {stem}.md / .json)", flush=True)
-    return result
+        md = reports.write(out, report, evaluator, results,
+                           os.path.join(req.workdir, "metrics.jsonl") if req.workdir else "")
+        table = "\n".join(reports.main_table(report))
+        gain_line = (f"\n{gain['a']} minus {gain['b']}: exact match "
+                     f"{100 * gain['exact_match']['difference']:+.1f} points (paired 95% "
+                     f"{100 * gain['exact_match']['low']:+.1f} to {100 * gain['exact_match']['high']:+.1f})"
+                     if gain else "")
+        print(f"\n{table}{gain_line}\n\n(eval took {report['seconds']:.0f}s; report: "
+              f"{os.path.join(out, 'report.md')}, predictions.jsonl, report.json, plots)", flush=True)
+        report["markdown"] = md
+    report["out"] = out
+    return report

@@ -15,6 +15,7 @@ from data_pipeline import loader
 from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError
+from trainer.evaluator import Evaluator, log_pattern_warning, sample_rows
 from trainer.flops import flops_per_token, peak_flops
 from trainer.step import TrainState, make_eval_step, make_optimizer
 
@@ -91,9 +92,23 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
         out_shardings=rep))
 
     # ----------------------------------------------------------------------------------------
+    # Evaluators, built once: validation loss on the whole split; generation metrics (exact match,
+    # ROUGE, chrF) on a fixed seeded sample of it every eval.every_steps (the trainer.eval code)
+    # ----------------------------------------------------------------------------------------
+    ecfg, ccfg = config.eval, config.get("checkpoint", {})
+    best_metric = ccfg.get("best_metric", VAL_METRIC)
+    gen_every = ecfg.get("every_steps", 0)
+    generation_eval = None
+    if gen_every or best_metric != VAL_METRIC:
+        sample = sample_rows(rows["validation"], ecfg.get("in_training_examples", 64), config.seed)
+        generation_eval = Evaluator.create(config, tok, spec, sample, rows["train"], name="val")
+        log_pattern_warning(generation_eval)
+
+    # ----------------------------------------------------------------------------------------
     # Checkpoint: resume or initialise
     # ----------------------------------------------------------------------------------------
-    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
+    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, best_metric=best_metric,
+                        best_mode=ccfg.get("best_mode", "auto"))
     start = ckpt.latest_step()
     if start is not None:
         abstract = experiment.abstract_state(spec, tx, state_sh)
@@ -148,14 +163,28 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
             pending, real_tokens, t_last = [], 0, time.perf_counter()
 
         is_ckpt = step % tcfg.checkpoint_every == 0 or step == last_step
+        val: dict[str, float] = {}
         if step % tcfg.eval_every == 0 or is_ckpt:
             val = evaluate(state.params)
             writer.write(step, val, prefix="val/")
             progress.write(f"step {step}: val loss {val['loss']:.4f}, "
                            f"token accuracy {val['token_accuracy']:.4f}")
-            t_last = time.perf_counter()  # validation time is not training throughput
+        # Generation eval on its schedule, and at every checkpoint when it ranks the checkpoints.
+        if generation_eval is not None and ((gen_every and step % gen_every == 0)
+                                            or (is_ckpt and best_metric != VAL_METRIC)):
+            gen = generation_eval(state.params)
+            writer.write(step, gen, prefix="val/")
+            val.update(gen)
+            progress.write(f"step {step}: " + ", ".join(
+                f"{k} {100 * gen[k]:.1f}%" for k in ("exact_match", "rougeL", "chrf")) +
+                f" on {len(generation_eval.rows)} validation rows "
+                f"({gen['gen_tokens_per_s']:.0f} generated tokens/s)")
+        if val:
+            t_last = time.perf_counter()  # evaluation time is not training throughput
         if is_ckpt:
-            ckpt.save(step, state, train_iter.get_state(), metrics={VAL_METRIC: val["loss"]})
+            # Only finite metrics are kept: a NaN must never rank as the best checkpoint.
+            finite = {f"val/{k}": float(v) for k, v in val.items() if np.isfinite(v)}
+            ckpt.save(step, state, train_iter.get_state(), metrics=finite or None)
 
     progress.close()
     writer.close()
