@@ -17,3 +17,11 @@ def test_flops_per_token_counts_matmuls_and_attention():
     # q, o: 4x2x2 each; k, v: 4x1x2 each; gated MLP 3 x 4x8; head 4x10 -> 184 matmul parameters;
     # causal attention: 12 x layers x heads x head_dim x seq / 2
     assert flops_per_token(cfg, 8) == 6 * 184 + 12 * 1 * 2 * 2 * 8 / 2
+
+
+def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys):
+    from trainer.generation_benchmark import bench as bench_generate  # noqa: PLC0415
+    (row,) = bench_generate("demo", batches=(4,), prompt_len=24, new_tokens=6, num_batches=2)
+    assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0
+    assert row["identical_rows"] == row["rows"] == 8  # greedy tokens equal transformers.generate's
+    assert "ratio" in capsys.readouterr().out

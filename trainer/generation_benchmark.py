@@ -1,0 +1,117 @@
+r"""Generation speed: our batched KV-cache decoding against ``transformers.generate`` on the same model and
+prompts (the CLI is ``trainer.bench_generate``).
+
+Both sides decode greedily in float32 with a KV cache, generate exactly ``new_tokens`` per row (no
+early EOS stop, so the work is equal), and get the same rows in the same batches: the prompts sorted
+by length (what ``generate_all`` does in every eval), each batch left-padded -- to its longest prompt
+for transformers, to our bucket (16 x a power of two, at least as long) for ours. Ours is timed after
+its shapes are compiled; transformers after a warm-up batch. Tokens are compared row by row.
+
+The model is a random-weight Llama of the demo's shape or SmolLM2-135M's (``--model``), or any HF
+directory (``--hf_path``); torch is a benchmark-time reference only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trainer import hf_io
+from trainer.generate import generate_all, make_generate_fn
+from trainer.model import Transformer
+
+SHAPES = {  # LlamaConfig kwargs
+    "demo": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                 max_position_embeddings=4096),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5),
+}
+
+
+def _torch_model(model: str, hf_path: str):
+    import torch  # noqa: PLC0415 (benchmark-time reference only)
+    import transformers  # noqa: PLC0415
+    if hf_path:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            hf_path, torch_dtype=torch.float32).eval(), hf_path
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[model])).eval()
+    path = tempfile.mkdtemp(prefix=f"bench_generate_{model}_")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def _ours(path: str):
+    from flax import nnx  # noqa: PLC0415
+    raw = hf_io.read_hf_config(path)
+    cfg = hf_io.model_config_from_hf(raw)
+    params = jax.tree.map(jnp.asarray, hf_io.load_hf(path, cfg, raw["model_type"]))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, params, cfg
+
+
+def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1, 8, 32),
+          prompt_len: int = 64, new_tokens: int = 32, num_batches: int = 2, threads: int = 0,
+          seed: int = 0) -> list[dict[str, Any]]:
+    import torch  # noqa: PLC0415
+    if threads:
+        torch.set_num_threads(threads)
+    hf, path = _torch_model(model, hf_path)
+    graphdef, params, cfg = _ours(path)
+    vocab = cfg.vocab_size
+    name = os.path.basename(os.path.normpath(hf_path)) if hf_path else f"{model} shape (random weights)"
+    gen = make_generate_fn(graphdef, max_new_tokens=new_tokens, eos_ids=[-1], pad_id=0)
+    rows = []
+    for b in batches:
+        rng = np.random.default_rng(seed)
+        prompts = [rng.integers(3, vocab, int(rng.integers(max(1, prompt_len // 2), prompt_len + 1))
+                               ).astype(np.int32) for _ in range(b * num_batches)]
+        run = lambda: generate_all(gen, params, prompts, batch_size=b, pad_id=0, eos_ids=[-1])  # noqa: E731
+        run()  # compiles every bucket shape
+        t0 = time.perf_counter()
+        ours = run()
+        t_ours = time.perf_counter() - t0
+
+        # transformers: the same batches (sorted by length), each left-padded to its longest prompt.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches_t = []
+        for s in range(0, len(order), b):
+            idx = order[s:s + b]
+            width = max(len(prompts[i]) for i in idx)
+            ids = np.zeros((len(idx), width), np.int64)
+            mask = np.zeros((len(idx), width), np.int64)
+            for j, i in enumerate(idx):
+                ids[j, width - len(prompts[i]):] = prompts[i]
+                mask[j, width - len(prompts[i]):] = 1
+            batches_t.append((idx, torch.from_numpy(ids), torch.from_numpy(mask)))
+        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
+        with torch.inference_mode():
+            hf.generate(input_ids=batches_t[0][1], attention_mask=batches_t[0][2], max_new_tokens=2,
+                        min_new_tokens=2, **kw)  # warm-up
+            ref: list[list[int] | None] = [None] * len(prompts)
+            t0 = time.perf_counter()
+            for idx, ids, mask in batches_t:
+                out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, **kw)[:, ids.shape[1]:].numpy()
+                for i, r in zip(idx, out):
+                    ref[i] = r.tolist()
+            t_torch = time.perf_counter() - t0
+        tokens = len(prompts) * new_tokens
+        row = {"model": name, "batch": b, "rows": len(prompts), "prompt_len": prompt_len,
+               "new_tokens": new_tokens, "ours_tokens_per_s": tokens / t_ours,
+               "torch_tokens_per_s": tokens / t_torch, "ratio": t_torch / t_ours,
+               "identical_rows": sum(o == r for o, r in zip(ours, ref)), "torch_threads": torch.get_num_threads()}
+        rows.append(row)
+        print(f"{name}: batch {b:>3}, {row['rows']} prompts of {prompt_len // 2}-{prompt_len} tokens, "
+              f"{new_tokens} new tokens each: ours {row['ours_tokens_per_s']:8.1f} tokens/s, "
+              f"transformers {row['torch_tokens_per_s']:8.1f} tokens/s, ratio {row['ratio']:.2f}x, "
+              f"identical tokens in {row['identical_rows']}/{row['rows']} rows", flush=True)
+    return rows
