@@ -247,3 +247,16 @@ def test_fine_tune_from_gguf_then_export_for_transformers(gguf_file, tmp_path):
     spec, params = ours_from_checkpoint(wd)
     ours_l, ref = logits_both(spec, params, out)
     np.testing.assert_allclose(ours_l, ref, atol=1e-4, rtol=0)
+    if arch == "llama":  # the GGUF itself, evaluated with no run: its tokenizer, a data file
+        data = os.path.join(str(tmp_path), "rows.jsonl")
+        with open(data, "w") as f:
+            for i in range(60):
+                f.write(json.dumps({"prompt": f"Add {i} and 1.", "completion": str(i + 1)}) + "\n")
+        report_dir = os.path.join(str(tmp_path), "report")
+        r = subprocess.run([sys.executable, "-m", "trainer.eval", f"--gguf={path}", f"--data={data}",
+                            "--split=train", "--baselines=zero_shot", "--max_new_tokens=3", "--limit=6",
+                            f"--out={report_dir}", "--noprogress"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"| {os.path.basename(path)} | zero-shot |" in r.stdout
+        assert len(open(os.path.join(report_dir, "predictions.jsonl")).readlines()) == 6
