@@ -46,7 +46,7 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
     else:
         tok = tokenizer_lib.build_tokenizer(config.tokenizer, (r["messages"] for r in rows["train"]),
                                             config.model.get("hf_path", "") or config.model.get("gguf_path", ""))
-    data = pipeline.tokenize(dcfg, tok, rows, source_reports)
+    data = pipeline.tokenize(dcfg, tok, rows, source_reports, config.seed)
     splits = list(rows)
 
     lines = ["# Data pre-flight report", "",
@@ -102,8 +102,14 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
     for ex in train[:preview]:
         lines += ["", f"source `{ex.meta['source']}`, task `{ex.meta['task']}`, {len(ex.ids)} tokens, "
                   f"{int(ex.loss_mask.sum())} supervised:", "", "```", mark_supervised(tok, ex), "```"]
+    # train and validation are what training needs (validation ranks the checkpoints); eval.split is
+    # what trainer.eval reads.
+    needed = list(dict.fromkeys(["train", "validation", config.get("eval", {}).get("split", "test")]))
+    empty = [s for s in needed if not data.examples.get(s)]
+    if empty:
+        lines += ["", f"**Empty split(s) the run needs: {', '.join(empty)}.**"]
     result = {"sources": sources_json, "splits": {s: data.reports[s].to_json() for s in splits},
-              "packing": pack_json}
+              "packing": pack_json, "empty_needed_splits": empty}
     return "\n".join(lines) + "\n", result
 
 
@@ -131,6 +137,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(result, f, indent=2)
+    if result["empty_needed_splits"]:
+        print(f"error: split(s) {', '.join(result['empty_needed_splits'])} have no usable rows; training "
+              "needs train and validation, trainer.eval needs eval.split (see the tables above)",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

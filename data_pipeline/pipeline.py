@@ -1,6 +1,6 @@
 """Rows -> tokenised examples, with the length policy, a cache, and a report of everything dropped.
 
-    rows, source_reports = sources.build_splits(data_cfg, seed)  # read, map, split, mix
+    rows, source_reports = sources.build_splits(data_cfg, seed)  # read, map, split
     tok = tokenizer.build_tokenizer(tok_cfg, ...)     # or the run's saved tokenizer
     data = tokenize(data_cfg, tok, rows)              # this module
 
@@ -125,17 +125,26 @@ def fit_length(tok: PreTrainedTokenizerBase, t: Template, messages: list[dict[st
 # Tokenising a split (batched, parallel, cached)
 # ---------------------------------------------------------------------------------------------
 
-def _encode_batch(batch: dict[str, list], tok, t: Template, max_length: int, policy: str
-                  ) -> dict[str, list]:
+def _encode_batch(batch: dict[str, list], tok, t: Template, max_length: int, policy: str,
+                  on_bad_row: str = "error") -> dict[str, list]:
     convs = [json.loads(s) for s in batch["messages"]]
-    plans = []
-    for msgs, loc in zip(convs, batch["loc"]):
+    plans, failed = [], {}
+    for i, (msgs, loc) in enumerate(zip(convs, batch["loc"])):
         try:
             plans.append(plan(tok, t, msgs))
-        except TemplateError as e:
-            raise DataError(f"{loc}: {e}") from None
+        except TemplateError as e:  # a row the template cannot render: a bad row like any other
+            if on_bad_row == "error":
+                raise DataError(f"{loc}: {e} (set data.on_bad_row=skip to skip and count such rows)"
+                                ) from None
+            failed[i] = "template error"
+            plans.append([])
     out: dict[str, list] = {"ids": [], "loss_mask": [], "status": []}
-    for msgs, (ids, mask) in zip(convs, tokenize_plans(tok, t, plans)):
+    for i, (msgs, (ids, mask)) in enumerate(zip(convs, tokenize_plans(tok, t, plans))):
+        if i in failed:
+            out["ids"].append([])
+            out["loss_mask"].append([])
+            out["status"].append("dropped: " + failed[i])
+            continue
         ids, mask, why = fit_length(tok, t, msgs, ids, mask, max_length, policy)
         if ids is not None and mask[1:].sum() == 0:
             ids, mask, why = None, None, "no supervised token"
@@ -192,7 +201,8 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
                             num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
                             remove_columns=["messages", "loc"], new_fingerprint=key,
                             fn_kwargs=dict(tok=tok, t=t, max_length=data_cfg.max_length,
-                                           policy=data_cfg.length_policy))
+                                           policy=data_cfg.length_policy,
+                                           on_bad_row=data_cfg.get("on_bad_row", "error")))
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
@@ -219,8 +229,26 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
 
 
 def tokenize(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: dict[str, list[dict[str, Any]]],
-             source_reports: list[sources.SourceReport] | None = None) -> Data:
+             source_reports: list[sources.SourceReport] | None = None, seed: int = 0) -> Data:
+    """Tokenises every split; a weighted mixture (``data.sources.*.weight``) is then drawn from the
+    train *examples*, after the length policy, so each source's share of the training examples is its
+    weight's share even when one source loses more rows to ``data.max_length`` than another."""
     examples, reports = {}, {}
     for split, split_rows in rows.items():
         examples[split], reports[split] = tokenize_split(data_cfg, tok, split_rows)
+        rep = reports[split]
+        if rep.rows and not rep.kept:  # in every mode: nothing usable left is a mistake, not data
+            raise DataError(f"data: every one of the {rep.rows} rows of the {split} split was dropped "
+                            f"({', '.join(f'{n} {why}' for why, n in sorted(rep.dropped.items()))}); "
+                            "python -m data_pipeline.inspect shows examples")
+    weights = sources.mixture_weights(data_cfg)
+    if weights and examples.get("train"):
+        by_source: dict[str, list[Example]] = {name: [] for name in weights}
+        for ex in examples["train"]:
+            by_source[ex.meta["source"]].append(ex)
+        total = data_cfg.mixture_rows or sum(len(v) for v in by_source.values())
+        mixed = sources.mix(by_source, weights, total, seed)
+        examples["train"] = [ex for name in weights for ex in mixed[name]]
+        for rep in source_reports or []:
+            rep.mixture_rows = len(mixed.get(rep.name, []))
     return Data(rows, examples, reports, source_reports or [])

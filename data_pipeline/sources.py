@@ -36,7 +36,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from data_pipeline.errors import BadRows, DataError
-from data_pipeline.formats import RowProblem, prompt_completion_messages, to_messages
+from data_pipeline.formats import RowProblem, expand, mapped_paths, prompt_completion_messages, to_messages
 from data_pipeline.splits import hash_split
 from data_pipeline.synthetic import synthetic_splits
 
@@ -84,7 +84,7 @@ class SourceReport:
     rows: Counter = dataclasses.field(default_factory=Counter)  # split -> rows kept
     bad: BadRows | None = None
     duplicates_removed: Counter = dataclasses.field(default_factory=Counter)  # split -> rows
-    mixture_rows: int = 0  # train rows after mixture re-sampling (0: no re-sampling)
+    mixture_rows: int = 0  # train examples after mixture re-sampling (0: no re-sampling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +107,9 @@ def _jsonl(path: str, bad: BadRows, max_row_bytes: int) -> Iterator[tuple[str, A
                     f"{max_row_bytes:,}", "line over data.max_row_bytes")
                 continue
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig on the first line: a byte-order mark (Windows editors write one) is not
+                # part of the first record.
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 bad(where, f"not valid UTF-8 (byte {e.start} of the line)", "not UTF-8")
                 continue
@@ -123,7 +125,7 @@ def _json(path: str, bad: BadRows, max_row_bytes: int) -> Iterator[tuple[str, An
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is not JSON
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8") from None
@@ -148,15 +150,61 @@ def _json(path: str, bad: BadRows, max_row_bytes: int) -> Iterator[tuple[str, An
         yield f"{path}: record {i}", rec
 
 
+def _csv(path: str, bad: BadRows, max_row_bytes: int) -> Iterator[tuple[str, Any]]:
+    """CSV with the standard ``csv`` module: a header row, every field a string (a numeric column
+    stays text), quoted fields may span lines, and each record is named by its physical lines.
+
+    A record whose field count differs from the header's -- what an unterminated quote produces when
+    it swallows the following lines -- is a bad row at its lines, never a silent merge; a quote left
+    open at the end of the file is an error at the line it opened.
+    """
+    import csv  # noqa: PLC0415
+    csv.field_size_limit(max(max_row_bytes, 1 << 20))
+    try:
+        f = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise DataError(f"{path}: {e}") from None
+    with f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            if len(set(header)) != len(header) or not all(h.strip() for h in header):
+                raise DataError(f"{path}:1: the header needs distinct, non-empty column names, got "
+                                f"{header}")
+            start = reader.line_num + 1
+            while True:
+                try:
+                    fields = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise DataError(f"{path}:{start}: malformed CSV ({e}); a quote opened here is "
+                                    "not closed") from None
+                end = reader.line_num
+                where = f"{path}:{start}" if end == start else f"{path}:{start}-{end}"
+                start = end + 1
+                if not fields:
+                    continue  # a blank line
+                if len(fields) != len(header):
+                    bad(where, f"{len(fields)} fields, the header has {len(header)} (an unclosed quote "
+                        "merges lines; a field with a comma needs quotes)", "wrong number of fields")
+                    continue
+                yield where, dict(zip(header, fields))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{start}: not valid UTF-8 ({e.reason})") from None
+
+
 def _tabular(path: str, fmt: str) -> Iterator[tuple[str, Any]]:
     import datasets  # noqa: PLC0415 (slow import, only when needed)
     try:
         ds = datasets.load_dataset(fmt, data_files=path, split="train")
     except Exception as e:  # noqa: BLE001 -- pyarrow/datasets raise many types; name the file
         raise DataError(f"{path}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
-    # CSV: the header is line 1, so row i is on line i + 2 (unless a field spans lines).
     for i, rec in enumerate(ds):
-        yield (f"{path}:{i + 2}" if fmt == "csv" else f"{path}: row {i}"), rec
+        yield f"{path}: row {i}", rec
 
 
 def _read_file(path: str, file_format: str, bad: BadRows, max_row_bytes: int
@@ -172,7 +220,7 @@ def _read_file(path: str, file_format: str, bad: BadRows, max_row_bytes: int
         return
     reader = {"jsonl": lambda: _jsonl(path, bad, max_row_bytes),
               "json": lambda: _json(path, bad, max_row_bytes),
-              "csv": lambda: _tabular(path, "csv"), "parquet": lambda: _tabular(path, "parquet")}
+              "csv": lambda: _csv(path, bad, max_row_bytes), "parquet": lambda: _tabular(path, "parquet")}
     if fmt not in reader:
         raise DataError(f"{path}: unknown file_format {fmt!r}")
     n = 0
@@ -260,6 +308,10 @@ def read_source(name: str, spec: Any, on_bad_row: str, max_row_bytes: int
                 ) -> tuple[dict[str, list[Row]], SourceReport]:
     """Reads one source into ``{split or "": [row]}`` (see module docstring)."""
     report = SourceReport(name, bad=BadRows(on_bad_row))
+    try:
+        paths = mapped_paths(spec)
+    except ValueError as e:
+        raise DataError(f"data.sources.{name}.fields: {e}") from None
     out: dict[str, list[Row]] = {}
     for split, recs in _records(name, spec, report.bad, max_row_bytes, report).items():
         rows = out.setdefault(split, [])
@@ -270,12 +322,23 @@ def read_source(name: str, spec: Any, on_bad_row: str, max_row_bytes: int
                 report.bad(where, f"expected an object, got {type(rec).__name__}", "not an object")
                 continue
             try:
-                msgs = to_messages(rec, spec)
+                flat_recs = expand(rec, paths)
             except RowProblem as e:
                 report.bad(where, str(e), e.reason)
                 continue
-            rows.append({"messages": msgs, "source": name, "task": _task(spec, name, rec, path),
-                         "loc": where})
+            for suffix, flat in flat_recs:
+                try:
+                    msgs = to_messages(flat, spec)
+                except RowProblem as e:
+                    report.bad(where + suffix, str(e), e.reason)
+                    continue
+                rows.append({"messages": msgs, "source": name, "task": _task(spec, name, flat, path),
+                             "loc": where + suffix})
+    if not any(out.values()):  # in every mode: a source that gives nothing is a mistake, not data
+        skipped = (f"; skipped {report.bad.total} bad rows: {dict(report.bad.counts)}, e.g. "
+                   f"{report.bad.examples[0]}" if report.bad.total else "")
+        raise DataError(f"data.sources.{name}: no usable rows in {', '.join(report.files) or spec.path}"
+                        f"{skipped}")
     return out, report
 
 
@@ -320,9 +383,9 @@ def remove_cross_split_duplicates(splits: dict[str, list[Row]]) -> dict[str, lis
     return removed
 
 
-def mix(train_by_source: dict[str, list[Row]], weights: dict[str, float], total: int, seed: int
-        ) -> dict[str, list[Row]]:
-    """Re-samples each source's train rows to ``total * weight / sum(weights)`` rows.
+def mix(train_by_source: dict[str, list[Any]], weights: dict[str, float], total: int, seed: int
+        ) -> dict[str, list[Any]]:
+    """Re-samples each source's train rows (or examples) to ``total * weight / sum(weights)``.
 
     An up-weighted source repeats its rows (every row once per pass, a seeded order); a down-weighted
     one contributes a seeded subset. The mixture is fixed for the run (it is packed once).
@@ -335,7 +398,7 @@ def mix(train_by_source: dict[str, list[Row]], weights: dict[str, float], total:
             out[name] = []
             continue
         rng = random.Random(f"{seed}:{name}")
-        picked: list[Row] = []
+        picked: list[Any] = []
         while len(picked) < want:
             order = list(rows)
             rng.shuffle(order)
@@ -382,15 +445,15 @@ def build_splits(data_cfg: Any, seed: int = 0) -> tuple[dict[str, list[Row]], li
         for r in splits[s]:
             by_name[r["source"]].rows[s] += 1
 
-    weights = {name: float(spec.weight) for name, spec in sources.items()}
-    if any(w > 0 for w in weights.values()):
-        if any(w <= 0 for w in weights.values()):
-            raise DataError(f"data.sources: either every source has a weight > 0 or none does, got "
-                            f"{weights}")
-        train = {name: [r for r in splits["train"] if r["source"] == name] for name in sources}
-        total = data_cfg.mixture_rows or sum(len(v) for v in train.values())
-        mixed = mix(train, weights, total, seed)
-        splits["train"] = [r for name in sources for r in mixed[name]]
-        for name in sources:
-            by_name[name].mixture_rows = len(mixed[name])
-    return splits, reports
+    mixture_weights(data_cfg)  # checked here; applied after tokenisation (pipeline.tokenize), so
+    return splits, reports     # the weights hold for the examples that survive the length policy
+
+
+def mixture_weights(data_cfg: Any) -> dict[str, float] | None:
+    """``{source: weight}`` when the sources form a weighted mixture, else None."""
+    weights = {name: float(spec.weight) for name, spec in dict(data_cfg.sources).items()}
+    if not any(w > 0 for w in weights.values()):
+        return None
+    if any(w <= 0 for w in weights.values()):
+        raise DataError(f"data.sources: either every source has a weight > 0 or none does, got {weights}")
+    return weights

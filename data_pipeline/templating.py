@@ -32,7 +32,7 @@ from data_pipeline.tokenizer import CHATML_TEMPLATE
 ALPACA_TEMPLATE = (
     "{{ bos_token }}"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
-    "{% elif messages[1] is defined and messages[1]['input'] is defined and messages[1]['input'] %}"
+    "{% elif messages[0]['input'] is defined and messages[0]['input'] %}"
     "{{ 'Below is an instruction that describes a task, paired with an input that provides further '"
     "   'context. Write a response that appropriately completes the request.' }}"
     "{% else %}{{ 'Below is an instruction that describes a task. Write a response that '"
@@ -130,8 +130,12 @@ def _render(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[dict],
             ) -> str:
     if not messages:
         return ""
-    return tok.apply_chat_template(list(messages), chat_template=t.chat_template, tokenize=False,
-                                   add_generation_prompt=gen_prompt)
+    import jinja2  # noqa: PLC0415 (transformers renders with it)
+    try:
+        return tok.apply_chat_template(list(messages), chat_template=t.chat_template, tokenize=False,
+                                       add_generation_prompt=gen_prompt)
+    except jinja2.TemplateError as e:  # e.g. raise_exception('System role not supported'): this row
+        raise TemplateError(f"the chat template refuses this conversation: {e}") from None
 
 
 def _with_placeholders(messages: Sequence[Message]) -> tuple[list[dict], dict[str, str]]:
@@ -139,9 +143,12 @@ def _with_placeholders(messages: Sequence[Message]) -> tuple[list[dict], dict[st
     for i, m in enumerate(messages):
         pm = dict(m)
         for k, v in m.items():
-            if k != "role" and isinstance(v, str):
+            # Empty strings stay themselves: a template may test a field for emptiness (alpaca's
+            # optional input), and a placeholder would make every field look non-empty.
+            if k != "role" and isinstance(v, str) and v:
                 if "\ue000" in v or "\ue001" in v:
-                    raise DataError("message text contains the private-use characters U+E000/U+E001")
+                    raise TemplateError("message text contains the private-use characters "
+                                        "U+E000/U+E001 (reserved for the template placeholders)")
                 pm[k] = key = f"\ue000{i}:{k}\ue001"
                 values[key] = v
         out.append(pm)

@@ -76,3 +76,21 @@ def test_parallel_tokenisation_equals_serial(tok):
     assert len(serial) == len(parallel) == 600
     assert all(np.array_equal(a.ids, b.ids) and np.array_equal(a.loss_mask, b.loss_mask)
                for a, b in zip(serial, parallel))
+
+
+def test_a_row_the_template_refuses_is_a_bad_row(tok):
+    """A chat template that raises for some conversations (Gemma's refuses a system role): an error
+    naming the row, or with on_bad_row=skip a counted drop -- never the whole run stopped."""
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    good = row("reverse abc", "cba")
+    bad = {**row("sort abc", "abc"), "loc": "f.jsonl:7"}
+    bad["messages"] = [{"role": "system", "content": "sort"}] + bad["messages"]
+    with pytest.raises(pipeline.DataError, match="f.jsonl:7: .*System role not supported"):
+        pipeline.tokenize_split(cfg(max_length=16), tok, [good, bad])
+    exs, rep = pipeline.tokenize_split(cfg(max_length=16, on_bad_row="skip"), tok, [good, bad])
+    assert len(exs) == 1 and rep.dropped == {"template error": 1}
+    with pytest.raises(pipeline.DataError, match="every one of the 1 rows of the train split"):
+        pipeline.tokenize(cfg(max_length=16, on_bad_row="skip"), tok, {"train": [bad]})

@@ -74,3 +74,13 @@ def test_inspect_demo_and_bad_input_cli(tmp_path):
     assert_clean_error(r, f"{bad}:2: missing field 'answer'")
     r = run("data_pipeline.inspect", "--config", "configs/tiny.py", "--config.data.sources.synthetic.nope=1")
     assert_clean_error(r, "nope")
+
+
+def test_inspect_exits_non_zero_when_a_needed_split_is_empty():
+    # All rows to train: validation (which training needs) and test (eval.split) are empty.
+    r = run("data_pipeline.inspect", "--config", "configs/tiny.py", "--preview", "0",
+            "--config.data.split_fractions.train=1.0", "--config.data.split_fractions.validation=0.0",
+            "--config.data.split_fractions.test=0.0")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Empty split(s) the run needs: validation, test" in r.stdout
+    assert "error: split(s) validation, test have no usable rows" in r.stderr and "Traceback" not in r.stderr

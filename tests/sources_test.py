@@ -154,7 +154,8 @@ def test_empty_file_and_missing_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(DataError, match=f"{empty}: file is empty"):
         read(source(path=str(empty)))
-    assert read(source(path=str(empty)), on_bad_row="skip")[1].bad.counts == {"empty file": 1}
+    with pytest.raises(DataError, match=r"no usable rows .*'empty file': 1"):  # skip mode too
+        read(source(path=str(empty)), on_bad_row="skip")
     with pytest.raises(DataError, match="no file matches"):
         read(source(path=str(tmp_path / "nope*.jsonl")))
 
@@ -162,7 +163,7 @@ def test_empty_file_and_missing_file(tmp_path):
 def test_bad_csv_names_the_file(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_bytes(b"prompt,completion\na,b\nc,d,e,f\n")
-    with pytest.raises(DataError, match=f"{p}: cannot read as csv"):
+    with pytest.raises(DataError, match=f"{p}:3: 4 fields, the header has 2"):
         read(source(path=str(p)))
 
 
@@ -202,18 +203,126 @@ def test_cross_split_duplicates_are_removed_from_eval_splits_and_counted(tmp_pat
     assert reps[0].duplicates_removed["test"] == 2
 
 
+def _tok():
+    from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: PLC0415
+    convs = [[{"role": "user", "content": f"question {i} " + "word " * 30},
+              {"role": "assistant", "content": f"answer {i}"}] for i in range(50)]
+    return train_demo_tokenizer(convs, vocab_size=300, min_frequency=2)
+
+
 def test_mixture_weights_and_source_names(tmp_path):
+    from data_pipeline import pipeline  # noqa: PLC0415
     a = write_jsonl(tmp_path / "a.jsonl", rows_pc(400))
     b = write_jsonl(tmp_path / "b.jsonl", rows_pc(40, 1000))
-    splits, reps = build_splits(data_cfg(a=source(path=a, weight=1.0), b=source(path=b, weight=1.0)))
-    train = splits["train"]
-    n_a = sum(r["source"] == "a" for r in train)
-    n_b = sum(r["source"] == "b" for r in train)
+    cfg = data_cfg(a=source(path=a, weight=1.0), b=source(path=b, weight=1.0))
+    cfg.max_length = 64
+    splits, reps = build_splits(cfg)
+    train = pipeline.tokenize(cfg, _tok(), splits, reps).examples["train"]
+    n_a = sum(ex.meta["source"] == "a" for ex in train)
+    n_b = sum(ex.meta["source"] == "b" for ex in train)
     assert abs(n_a - n_b) <= 1 and n_a + n_b == sum(rep.rows["train"] for rep in reps)
-    assert len({r["messages"][0]["content"] for r in train if r["source"] == "b"}) == reps[1].rows["train"]
+    assert (reps[0].mixture_rows, reps[1].mixture_rows) == (n_a, n_b)
     assert {r["source"] for r in splits["test"]} == {"a", "b"}
     with pytest.raises(DataError, match="weight"):
         build_splits(data_cfg(a=source(path=a, weight=1.0), b=source(path=b)))
+
+
+def test_mixture_weights_hold_after_length_filtering(tmp_path):
+    """Source b's rows are half too long for max_length: with weights 1:1 the mixture still has as
+    many b examples as a examples (weights applied to rows before the length drop gave b ~half)."""
+    from data_pipeline import pipeline  # noqa: PLC0415
+    a = write_jsonl(tmp_path / "a.jsonl", rows_pc(300))
+    long_b = [{"prompt": f"question {i} " + ("word " * 40 if i % 2 else ""), "completion": f"answer {i}"}
+              for i in range(1000, 1300)]
+    b = write_jsonl(tmp_path / "b.jsonl", long_b)
+    cfg = data_cfg(a=source(path=a, weight=1.0), b=source(path=b, weight=1.0))
+    cfg.max_length, cfg.length_policy, cfg.mixture_rows = 24, "drop", 400
+    splits, reps = build_splits(cfg)
+    data = pipeline.tokenize(cfg, _tok(), splits, reps)
+    assert data.reports["train"].dropped["longer than data.max_length=24"] > 80  # b lost ~half its rows
+    n = {s: sum(ex.meta["source"] == s for ex in data.examples["train"]) for s in "ab"}
+    assert n == {"a": 200, "b": 200}
+
+
+# ---- bad input that used to slip through (issue: real files) ------------------------------------
+
+def test_bom_is_accepted_in_jsonl_json_and_csv(tmp_path):
+    bom = "\ufeff"
+    (tmp_path / "a.jsonl").write_text(bom + "\n".join(json.dumps(r) for r in rows_pc(3)) + "\n", encoding="utf-8")
+    (tmp_path / "a.json").write_text(bom + json.dumps(rows_pc(3)), encoding="utf-8")
+    (tmp_path / "a.csv").write_text(bom + "prompt,completion\nquestion 0,answer 0\nquestion 1,answer 1\n"
+                                    "question 2,answer 2\n", encoding="utf-8")
+    for name in ("a.jsonl", "a.json", "a.csv"):
+        out, rep = read(source(path=str(tmp_path / name)))
+        assert len(out[""]) == 3 and rep.bad.total == 0, name
+        assert out[""][0]["messages"][0]["content"] == "question 0", name
+
+
+def test_csv_every_field_is_text_and_a_merge_is_an_error_at_its_lines(tmp_path):
+    p = tmp_path / "nums.csv"
+    p.write_text('prompt,completion\n"What is 2 + 2?",4\n"multi\nline prompt",5\nlast,6\n')
+    out, _ = read(source(path=str(p)))
+    assert [r["messages"][1]["content"] for r in out[""]] == ["4", "5", "6"]  # a numeric column is text
+    assert [r["loc"].rsplit(":", 1)[1] for r in out[""]] == ["2", "3-4", "5"]  # physical lines
+    merged = tmp_path / "merged.csv"  # an unclosed quote on line 2 swallows line 3 up to a later quote
+    merged.write_text('prompt,completion\n"unclosed,1\nnext,2"\nok,3\n')
+    with pytest.raises(DataError, match=r"merged.csv:2-3: 1 fields, the header has 2"):
+        read(source(path=str(merged)))
+    out, rep = read(source(path=str(merged)), on_bad_row="skip")
+    assert [r["messages"][0]["content"] for r in out[""]] == ["ok"] and rep.bad.total == 1
+    eof = tmp_path / "eof.csv"
+    eof.write_text('prompt,completion\nok,1\n"never closed,2\nmore,3\n')
+    with pytest.raises(DataError, match=r"eof.csv:3: malformed CSV"):
+        read(source(path=str(eof)))
+
+
+@pytest.mark.parametrize("text,what", [("\ud800", "lone surrogate"), ("a\ue000b", "private-use"),
+                                       ("\ue001", "private-use")])
+def test_unusable_characters_are_bad_rows(tmp_path, text, what):
+    p = tmp_path / "x.jsonl"
+    with open(p, "w") as f:
+        f.write(json.dumps({"prompt": "fine", "completion": "ok"}) + "\n")
+        f.write(json.dumps({"prompt": f"bad {text}", "completion": "ok"}) + "\n")
+    with pytest.raises(DataError, match=rf"x.jsonl:2: .*{what}"):
+        read(source(path=str(p)))
+    out, rep = read(source(path=str(p)), on_bad_row="skip")
+    assert len(out[""]) == 1 and rep.bad.total == 1
+
+
+def test_a_source_with_no_usable_row_is_an_error_in_every_mode(tmp_path):
+    p = tmp_path / "allbad.jsonl"
+    write_jsonl(p, [{"question": "x", "answer": "y"}] * 3)  # wrong field names on every row
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError, match=r"no usable rows|missing field"):
+            read(source(path=str(p)), on_bad_row=mode)
+    with pytest.raises(DataError, match=r"data.sources.s: no usable rows .*skipped 3 bad rows"):
+        read(source(path=str(p)), on_bad_row="skip")
+
+
+def test_nested_records_with_dotted_paths_and_one_list_expansion(tmp_path):
+    """The self-instruct human-eval form: one instruction, several instances -> one row each."""
+    recs = [{"id": "t1", "meta": {"task": "greet"}, "instruction": "Say hello to the name.",
+             "instances": [{"input": "Ann", "output": "Hello, Ann!"}, {"input": "Bo", "output": "Hello, Bo!"}]},
+            {"id": "t2", "meta": {"task": "shout"}, "instruction": "Upper-case it.",
+             "instances": [{"input": "hey", "output": "HEY"}]}]
+    p = write_jsonl(tmp_path / "nested.jsonl", recs)
+    spec = source(path=p, format="alpaca", task_from="meta.task",
+                  fields={"instruction": "instruction", "input": "instances[*].input",
+                          "output": "instances[*].output"})
+    out, _ = read(spec)
+    rows = out[""]
+    assert [(r["messages"][0]["input"], r["messages"][1]["content"], r["task"]) for r in rows] == [
+        ("Ann", "Hello, Ann!", "greet"), ("Bo", "Hello, Bo!", "greet"), ("hey", "HEY", "shout")]
+    assert rows[1]["loc"].endswith("nested.jsonl:1 [instances[1]]")
+    pc = source(path=p, fields={"prompt": "instances[0].input", "completion": "meta.task"})
+    out, _ = read(pc)
+    assert [texts_ for texts_ in texts(out[""])] == [("Ann", "greet"), ("hey", "shout")]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "instances": "not a list"}] + recs)
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'instances' is not a non-empty list"):
+        read(source(path=bad, format="alpaca", fields={"input": "instances[*].input",
+                                                       "output": "instances[*].output"}))
+    with pytest.raises(DataError, match="one list expansion"):
+        read(source(path=p, format="alpaca", fields={"input": "instances[*].input", "output": "other[*].x"}))
 
 
 def test_shared_data_gsm8k_reads_cleanly():

@@ -194,3 +194,34 @@ def test_template_needing_missing_tokens_and_non_prefix_templates_fail_clearly(d
     shuffling = word_tokenizer("{% for m in messages | reverse %}{{ m['content'] }} {% endfor %}")
     with pytest.raises(templating.TemplateError, match="growing prefixes"):
         templating.encode_messages(shuffling, CONVERSATION[:2] + CONVERSATION[:2])
+
+
+def test_alpaca_headers_with_and_without_input(rich_tok):
+    """The alpaca template's header depends on the row's own input (it used to test the assistant
+    message's, and an empty input failed the template-fidelity check)."""
+    from ml_collections import ConfigDict  # noqa: PLC0415
+    from data_pipeline.formats import to_messages  # noqa: PLC0415
+    from data_pipeline.sources import source  # noqa: PLC0415
+    tok = rich_tok
+    t = templating.Template.create(tok, "alpaca")
+    spec = source(format="alpaca")
+    no_input = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.")
+    for rec, header, middle in (
+            ({"instruction": "Sort ABC", "input": "", "output": "ABC"}, no_input, ""),
+            ({"instruction": "Sort", "input": "CBA", "output": "ABC"}, with_input, "\n\n### Input:\nCBA")):
+        msgs = to_messages(rec, ConfigDict(spec))
+        ids, mask = templating.encode_messages(tok, msgs, template=t)
+        text = tok.decode(ids, skip_special_tokens=False)
+        instruction = rec["instruction"]
+        assert text == (f"{tok.bos_token}{header}\n\n### Instruction:\n{instruction}{middle}"
+                        f"\n\n### Response:\nABC</s>")
+        assert tok.decode(ids[mask == 1]) == "ABC</s>"
+
+
+def test_private_use_placeholder_characters_are_a_template_error(rich_tok):
+    t = templating.Template.create(rich_tok, "chatml")
+    with pytest.raises(templating.TemplateError, match="U\\+E000"):
+        templating.encode_messages(rich_tok, [{"role": "user", "content": "a\ue000"},
+                                              {"role": "assistant", "content": "b"}], template=t)

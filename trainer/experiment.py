@@ -136,7 +136,7 @@ def read_rows(config: ml_collections.ConfigDict):
 def tokenize(config: ml_collections.ConfigDict, tok, rows: dict[str, list[dict[str, Any]]],
              source_reports=None) -> pipeline.Data:
     try:
-        return pipeline.tokenize(config.data, tok, rows, source_reports)
+        return pipeline.tokenize(config.data, tok, rows, source_reports, config.seed)
     except DataError as e:
         raise UserError(str(e)) from e
 
