@@ -43,7 +43,7 @@ def get_config() -> ConfigDict:
     c.data.max_row_bytes = 1_000_000  # a longer line is a bad row
     c.data.cache = True  # cache tokenised splits (keyed by data, tokenizer, template, lengths)
     c.data.cache_dir = ""  # "": ~/.cache/flax_ift/tokenized
-    c.data.num_proc = 1  # tokenisation processes
+    c.data.num_proc = 0  # tokenisation processes (0: one per 50k rows, up to the CPU count)
     c.data.loader = ConfigDict(dict(read_threads=2, prefetch=8, worker_count=0))
 
     # ---- tokenizer --------------------------------------------------------------------------
@@ -52,6 +52,7 @@ def get_config() -> ConfigDict:
     c.tokenizer.path = ""
     c.tokenizer.vocab_size = 512
     c.tokenizer.min_frequency = 64
+    c.tokenizer.train_sample_rows = 20000  # train_bpe learns from a seeded sample of this many rows
 
     # ---- model (Llama architecture; vocab_size comes from the tokenizer) ---------------------
     c.model = ConfigDict()

@@ -196,9 +196,11 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
         table = datasets.Dataset.from_dict({
             "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in rows],
             "loc": [r["loc"] for r in rows]})
-        datasets.disable_progress_bars()
-        encoded = table.map(_encode_batch, batched=True, batch_size=256,
-                            num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
+        num_proc = data_cfg.num_proc or min(os.cpu_count() or 1, 1 + len(rows) // 50_000)
+        # A progress bar (rows/s) for the splits that take more than a few seconds.
+        (datasets.enable_progress_bars if len(rows) >= 20_000 else datasets.disable_progress_bars)()
+        encoded = table.map(_encode_batch, batched=True, batch_size=256, desc="templating + tokenising",
+                            num_proc=num_proc if num_proc > 1 else None,
                             remove_columns=["messages", "loc"], new_fingerprint=key,
                             fn_kwargs=dict(tok=tok, t=t, max_length=data_cfg.max_length,
                                            policy=data_cfg.length_policy,

@@ -281,8 +281,8 @@ def _records(name: str, spec: Any, bad: BadRows, max_row_bytes: int, report: Sou
             out[split] = []
             for path in _expand(pattern, f"data.sources.{name}"):
                 report.files.append(path)
-                out[split] += [(w, r, path) for w, r in _read_file(path, spec.file_format, bad,
-                                                                   max_row_bytes)]
+                out[split] += [(w, r, path) for w, r in _progress(
+                    _read_file(path, spec.file_format, bad, max_row_bytes), f"reading {os.path.basename(path)}")]
     elif spec.type in ("disk", "hub"):
         for split, ds in _hf_splits(name, spec).items():
             key = SPLIT_ALIASES.get(split, split) if split else ""
@@ -294,6 +294,27 @@ def _records(name: str, spec: Any, bad: BadRows, max_row_bytes: int, report: Sou
     else:
         raise DataError(f"data.sources.{name}.type must be one of {SOURCE_TYPES}, got {spec.type!r}")
     return out
+
+
+def _progress(items, desc: str):
+    """A rows/s progress bar that appears only if the stage is still running after 3 seconds."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    return tqdm(items, desc=desc, unit="row", delay=3, leave=False, dynamic_ncols=True)
+
+
+class _Attrs(dict):
+    """A plain dict read as attributes: the per-row view of a source's ConfigDict."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _plain(spec: Any) -> _Attrs:
+    d = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+    return _Attrs({k: _Attrs(v) if isinstance(v, dict) else v for k, v in d.items()})
 
 
 def _task(spec: Any, name: str, rec: dict[str, Any], path: str) -> str:
@@ -308,6 +329,7 @@ def read_source(name: str, spec: Any, on_bad_row: str, max_row_bytes: int
                 ) -> tuple[dict[str, list[Row]], SourceReport]:
     """Reads one source into ``{split or "": [row]}`` (see module docstring)."""
     report = SourceReport(name, bad=BadRows(on_bad_row))
+    spec = _plain(spec)  # ConfigDict attribute access costs ~2 us; rows read it ~10 times each
     try:
         paths = mapped_paths(spec)
     except ValueError as e:
@@ -315,7 +337,7 @@ def read_source(name: str, spec: Any, on_bad_row: str, max_row_bytes: int
     out: dict[str, list[Row]] = {}
     for split, recs in _records(name, spec, report.bad, max_row_bytes, report).items():
         rows = out.setdefault(split, [])
-        for where, rec, path in recs:
+        for where, rec, path in _progress(recs, f"mapping {name}"):
             if spec.max_rows and len(rows) >= spec.max_rows:
                 break
             if not isinstance(rec, dict):

@@ -75,6 +75,11 @@ class Template:
     special_ids: dict[str, int]
     bos_id: int | None  # the BOS to prepend if the tokenizer would add one (None: it would not)
     eos_token: str
+    # The built-in templates only concatenate markup and message text, so text is always inserted
+    # verbatim and needs no per-row check; a tokenizer's own template is checked on every row.
+    verbatim: bool = False
+    # Conversation shape -> its rendered skeleton (see ``plan``); filled as rows are planned.
+    skeletons: dict = dataclasses.field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -111,7 +116,8 @@ class Template:
             end_of_turn=end_of_turn or _END_OF_TURN.get(name, "") or tok.eos_token,
             loss_on=loss_on, allow_special_tokens_in_text=allow_special_tokens_in_text,
             special_re=re.compile(f"({pattern})") if pattern else None, special_ids=special,
-            bos_id=tok.bos_token_id if _adds_bos(tok) else None, eos_token=tok.eos_token)
+            bos_id=tok.bos_token_id if _adds_bos(tok) else None, eos_token=tok.eos_token,
+            verbatim=name in BUILTIN_TEMPLATES)
 
 
 def _special_tokens(tok: PreTrainedTokenizerBase) -> list[str]:
@@ -158,14 +164,19 @@ def _with_placeholders(messages: Sequence[Message]) -> tuple[list[dict], dict[st
 Chunk = tuple[str | int, bool]  # (text to tokenise | a control token id, supervised)
 
 
-def plan(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[Message]) -> list[Chunk]:
-    """The conversation as chunks to tokenise separately (see module docstring).
+def _shape(messages: Sequence[Message]) -> tuple:
+    """What the placeholder rendering of a conversation depends on: roles, and which fields each
+    message has and whether they are empty -- never the text itself."""
+    return tuple((m["role"], tuple((k, bool(v)) for k, v in sorted(m.items()) if k != "role"))
+                 for m in messages)
 
-    If the last message is not from the assistant, the plan ends with the generation prompt (an eval
-    prompt). Whatever the template writes after the last end-of-turn is dropped: the model stops there.
-    """
-    ph, values = _with_placeholders(messages)
-    fill = lambda text: _PLACEHOLDER.sub(lambda m: values[m.group(0)], text)  # noqa: E731
+
+def _skeleton(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[Message]
+              ) -> tuple[list[tuple[str | int, bool]], bool, str]:
+    """The conversation's chunks with placeholders for the message texts, whether it ends with the
+    generation prompt, and the rendered (placeholder) text the chunks cover. Rendering depends only
+    on ``_shape``, so this runs once per shape."""
+    ph, _ = _with_placeholders(messages)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     ends_with_prompt = not assistant or assistant[-1] != len(messages) - 1
     pieces: list[tuple[str, bool]] = []
@@ -195,35 +206,69 @@ def plan(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[Message])
             raise TemplateError("the chat template does not render the prompt as a prefix extension")
         pieces.append((prompt[len(done):], False))
         done = prompt
-
-    # The template must insert message text verbatim (no trimming or escaping), or the placeholders
-    # would not stand for what the tokenizer sees.
-    if not _render(tok, t, messages, gen_prompt=ends_with_prompt).startswith(fill(done)):
-        raise TemplateError("the chat template changes message text (e.g. trims it); keep the "
-                            "source's strip=True so the text needs no change")
-
-    chunks: list[Chunk] = []
+    chunks: list[tuple[str | int, bool]] = []
     for text, sup in pieces:
         if t.allow_special_tokens_in_text:  # opt-in: control tokens recognised in data too
-            chunks.append((fill(text), sup))
+            chunks.append((text, sup))
             continue
-        # special_re has one capturing group, so split() alternates text and control tokens.
+        # special_re has one capturing group, so split() alternates text and control tokens. The
+        # markup is split here, before the data is filled in: data can never become a control token.
         parts = t.special_re.split(text) if t.special_re else [text]
         for j, part in enumerate(parts):
             if j % 2:
                 chunks.append((t.special_ids[part], sup))
             elif part:
-                chunks.append((fill(part), sup))
+                chunks.append((part, sup))
+    return chunks, ends_with_prompt, done
+
+
+def plan(tok: PreTrainedTokenizerBase, t: Template, messages: Sequence[Message]) -> list[Chunk]:
+    """The conversation as chunks to tokenise separately (see module docstring).
+
+    If the last message is not from the assistant, the plan ends with the generation prompt (an eval
+    prompt). Whatever the template writes after the last end-of-turn is dropped: the model stops there.
+
+    The placeholder rendering (2 renders per assistant turn) is done once per conversation *shape*
+    and cached on ``t``; each conversation is then rendered once, with its real text, to check that
+    a tokenizer's own template inserts the text verbatim (the built-in ones do by construction).
+    """
+    shape = _shape(messages)
+    if shape not in t.skeletons:
+        t.skeletons[shape] = _skeleton(tok, t, messages)
+    skeleton, ends_with_prompt, done = t.skeletons[shape]
+    _, values = _with_placeholders(messages)
+    fill = lambda text: _PLACEHOLDER.sub(lambda m: values[m.group(0)], text)  # noqa: E731
+    chunks: list[Chunk] = [(fill(c) if isinstance(c, str) else c, sup) for c, sup in skeleton]
+    # The template must insert message text verbatim (no trimming or escaping), or the placeholders
+    # would not stand for what the tokenizer sees: the one real render of this conversation (not
+    # needed for the built-in templates, which are plain concatenations).
+    if not t.verbatim and not _render(tok, t, messages, gen_prompt=ends_with_prompt).startswith(fill(done)):
+        raise TemplateError("the chat template changes message text (e.g. trims it); keep the "
+                            "source's strip=True so the text needs no change")
     return chunks
+
+
+def _encode_texts(tok: PreTrainedTokenizerBase, texts: list[str], split_special: bool) -> list[list[int]]:
+    """``tok(texts, add_special_tokens=False, split_special_tokens=split_special)["input_ids"]``,
+    straight from the Rust backend: transformers' per-encoding conversion to Python dicts cost as
+    much as the tokenisation itself (the same ids; the tests' literal tables check them)."""
+    if not texts:
+        return []
+    backend = tok.backend_tokenizer
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = split_special
+    try:
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = before
 
 
 def tokenize_plans(tok: PreTrainedTokenizerBase, t: Template, plans: Sequence[list[Chunk]]
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Tokenises many plans with one batched call of the fast tokenizer."""
     texts = [c for p in plans for c, _ in p if isinstance(c, str)]
-    encoded = iter(tok(texts, add_special_tokens=False,
-                       split_special_tokens=not t.allow_special_tokens_in_text)["input_ids"]
-                   if texts else [])
+    encoded = iter(_encode_texts(tok, texts, split_special=not t.allow_special_tokens_in_text))
     out = []
     for p in plans:
         ids: list[int] = []

@@ -107,7 +107,7 @@ def test_every_config_problem_is_reported_before_any_data_work(tmp_path):
 def test_an_empty_split_is_an_error(tmp_path):
     r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
             "--config.data.max_length=8")  # every tiny row is longer: all dropped
-    assert_clean_error(r, "the train split is empty", "longer than data.max_length=8")
+    assert_clean_error(r, "rows of the train split was dropped", "longer than data.max_length=8")
 
 
 def test_export_chats_in_transformers_with_three_lines(workdir, tmp_path):

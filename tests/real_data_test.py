@@ -55,9 +55,9 @@ def test_inspect_on_real_data(tmp_path, name):
         assert section in r.stdout
     result = json.load(open(out))
     assert result["packing"]["packed_efficiency"] >= 0.97
-    if name == "t0_mix":  # the trec file's empty completions are skipped and counted
-        trec = next(s for s in result["sources"] if s["name"].startswith("trec"))
-        assert trec["bad_rows"] == {"empty completion": 200}
+    if name == "t0_mix":  # the trec file (every completion empty) is left out by the config
+        assert not any(s["name"].startswith("trec") for s in result["sources"])
+        assert len(result["sources"]) >= 5
 
 
 def test_inspect_demo_and_bad_input_cli(tmp_path):
@@ -84,3 +84,14 @@ def test_inspect_exits_non_zero_when_a_needed_split_is_empty():
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Empty split(s) the run needs: validation, test" in r.stdout
     assert "error: split(s) validation, test have no usable rows" in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_shared
+def test_a_real_task_file_with_no_usable_row_is_an_error_even_when_skipping():
+    from configs import t0_mix  # noqa: PLC0415
+    from data_pipeline import sources  # noqa: PLC0415
+    from data_pipeline.errors import DataError  # noqa: PLC0415
+    path = os.path.join(t0_mix.T0, "trec_what_category_best_describe.jsonl")
+    spec = sources.source(path=path, strip_suffix="<|endoftext|>")
+    with pytest.raises(DataError, match=r"data.sources.trec: no usable rows .*'empty completion': 200"):
+        sources.read_source("trec", spec, "skip", 1_000_000)
