@@ -214,20 +214,33 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
             else:
                 os.replace(tmp, path)
     examples = []
-    cols = encoded.to_dict()
-    for r, ids, mask, status in zip(rows, cols["ids"], cols["loss_mask"], cols["status"]):
+    # Every split's tokens as two flat int32 arrays (ids, mask) read straight from the Arrow table
+    # with the row offsets; each example is a view into them. No per-token Python objects, so the
+    # memory is ~8 bytes per token however many rows there are.
+    ids_all, offsets = _flat(encoded.data.table.column("ids"))
+    mask_all, _ = _flat(encoded.data.table.column("loss_mask"))
+    statuses = encoded.data.table.column("status").to_pylist()
+    for i, (r, status) in enumerate(zip(rows, statuses)):
         if status.startswith("dropped: "):
             report.dropped[status[len("dropped: "):]] += 1
             continue
         if status:
             report.truncated[status[len("truncated: "):]] += 1
-        ex = Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32),
-                     {"source": r["source"], "task": r["task"]})
+        a, b = offsets[i], offsets[i + 1]
+        ex = Example(ids_all[a:b], mask_all[a:b], {"source": r["source"], "task": r["task"]})
         report.kept += 1
         report.supervised_tokens += int(ex.loss_mask[1:].sum())
-        report.lengths.append(len(ids) - 1)
+        report.lengths.append(b - a - 1)
         examples.append(ex)
     return examples, report
+
+
+def _flat(column) -> tuple[np.ndarray, np.ndarray]:
+    """A pyarrow list<int> column -> (all values as one int32 array, row offsets [rows + 1])."""
+    arr = column.combine_chunks()
+    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+    offsets = (arr.offsets.to_numpy() - arr.offsets[0].as_py()).astype(np.int64)
+    return values, offsets
 
 
 def tokenize(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: dict[str, list[dict[str, Any]]],
