@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from typing import Any
 
@@ -196,7 +197,7 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
         table = datasets.Dataset.from_dict({
             "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in rows],
             "loc": [r["loc"] for r in rows]})
-        num_proc = data_cfg.num_proc or min(os.cpu_count() or 1, 1 + len(rows) // 50_000)
+        num_proc = data_cfg.num_proc or _auto_num_proc(len(rows))
         # A progress bar (rows/s) for the splits that take more than a few seconds.
         (datasets.enable_progress_bars if len(rows) >= 20_000 else datasets.disable_progress_bars)()
         encoded = table.map(_encode_batch, batched=True, batch_size=256, desc="templating + tokenising",
@@ -233,6 +234,17 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
         report.lengths.append(b - a - 1)
         examples.append(ex)
     return examples, report
+
+
+def _auto_num_proc(rows: int) -> int:
+    """One process per 50k rows, up to the CPU count; 1 once a JAX backend runs in this process
+    (``datasets`` forks its workers, and forking a process whose JAX runtime has started threads
+    can deadlock), so inside ``trainer.train`` tokenisation stays in-process unless
+    ``data.num_proc`` says otherwise."""
+    bridge = sys.modules.get("jax._src.xla_bridge")  # (grain imports jax; a backend means threads)
+    if bridge is not None and getattr(bridge, "_backends", True):  # unknown layout: do not fork
+        return 1
+    return min(os.cpu_count() or 1, 1 + rows // 50_000)
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:
