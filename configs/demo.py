@@ -103,6 +103,11 @@ def get_config() -> ConfigDict:
     c.train.checkpoint_every = 300
     c.train.keep_checkpoints = 2  # the last N, plus the best by checkpoint.best_metric
     c.train.progress_bar = True
+    # A step with a non-finite loss or gradient norm is skipped (params unchanged); this many in a
+    # row stop the run (divergence).
+    c.train.max_bad_steps = 20
+    # Resuming with another num_steps bends the LR schedule of a run in progress: refused unless True.
+    c.train.allow_num_steps_change = False
 
     # ---- parallelism: a mesh with named axes (sizes multiply to the device count) ------------
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -188,3 +188,26 @@ def test_accumulation_keeps_each_devices_rows(monkeypatch):
     monkeypatch.setattr(step_lib, "micro_batches", lambda batch, k, spec=None: jax.tree.map(
         lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch))
     assert _compiled_accum_step(2).count("all-gather") > 0
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    """NaN in a batch: params and optimizer moments are left exactly as they were, ``skipped`` is 1;
+    the next finite batch trains normally."""
+    config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
+    mesh, spec, tx, schedule, state_sh, batch_sh = helpers.setup(config, VOCAB, jax.devices()[:1])
+    step = jax.jit(make_train_step(spec.graphdef, tx, schedule), out_shardings=(state_sh, None))
+    state = experiment.init_train_state(spec, tx, 0, state_sh)
+    good = helpers.random_batch(8, SEQ, VOCAB)
+    state, m = step(state, helpers.to_global(good, batch_sh))
+    assert float(m["skipped"]) == 0.0
+    before = jax.device_get((state.params, state.opt_state))
+    bad = dict(good)
+    bad["weights"] = good["weights"].copy()
+    bad["weights"][3, -1] = np.nan  # e.g. a corrupt batch
+    state, m = step(state, helpers.to_global(bad, batch_sh))
+    assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
+    assert helpers.tree_equal(before, jax.device_get((state.params, state.opt_state)))
+    assert int(state.step) == 2  # the step (and with it the data position) still advances
+    state, m = step(state, helpers.to_global(good, batch_sh))
+    assert float(m["skipped"]) == 0.0
+    assert not helpers.tree_equal(before[0], jax.device_get(state.params))

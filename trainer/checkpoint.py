@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from trainer import metrics as metrics_lib
 from trainer.cli import UserError
 
 VAL_METRIC = "val/loss"  # the default checkpoint.best_metric
@@ -121,6 +125,69 @@ class Checkpointer:
         step_arr = jax.device_put(np.int32(step), abstract_state.step.sharding)
         return abstract_state.replace(step=step_arr, params=out["params"],
                                       opt_state=out["opt_state"]), out["data"]
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """The newest checkpoint that restores: ``(step, state, data_state)``; None without any.
+
+        A committed step that fails to restore (a truncated array file, an emptied ``_METADATA``,
+        missing optimizer data, ...) is reported in one line, set aside as ``<step>.corrupt-<time>``
+        (so every later run skips it too, and the files stay for a post-mortem) and the previous
+        step is tried. Which steps count as committed stays Orbax's decision.
+        """
+        failures = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, data = self.restore(step, abstract_state)
+                return step, state, data
+            except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore/JSON raise many types
+                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"
+                failures.append(f"step {step}: {reason}")
+                aside = self.set_aside(step)
+                metrics_lib.log(f"warning: the checkpoint of step {step} cannot be restored ({reason}); "
+                                f"moved to {aside}; trying the previous one")
+        if failures:
+            raise UserError(f"no checkpoint in {self.directory} can be restored ({'; '.join(failures)}); "
+                            "the bad ones were set aside: delete them or use a new --workdir")
+        return None
+
+    @property
+    def directory(self) -> str:
+        return os.path.join(os.path.abspath(self.workdir), "checkpoints")
+
+    def set_aside(self, step: int) -> str:
+        """Renames ``<step>`` to ``<step>.corrupt-<time>`` (process 0) and forgets it."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0 and os.path.exists(src):
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.mgr.reload()
+        return dst
+
+    def check_async_error(self, pending_step: int | None) -> None:
+        """Raises a one-line UserError if an asynchronous save has failed (called at step
+        boundaries): which step, where, the OS error and the free space there."""
+        try:
+            self.mgr.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self.save_error(pending_step, e) from None
+
+    def save_error(self, step: int | None, e: BaseException) -> UserError:
+        free = "unknown"
+        try:
+            free = f"{shutil.disk_usage(self.directory).free / 1e9:.2f} GB"
+        except OSError:
+            pass
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the OS error under it
+            if isinstance(cause, OSError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        msg = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        return UserError(f"saving the checkpoint of step {step} to {self.directory} failed: "
+                         f"{type(cause).__name__}: {msg} (free space there: {free}). Training stopped: "
+                         "without checkpoints a preemption would lose every step since the last one.")
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Restores only the parameters (for eval/export): optimizer moments are never read."""

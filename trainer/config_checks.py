@@ -117,6 +117,7 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     need(not check_paths or not tk.path or os.path.exists(tk.path),
          f"tokenizer.path: {tk.path!r} does not exist")
     # ---- evaluation -------------------------------------------------------------------------------
+    need(t.get("max_bad_steps", 20) >= 1, f"train.max_bad_steps must be at least 1, got {t.get('max_bad_steps')}")
     need(e.batch_size >= 1, f"eval.batch_size must be at least 1, got {e.batch_size}")
     need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be at least 1, got {e.max_new_tokens}")
     need(e.few_shot_k >= 0, f"eval.few_shot_k must be >= 0, got {e.few_shot_k}")

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import config_checks, hf_io, metrics as metrics_lib, sharding as sharding_lib
+from trainer import config_checks, rundir, hf_io, metrics as metrics_lib, sharding as sharding_lib
 from trainer.cli import UserError
 from trainer.model import ModelConfig, Transformer, resolve_attention
 from trainer.step import TrainState, make_train_step
@@ -69,9 +69,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"the config has {len(problems)} problems:\n  " + "\n  ".join(problems))
 
 
-def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``workdir/config.json`` on the first run; on later runs refuses a different identity."""
+def has_checkpoints(workdir: str) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
+def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+    """Writes ``workdir/config.json`` on the first run; on later runs refuses a different identity,
+    and, when there is a checkpoint to resume, different batch/accumulation/optimizer settings
+    (``rundir.RESUME_KEYS``) or a different ``train.num_steps`` unless
+    ``train.allow_num_steps_change``. Returns the previous ``num_steps`` when it was changed."""
     path = os.path.join(workdir, CONFIG_FILE)
+    old_steps = None
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
@@ -84,10 +93,26 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> Non
             raise UserError(
                 f"workdir {workdir!r} was created with a different config ({shown}). "
                 "Use a new --workdir, or pass the config the workdir was made with.")
+        if has_checkpoints(workdir):
+            if diffs := rundir.resume_differences(saved, live):
+                raise UserError(
+                    f"resuming {workdir!r} with other settings than the run that wrote its checkpoints: "
+                    + "; ".join(diffs) + ". The saved data position and optimizer state only mean "
+                    "something under the same values: pass them, or use a new --workdir.")
+            saved_steps = saved.get("train", {}).get("num_steps")
+            if saved_steps is not None and saved_steps != config.train.num_steps:
+                if not config.train.get("allow_num_steps_change", False):
+                    raise UserError(
+                        f"train.num_steps: {saved_steps} in the checkpoint's run vs "
+                        f"{config.train.num_steps} now. The learning-rate schedule (warmup + cosine) "
+                        "spans num_steps, so this bends the schedule of a run in progress; to do it "
+                        "anyway pass --config.train.allow_num_steps_change=True")
+                old_steps = saved_steps
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(path, "w") as f:
             f.write(config.to_json(indent=2))
+    return old_steps
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

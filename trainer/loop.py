@@ -1,6 +1,10 @@
 """The training loop: ``train(config, workdir)`` (the CLI is ``trainer.train``).
 
-Resumes from the latest checkpoint when ``workdir`` already has one.
+Resumes from the newest checkpoint that restores when ``workdir`` already has one. Fault tolerance:
+one run per workdir (``rundir.RunLock``); SIGTERM/SIGINT finish the step, checkpoint it and exit
+(``preemption``); the async save in flight is always waited for; a failed save stops the run in one
+line; non-finite steps are skipped inside the step and a run of ``train.max_bad_steps`` of them stops
+training; a resumed run's logs hold every step once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError
 from trainer.evaluator import Evaluator, log_pattern_warning, sample_rows
+from trainer.preemption import Preempted, StopRequests
+from trainer.rundir import RunLock
 from trainer.flops import flops_per_token, peak_flops
 from trainer.step import TrainState, make_eval_step, make_optimizer
 
@@ -30,7 +36,18 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
         still spans ``train.num_steps``, so a later call resumes the same run.
     """
     experiment.validate_config(config)
-    experiment.save_or_check_config(config, workdir)
+    lock = RunLock(workdir, enabled=jax.process_index() == 0)
+    if warning := lock.acquire():
+        metrics_lib.log(warning)
+    try:
+        with StopRequests() as stops:
+            return _train(config, workdir, stop_at, stops)
+    finally:
+        lock.release()
+
+
+def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> TrainState:
+    old_num_steps = experiment.save_or_check_config(config, workdir)
     tcfg = config.train
 
     # ----------------------------------------------------------------------------------------
@@ -109,85 +126,144 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     # ----------------------------------------------------------------------------------------
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, best_metric=best_metric,
                         best_mode=ccfg.get("best_mode", "auto"))
-    start = ckpt.latest_step()
-    if start is not None:
-        abstract = experiment.abstract_state(spec, tx, state_sh)
-        state, data_state = ckpt.restore(start, abstract)
-        if data_state:
-            train_iter.set_state(data_state)
-        metrics_lib.log(f"resumed from the checkpoint at step {start}")
-    else:
-        state = experiment.init_train_state(spec, tx, config.seed, state_sh)
-        start = 0
-    if start >= tcfg.num_steps:
-        metrics_lib.log(f"already trained to step {start} (train.num_steps={tcfg.num_steps}); nothing to do")
-        ckpt.close()
+    writer = None
+    try:
+        restored = ckpt.restore_latest(experiment.abstract_state(spec, tx, state_sh))
+        if restored is not None:
+            start, state, data_state = restored
+            if data_state:
+                train_iter.set_state(data_state)
+            metrics_lib.log(f"resumed from the checkpoint at step {start}")
+            if old_num_steps is not None:
+                _, old_schedule = make_optimizer(config.optimizer, old_num_steps)
+                metrics_lib.log(
+                    f"train.num_steps {old_num_steps} -> {tcfg.num_steps} (allow_num_steps_change): the "
+                    f"warmup + cosine schedule now spans the new length; at step {start} the learning "
+                    f"rate goes from {float(old_schedule(start)):.3g} to {float(schedule(start)):.3g}")
+        else:
+            state = experiment.init_train_state(spec, tx, config.seed, state_sh)
+            start = 0
+        if start >= tcfg.num_steps:
+            metrics_lib.log(f"already trained to step {start} (train.num_steps={tcfg.num_steps}); "
+                            "nothing to do")
+            return state
+
+        # ------------------------------------------------------------------------------------
+        # Loop
+        # ------------------------------------------------------------------------------------
+        # Rows past the restored step (or any row, when no checkpoint survived) were logged by an
+        # interrupted run whose steps are trained again: dropped, so every step appears once.
+        writer = metrics_lib.MetricWriter(workdir, resumed_at=start)
+        if writer.dropped:
+            metrics_lib.log(f"metrics.jsonl: dropped {writer.dropped} rows logged after step {start} "
+                            "by the interrupted run (those steps are trained again)")
+        progress = metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar)
+        pending, real_tokens, t_last = [], 0, time.perf_counter()
+        bad_run = 0  # consecutive steps skipped by the non-finite guard
+        max_bad = tcfg.get("max_bad_steps", 20)
+        flops_token = flops_per_token(spec.cfg, config.data.max_length)
+        peak = peak_flops(jax.devices()[0])
+        evaluate = functools.partial(experiment.split_loss, eval_step,
+                                     examples=data.examples["validation"], config=config,
+                                     pad_id=tok.pad_token_id, batch_sh=batch_sh)
+        last_step = min(tcfg.num_steps, stop_at or tcfg.num_steps)
+        saved_step = start
+        for step in range(start + 1, last_step + 1):
+            local = next(train_iter)
+            real_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+            state, m = train_step(state, experiment.global_batch(local, batch_sh))
+            pending.append(m)
+            ckpt.check_async_error(saved_step)  # a failed async save stops the run here, in one line
+            stop = stops.stop_requested(step)
+
+            is_ckpt = step % tcfg.checkpoint_every == 0 or step == last_step or stop is not None
+            if step % tcfg.log_every == 0 or is_ckpt:
+                fetched = jax.device_get(pending)  # blocks until these steps are done
+                diverged_at = None
+                for i, f in enumerate(fetched):
+                    bad_run = bad_run + 1 if f["skipped"] else 0
+                    if bad_run >= max_bad and diverged_at is None:
+                        diverged_at = step - len(fetched) + 1 + i
+                summary = metrics_lib.summarize(fetched)
+                dt = time.perf_counter() - t_last
+                last = fetched[-1]
+                row = {"grad_norm": float(last["grad_norm"]), "learning_rate": float(last["learning_rate"]),
+                       "tokens_per_s": real_tokens / dt,
+                       "supervised_tokens_per_s": summary["tokens"] / dt,
+                       "skipped_steps": float(sum(f["skipped"] for f in fetched))}
+                if "loss" in summary:
+                    row.update(loss=summary["loss"], token_accuracy=summary["token_accuracy"])
+                # Model FLOP/s on real (non-padding) tokens, per device, and MFU where the peak is
+                # known: the formula of trainer.bench (trainer.flops).
+                row["model_tflops_per_device"] = real_tokens / dt * flops_token / jax.device_count() / 1e12
+                if peak:
+                    row["mfu"] = row["model_tflops_per_device"] * 1e12 / peak
+                writer.write(step, row, prefix="train/")
+                progress.update(len(pending), loss=f"{row.get('loss', float('nan')):.4f}",
+                                tok_s=f"{row['tokens_per_s']:.0f}",
+                                **({"mfu": f"{100 * row['mfu']:.1f}%"} if peak else {}),
+                                **({"skipped": int(row["skipped_steps"])} if row["skipped_steps"] else {}))
+                pending, real_tokens, t_last = [], 0, time.perf_counter()
+                if diverged_at is not None:
+                    raise UserError(
+                        f"training diverged: {max_bad} steps in a row up to step {diverged_at} had a "
+                        "non-finite loss or gradient norm and were skipped (params unchanged); the "
+                        f"last checkpoint is step {saved_step}. Lower optimizer.learning_rate or check "
+                        "the data (train.max_bad_steps sets the limit)")
+
+            val: dict[str, float] = {}
+            if stop is not None:  # a preemption notice leaves seconds: checkpoint now, evaluate later
+                ckpt.save(step, state, train_iter.get_state(), metrics=None)
+                saved_step = step
+            elif step % tcfg.eval_every == 0 or is_ckpt:
+                val = evaluate(state.params)
+                writer.write(step, val, prefix="val/")
+                progress.write(f"step {step}: val loss {val.get('loss', float('nan')):.4f}, "
+                               f"token accuracy {val.get('token_accuracy', float('nan')):.4f}")
+            # Generation eval on its schedule, and at every checkpoint when it ranks the checkpoints.
+            if generation_eval is not None and stop is None and (
+                    (gen_every and step % gen_every == 0) or (is_ckpt and best_metric != VAL_METRIC)):
+                gen = generation_eval(state.params)
+                writer.write(step, gen, prefix="val/")
+                val.update(gen)
+                progress.write(f"step {step}: " + ", ".join(
+                    f"{k} {100 * gen[k]:.1f}%" for k in ("exact_match", "rougeL", "chrf")) +
+                    f" on {len(generation_eval.rows)} validation rows "
+                    f"({gen['gen_tokens_per_s']:.0f} generated tokens/s)")
+            if val:
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if is_ckpt and stop is None:
+                if not np.isfinite(val.get("loss", np.nan)):
+                    # The guard keeps params finite, but a checkpoint must never carry a non-finite
+                    # validation loss either: skip this one (the previous ones stay).
+                    progress.write(f"warning: step {step}: validation loss {val.get('loss')} is not "
+                                   "finite; no checkpoint written at this step")
+                else:
+                    # Only finite metrics are kept: a NaN must never rank as the best checkpoint.
+                    finite = {f"val/{k}": float(v) for k, v in val.items() if np.isfinite(v)}
+                    try:
+                        ckpt.save(step, state, train_iter.get_state(), metrics=finite)
+                    except Exception as e:  # noqa: BLE001 -- the previous async save's error, or this one's
+                        raise ckpt.save_error(step, e) from None
+                    saved_step = step
+            if stop is not None:
+                try:
+                    ckpt.wait()  # committed on every host before we say so
+                except Exception as e:  # noqa: BLE001
+                    raise ckpt.save_error(step, e) from None
+                progress.close()
+                metrics_lib.log(f"{stop}: stopped after step {step}; its checkpoint is saved in "
+                                f"{ckpt.directory}/{saved_step}. Rerun the same command to resume.")
+                raise Preempted(stop, step)
+        progress.close()
         return state
-
-    # ----------------------------------------------------------------------------------------
-    # Loop
-    # ----------------------------------------------------------------------------------------
-    writer = metrics_lib.MetricWriter(workdir)
-    progress = metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar)
-    pending, real_tokens, t_last = [], 0, time.perf_counter()
-    flops_token = flops_per_token(spec.cfg, config.data.max_length)
-    peak = peak_flops(jax.devices()[0])
-    evaluate = functools.partial(experiment.split_loss, eval_step, examples=data.examples["validation"],
-                                 config=config, pad_id=tok.pad_token_id, batch_sh=batch_sh)
-    last_step = min(tcfg.num_steps, stop_at or tcfg.num_steps)
-    for step in range(start + 1, last_step + 1):
-        local = next(train_iter)
-        real_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
-        state, m = train_step(state, experiment.global_batch(local, batch_sh))
-        pending.append(m)
-
-        if step % tcfg.log_every == 0 or step == last_step:
-            summary = metrics_lib.summarize(pending)  # blocks until these steps are done
-            dt = time.perf_counter() - t_last
-            last = jax.device_get(pending[-1])
-            row = {"loss": summary["loss"], "token_accuracy": summary["token_accuracy"],
-                   "grad_norm": float(last["grad_norm"]), "learning_rate": float(last["learning_rate"]),
-                   "tokens_per_s": real_tokens / dt,
-                   "supervised_tokens_per_s": summary["tokens"] / dt}
-            # Model FLOP/s on real (non-padding) tokens, per device, and MFU where the peak is known:
-            # the formula of trainer.bench (trainer.flops).
-            row["model_tflops_per_device"] = real_tokens / dt * flops_token / jax.device_count() / 1e12
-            if peak:
-                row["mfu"] = row["model_tflops_per_device"] * 1e12 / peak
-            if not np.isfinite(row["loss"]):
-                raise FloatingPointError(f"non-finite training loss at step {step}: {row}")
-            writer.write(step, row, prefix="train/")
-            progress.update(len(pending), loss=f"{row['loss']:.4f}",
-                            tok_s=f"{row['tokens_per_s']:.0f}",
-                            **({"mfu": f"{100 * row['mfu']:.1f}%"} if peak else {}))
-            pending, real_tokens, t_last = [], 0, time.perf_counter()
-
-        is_ckpt = step % tcfg.checkpoint_every == 0 or step == last_step
-        val: dict[str, float] = {}
-        if step % tcfg.eval_every == 0 or is_ckpt:
-            val = evaluate(state.params)
-            writer.write(step, val, prefix="val/")
-            progress.write(f"step {step}: val loss {val['loss']:.4f}, "
-                           f"token accuracy {val['token_accuracy']:.4f}")
-        # Generation eval on its schedule, and at every checkpoint when it ranks the checkpoints.
-        if generation_eval is not None and ((gen_every and step % gen_every == 0)
-                                            or (is_ckpt and best_metric != VAL_METRIC)):
-            gen = generation_eval(state.params)
-            writer.write(step, gen, prefix="val/")
-            val.update(gen)
-            progress.write(f"step {step}: " + ", ".join(
-                f"{k} {100 * gen[k]:.1f}%" for k in ("exact_match", "rougeL", "chrf")) +
-                f" on {len(generation_eval.rows)} validation rows "
-                f"({gen['gen_tokens_per_s']:.0f} generated tokens/s)")
-        if val:
-            t_last = time.perf_counter()  # evaluation time is not training throughput
-        if is_ckpt:
-            # Only finite metrics are kept: a NaN must never rank as the best checkpoint.
-            finite = {f"val/{k}": float(v) for k, v in val.items() if np.isfinite(v)}
-            ckpt.save(step, state, train_iter.get_state(), metrics=finite or None)
-
-    progress.close()
-    writer.close()
-    ckpt.wait()
-    ckpt.close()
-    return state
+    finally:
+        # Whatever ends the loop -- the last step, a preemption, an exception -- the in-flight async
+        # save is waited for (never abandoned half-written), then everything is closed.
+        try:
+            ckpt.wait()
+        except Exception as e:  # noqa: BLE001 -- reported; an exception already on its way goes on
+            metrics_lib.log(f"warning: {ckpt.save_error(None, e)}")
+        ckpt.close()
+        if writer is not None:
+            writer.close()

@@ -19,6 +19,7 @@ def summarize(sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     steps with few supervised tokens. With no supervised token at all only ``tokens`` (0) is returned.
     """
     sums = jax.device_get(list(sums))
+    sums = [s for s in sums if not s.get("skipped", 0)]  # steps the non-finite guard skipped
     tot = {k: float(np.sum([s[k] for s in sums])) for k in ("loss_sum", "tokens", "correct")}
     if tot["tokens"] == 0:  # no supervised token: there is no loss, and 0.0 would be a lie
         return {"tokens": 0.0}
@@ -38,23 +39,31 @@ class MetricWriter:
     Only process 0 writes; other processes get a no-op writer.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resumed_at: int | None = None):
+        """``resumed_at``: the restored checkpoint's step. Rows logged after it by the run that
+        crashed or was preempted are dropped from ``metrics.jsonl`` and purged from TensorBoard, so
+        every step appears once."""
         self.enabled = enabled and jax.process_index() == 0
         self._tb = None
+        self.dropped = 0
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
+            if resumed_at is not None:
+                from trainer.rundir import truncate_metrics  # noqa: PLC0415
+                self.dropped = truncate_metrics(workdir, resumed_at)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
             from tensorboardX import SummaryWriter  # imported lazily: slow import, process 0 only
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=None if resumed_at is None else resumed_at + 1)
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), "time": time.time(),
-               **{f"{prefix}{k}": float(v) for k, v in metrics.items()}}
+        finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}  # JSON has no NaN
+        row = {"step": int(step), "time": time.time(), **{f"{prefix}{k}": v for k, v in finite.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
-        for k, v in metrics.items():
-            self._tb.add_scalar(f"{prefix}{k}", float(v), int(step))
+        for k, v in finite.items():
+            self._tb.add_scalar(f"{prefix}{k}", v, int(step))
 
     def close(self) -> None:
         if self.enabled:

@@ -135,11 +135,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         # supervised token gives zero gradients, never NaN (the data pipeline drops such rows).
         denom = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # The non-finite guard: a step whose loss or gradient norm is NaN/inf leaves params and
+        # optimizer moments exactly as they were (a select, not a branch: one program either way) and
+        # says so in ``skipped``; the loop counts runs of skipped steps (train.max_bad_steps).
+        ok = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics = dict(sums)
         metrics.update(loss=sums["loss_sum"] / denom, token_accuracy=sums["correct"] / denom,
-                       grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+                       grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       skipped=(~ok).astype(jnp.float32))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

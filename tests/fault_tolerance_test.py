@@ -1,0 +1,220 @@
+"""Fault tolerance as a user meets it: preemption signals, corrupt checkpoints, divergence, a second
+run on the same workdir, resumes with other settings, logs after a resume, and a chaos test of random
+kills against an uninterrupted run."""
+
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.cli_test import ROOT, assert_clean_error, run
+
+TINY = ["--config", "configs/tiny.py"]
+LONG = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=1",
+        "--config.train.eval_every=1000", "--config.train.keep_checkpoints=2"]
+
+
+def train(wd, *extra):
+    return run("trainer.train", *TINY, "--workdir", str(wd), *extra)
+
+
+def popen(wd, *extra):
+    return subprocess.Popen([sys.executable, "-m", "trainer.train", *TINY, "--workdir", str(wd), *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def metric_steps(wd):
+    return [json.loads(x)["step"] for x in open(os.path.join(wd, "metrics.jsonl"))
+            if "train/loss" in json.loads(x) or "train/skipped_steps" in json.loads(x)]
+
+
+def wait_for_step(wd, step, proc, timeout=300):
+    """Blocks until the run has logged ``step`` (or has ended)."""
+    path = os.path.join(wd, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if os.path.exists(path) and any(s >= step for s in metric_steps(wd)):
+            return
+        time.sleep(0.05)
+
+
+def final_state(wd):
+    """Params and optimizer state of the latest checkpoint, as numpy."""
+    from trainer import experiment  # noqa: PLC0415
+    from trainer.checkpoint import Checkpointer  # noqa: PLC0415
+    from trainer.step import make_optimizer  # noqa: PLC0415
+    config = experiment.load_config(wd)
+    tok = experiment.build_or_load_tokenizer(config, wd, train_rows=None)
+    spec = experiment.model_spec(config, len(tok), experiment.make_mesh(config))
+    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    ck = Checkpointer(wd, read_only=True)
+    step = ck.latest_step()
+    state, data = ck.restore(step, experiment.abstract_state(spec, tx, experiment.state_shardings(spec, tx)))
+    ck.close()
+    import jax  # noqa: PLC0415
+    return step, jax.device_get((state.params, state.opt_state)), data
+
+
+def tree_equal(a, b):
+    import jax  # noqa: PLC0415
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 40-step run every interrupted one must equal."""
+    wd = tmp_path_factory.mktemp("ref") / "run"
+    r = train(wd, *LONG)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(wd), final_state(str(wd))
+
+
+# ---- preemption --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_saves_the_current_step_and_the_rerun_resumes_it(tmp_path, reference, sig, code):
+    wd = tmp_path / "run"
+    p = popen(wd, *LONG)
+    wait_for_step(wd, 13, p)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == code, err[-3000:]
+    stopped = max(metric_steps(wd))
+    assert 13 <= stopped < 40
+    assert f"stopped after step {stopped}; its checkpoint is saved in" in out and "Rerun the same command" in out
+    assert "Traceback" not in err
+    assert os.path.isdir(wd / "checkpoints" / str(stopped))  # zero steps lost
+    r = train(wd, *LONG)
+    assert r.returncode == 0 and f"resumed from the checkpoint at step {stopped}" in r.stdout, r.stderr[-2000:]
+    steps = metric_steps(wd)
+    assert steps == list(range(1, 41))  # every step logged once
+    step, state, _ = final_state(str(wd))
+    assert step == 40 and tree_equal(state, reference[1][1])
+
+
+# ---- corrupt checkpoints -----------------------------------------------------------------------
+
+def _damage(step_dir, how):
+    if how == "truncated_array":
+        files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
+                 if os.path.getsize(f) > 16]
+        for f in files:
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+    elif how == "empty_metadata":
+        open(os.path.join(step_dir, "params", "_METADATA"), "w").close()
+    elif how == "missing_opt_state":
+        shutil.rmtree(os.path.join(step_dir, "opt_state"))
+
+
+@pytest.mark.parametrize("how", ["truncated_array", "empty_metadata", "missing_opt_state"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, how):
+    wd = tmp_path / "run"
+    args = ["--config.train.num_steps=4", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=3"]
+    assert train(wd, *args).returncode == 0
+    _damage(str(wd / "checkpoints" / "4"), how)
+    r = train(wd, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the checkpoint of step 4 cannot be restored" in r.stdout
+    assert "resumed from the checkpoint at step 2" in r.stdout
+    assert glob.glob(str(wd / "checkpoints" / "4.corrupt-*"))  # set aside, kept for a post-mortem
+    assert os.path.isdir(wd / "checkpoints" / "4")  # trained again
+    # Every checkpoint corrupt: one clear error.
+    for d in glob.glob(str(wd / "checkpoints" / "[0-9]*")):
+        if os.path.basename(d).isdigit():
+            _damage(d, "missing_opt_state")
+    r = train(wd, *args)
+    assert_clean_error(r, "no checkpoint in", "can be restored")
+
+
+# ---- divergence --------------------------------------------------------------------------------
+
+def test_divergence_stops_with_one_line_and_no_non_finite_checkpoint(tmp_path):
+    wd = tmp_path / "run"
+    r = train(wd, "--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=0",
+              "--config.train.num_steps=30", "--config.train.checkpoint_every=2",
+              "--config.train.max_bad_steps=3", "--config.train.keep_checkpoints=5")
+    assert_clean_error(r, "training diverged", "steps in a row", "non-finite")
+    from trainer.checkpoint import Checkpointer  # noqa: PLC0415
+    ck = Checkpointer(str(wd), read_only=True)
+    for s in ck.all_steps():  # every checkpoint written has a finite validation loss
+        assert np.isfinite(ck.mgr.metrics(s)["val/loss"])
+    best = ck.best_step()
+    assert best is None or np.isfinite(ck.mgr.metrics(best)["val/loss"])
+    ck.close()
+    rows = [json.loads(x) for x in open(wd / "metrics.jsonl")]
+    assert sum(x.get("train/skipped_steps", 0) for x in rows) >= 3
+
+
+# ---- one run per workdir ------------------------------------------------------------------------
+
+def test_a_second_run_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": "pytest"}
+    (wd / "run.lock").write_text(json.dumps(holder))
+    r = train(wd)
+    assert_clean_error(r, f"is in use by pid {os.getpid()} on {socket.gethostname()}", "run.lock")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (wd / "run.lock").write_text(json.dumps({**holder, "pid": dead.pid}))
+    r = train(wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"took over the lock of pid {dead.pid}" in r.stdout
+    assert not (wd / "run.lock").exists()  # released at the end
+
+
+# ---- resume identity ----------------------------------------------------------------------------
+
+def test_resume_with_other_batch_optimizer_or_steps_is_refused(tmp_path):
+    wd = tmp_path / "run"
+    assert train(wd).returncode == 0
+    assert_clean_error(train(wd, "--config.train.batch_size=16"), "train.batch_size: 8 in the checkpoint's run vs 16")
+    assert_clean_error(train(wd, "--config.optimizer.learning_rate=0.5"), "optimizer.learning_rate")
+    assert_clean_error(train(wd, "--config.train.grad_accum_steps=2"), "train.grad_accum_steps")
+    assert_clean_error(train(wd, "--config.train.num_steps=4"), "train.num_steps: 2", "allow_num_steps_change")
+    r = train(wd, "--config.train.num_steps=4", "--config.train.allow_num_steps_change=True")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "train.num_steps 2 -> 4 (allow_num_steps_change)" in r.stdout and "learning rate goes from" in r.stdout
+    assert metric_steps(wd) == [1, 2, 3, 4]
+
+
+# ---- chaos -------------------------------------------------------------------------------------
+
+def test_chaos_random_kills_then_bitwise_equal_to_the_uninterrupted_run(tmp_path, reference):
+    """SIGKILLs at random moments (during steps and async saves), one SIGTERM and one SIGINT, each
+    followed by a rerun of the same command: the final params and optimizer state equal the
+    uninterrupted run's bitwise, and metrics.jsonl holds every step once."""
+    wd = tmp_path / "run"
+    rng = random.Random(0)
+    plan = [signal.SIGKILL] * 5 + [signal.SIGTERM, signal.SIGINT]
+    rng.shuffle(plan)
+    for sig in plan:
+        done = max(metric_steps(wd)) if (wd / "metrics.jsonl").exists() and metric_steps(wd) else 0
+        if done >= 38:
+            break
+        p = popen(wd, *LONG)
+        wait_for_step(wd, done + rng.randint(1, 6), p)
+        time.sleep(rng.random() * 0.3)  # land anywhere: mid-step, mid-save, mid-log
+        if p.poll() is None:
+            p.send_signal(sig)
+        p.communicate(timeout=300)
+        if sig != signal.SIGKILL:
+            assert p.returncode in (0, 130)
+    r = train(wd, *LONG)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert metric_steps(wd) == list(range(1, 41))
+    step, state, data = final_state(str(wd))
+    ref_step, ref_state, ref_data = reference[1]
+    assert step == ref_step == 40 and data == ref_data
+    assert tree_equal(state, ref_state)

@@ -1,0 +1,74 @@
+"""Stopping on request: SIGTERM (a preemptible VM's or SLURM's notice), SIGINT (Ctrl-C), and on TPU
+JAX's preemption sync point, all turned into "finish this step, checkpoint it, exit".
+
+A signal only sets a flag (a handler must not run JAX or Orbax); the loop asks ``stop_requested(step)``
+at every step boundary. With several processes the answer is agreed on (an all-gather of the flags),
+so every host stops after the same step and saves the same checkpoint. A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import jax
+import numpy as np
+
+EXIT_CODES = {"SIGTERM": 0, "SIGINT": 130, "preemption": 0}
+
+
+class Preempted(SystemExit):
+    """Raised by the loop after the checkpoint of the last finished step is committed."""
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(EXIT_CODES.get(reason, 0))
+        self.reason, self.step = reason, step
+
+
+class StopRequests:
+    """Context manager installing the SIGTERM/SIGINT handlers (main thread only; restored on exit)."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is not None and signum == signal.SIGINT:
+            print("\nsecond Ctrl-C: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(130)
+        if self.reason is None:
+            self.reason = name
+            print(f"\n{name} received: finishing the current step, saving a checkpoint, then exiting"
+                  + (" (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""),
+                  file=sys.stderr, flush=True)
+
+    def stop_requested(self, step: int) -> str | None:
+        """The reason to stop after ``step`` (the same on every process), or None."""
+        reason = self.reason
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+            code = {None: 0, "SIGTERM": 1, "SIGINT": 2}.get(reason, 1)
+            codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+            agreed = int(codes.max())
+            reason = {0: None, 1: "SIGTERM", 2: "SIGINT"}[agreed]
+            if reason is None:
+                try:  # TPU maintenance events and the coordination service's own notice
+                    if multihost_utils.reached_preemption_sync_point(step):
+                        reason = "preemption"
+                except Exception:  # noqa: BLE001 -- no preemption service on this platform
+                    pass
+        return reason

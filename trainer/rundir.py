@@ -1,0 +1,149 @@
+"""The run directory: one run at a time (a lock), logs that hold every step once after a resume, and
+the settings a resume must not change.
+
+    workdir/
+      config.json        the resolved config (trainer.experiment)
+      run.lock           {pid, host, started, command} of the process-0 holder while a run is live
+      metrics.jsonl      one row per logged step; cut back to the restored step on resume
+      tensorboard/       events; a resumed writer purges the steps after the restored one
+      checkpoints/<step> Orbax (trainer.checkpoint)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from trainer.cli import UserError
+
+LOCK_FILE = "run.lock"
+
+# What a resumed run must share with the run that wrote the checkpoint: the saved data position,
+# the optimizer state and the schedule mean nothing under other values. (Model, data and tokenizer
+# identity are checked for every run of a workdir: ``experiment.IDENTITY_KEYS``.)
+RESUME_KEYS = ("train.batch_size", "train.grad_accum_steps", "data.max_length", "data.packing",
+               "optimizer")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """``workdir/run.lock``, taken by process 0 for the life of a run.
+
+    A second run on the same workdir is refused, naming the holder. A lock left by a process that is
+    no longer alive on this host (a SIGKILL, a crash) is taken over with a warning; a lock from
+    another host cannot be checked from here, so it is refused with the path to delete.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.enabled = enabled
+        self.held = False
+
+    def _info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                "command": " ".join(sys.argv)}
+
+    def acquire(self) -> str | None:
+        """Takes the lock; returns a warning line when a stale lock was taken over."""
+        if not self.enabled:
+            return None
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        info = self._info()
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = self.holder()
+            alive = holder.get("host") != info["host"] or _pid_alive(int(holder.get("pid", -1)))
+            if holder and alive:
+                started = datetime.datetime.fromtimestamp(holder.get("started", 0)).isoformat(" ", "seconds")
+                raise UserError(
+                    f"workdir {os.path.dirname(self.path)!r} is in use by pid {holder.get('pid')} on "
+                    f"{holder.get('host')} since {started} ({holder.get('command', '?')}); wait for it or "
+                    f"stop it (if it is not running, delete {self.path})") from None
+            tmp = f"{self.path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(info, f)
+            os.replace(tmp, self.path)
+            self.held = True
+            return (f"warning: took over the lock of pid {holder.get('pid')} on {holder.get('host')}, which "
+                    "is no longer running (a crash or kill)" if holder else
+                    f"warning: replaced an unreadable lock file {self.path}")
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        self.held = True
+        return None
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.held and self.holder().get("pid") == os.getpid():
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+        self.held = False
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Drops ``metrics.jsonl`` rows after ``step`` (the restored checkpoint), so the steps a crashed or
+    preempted run logged past its last checkpoint -- and which the resumed run trains again -- appear
+    once. Returns the number of rows dropped. Atomic: a temp file, then a rename."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                dropped += 1
+                continue
+            if rec.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def resume_differences(saved: dict[str, Any], live: dict[str, Any]) -> list[str]:
+    """``key: saved vs now`` for every RESUME_KEYS setting that differs (nested keys flattened)."""
+    out = []
+    for key in RESUME_KEYS:
+        a, b = _get(saved, key), _get(live, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}: {a.get(k)!r} in the checkpoint's run vs {b.get(k)!r} now"
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b and a is not None:
+            out.append(f"{key}: {a!r} in the checkpoint's run vs {b!r} now")
+    return out
