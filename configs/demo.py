@@ -131,6 +131,9 @@ def get_config() -> ConfigDict:
     # val/rougeL, val/chrf, ...: eval.every_steps then also runs at every checkpoint).
     c.checkpoint.best_metric = "val/loss"
     c.checkpoint.best_mode = "auto"  # auto (min for losses, max otherwise) | min | max
+    # The longest a checkpoint save may block training; past it the run stops with one line (Orbax's
+    # async writer can hang instead of failing on a full disk).
+    c.checkpoint.timeout_s = 1800.0
 
     # ---- evaluation (trainer.eval, and generation eval during training) ----------------------
     c.eval = ConfigDict()

@@ -218,3 +218,45 @@ def test_chaos_random_kills_then_bitwise_equal_to_the_uninterrupted_run(tmp_path
     ref_step, ref_state, ref_data = reference[1]
     assert step == ref_step == 40 and data == ref_data
     assert tree_equal(state, ref_state)
+
+
+# ---- disk full -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_during_a_save_stops_in_one_line_and_keeps_the_previous_checkpoints(small_disk):
+    wd = small_disk / "run"
+    p = popen(wd, *LONG, "--config.checkpoint.timeout_s=30")
+    wait_for_step(wd, 12, p)
+    t0 = time.time()
+    while not (wd / "checkpoints" / "10" / "commit_success.txt").exists() and time.time() - t0 < 120:
+        time.sleep(0.05)  # the checkpoint of step 10 is committed
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # the disk is full from here on
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-3000:]
+
+    # Refused before writing when there is no room; if the disk fills mid-write, Orbax's hang is
+    # bounded by checkpoint.timeout_s. Either way: one line naming the step and the free space.
+    errors = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and any(k in errors[0] for k in ("free space", "full disk")), err[-3000:]
+    os.remove(filler)
+    step, _, _ = final_state(str(wd))
+    assert step == 10  # the previous checkpoint is intact and restores
+    r = train(wd, *LONG)
+    assert r.returncode == 0 and "resumed from the checkpoint at step 10" in r.stdout, r.stderr[-3000:]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 from typing import Any
 
@@ -84,10 +86,11 @@ class Checkpointer:
     """Saves/restores ``TrainState`` (sharded, async) and the loader state for one workdir."""
 
     def __init__(self, workdir: str, keep: int = 2, read_only: bool = False,
-                 best_metric: str = VAL_METRIC, best_mode: str = "auto"):
+                 best_metric: str = VAL_METRIC, best_mode: str = "auto", timeout_s: float = 1800.0):
         """``best_metric`` (``checkpoint.best_metric``, e.g. ``val/exact_match``) ranks the saved steps
         for ``best``; ``best_mode`` min | max | auto (min for losses)."""
         self.workdir = workdir
+        self.timeout_s = timeout_s  # checkpoint.timeout_s: the longest a save may block the loop
         self.best_metric = best_metric
         self.mode = best_mode_fn(best_metric, best_mode)
         self.mgr = _manager(workdir, keep, read_only, best_metric, best_mode)
@@ -111,11 +114,36 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict[str, Any] | None,
              metrics: dict[str, float] | None = None) -> None:
         """Saves asynchronously; params and optimizer state are separate items so that eval/export
-        read the params alone."""
+        read the params alone.
+
+        First checks that the disk has room for it: Orbax's async writer does not report a full
+        disk (the write task's error is dropped and the save never finishes), so a save that cannot
+        fit is refused here, in one line, with the previous checkpoints intact.
+        """
+        self._check_space(step, state)
+        with self.watchdog(f"saving the checkpoint of step {step}", step):
+            self._save(step, state, data_state, metrics)
+
+    def _save(self, step, state, data_state, metrics) -> None:
         args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
                                   opt_state=ocp.args.StandardSave(state.opt_state),
                                   data=ocp.args.JsonSave(data_state or {}))
         self.mgr.save(step, args=args, metrics=metrics, force=True)
+
+    def _check_space(self, step: int, state: Any) -> None:
+        local_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))
+                          if hasattr(x, "nbytes")) / max(jax.process_count(), 1)
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:  # not a local filesystem (a bucket): nothing to check
+            return
+        need = 1.2 * local_bytes + (1 << 20)  # metadata, and a margin
+        if free < need:
+            raise UserError(
+                f"not enough free space to save the checkpoint of step {step} in {self.directory}: "
+                f"it needs about {need / 1e6:.1f} MB and {free / 1e6:.1f} MB are free (the write would "
+                "fail with OSError 28, No space left on device). Training stopped; the previous "
+                "checkpoints are intact.")
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores a TrainState into the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
@@ -218,7 +246,29 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
-        self.mgr.wait_until_finished()
+        with self.watchdog("finishing the last checkpoint save"):
+            self.mgr.wait_until_finished()
+
+    def watchdog(self, what: str, step: int | None = None):
+        """Bounds a blocking Orbax call by ``timeout_s``: Orbax's async writer can hang instead of
+        failing (a full disk mid-write), and a run that hangs holds its machine and its lock forever.
+        On timeout: one line -- what, where, the free space -- and exit status 2."""
+        ckpt = self
+
+        class _Watchdog:
+            def __enter__(self):
+                def fire():
+                    msg = ckpt.save_error(step, TimeoutError(f"{what} did not finish in "
+                                                             f"{ckpt.timeout_s:.0f} s"))
+                    print(f"error: {msg}", file=sys.stderr, flush=True)
+                    os._exit(2)
+                self.timer = threading.Timer(ckpt.timeout_s, fire)
+                self.timer.daemon = True
+                self.timer.start()
+
+            def __exit__(self, *exc):
+                self.timer.cancel()
+        return _Watchdog()
 
     def close(self) -> None:
         self.mgr.close()

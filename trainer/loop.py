@@ -125,7 +125,7 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
     # Checkpoint: resume or initialise
     # ----------------------------------------------------------------------------------------
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, best_metric=best_metric,
-                        best_mode=ccfg.get("best_mode", "auto"))
+                        best_mode=ccfg.get("best_mode", "auto"), timeout_s=ccfg.get("timeout_s", 1800))
     writer = None
     try:
         restored = ckpt.restore_latest(experiment.abstract_state(spec, tx, state_sh))
@@ -243,6 +243,8 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
                     finite = {f"val/{k}": float(v) for k, v in val.items() if np.isfinite(v)}
                     try:
                         ckpt.save(step, state, train_iter.get_state(), metrics=finite)
+                    except UserError:
+                        raise
                     except Exception as e:  # noqa: BLE001 -- the previous async save's error, or this one's
                         raise ckpt.save_error(step, e) from None
                     saved_step = step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -61,14 +62,40 @@ class MetricWriter:
             return
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}  # JSON has no NaN
         row = {"step": int(step), "time": time.time(), **{f"{prefix}{k}": v for k, v in finite.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        from trainer.cli import UserError  # noqa: PLC0415
+        try:
+            self._jsonl.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk, a vanished mount: one line, not a traceback
+            raise UserError(f"cannot write the metrics of step {step} to {self._jsonl.name}: {e}") from None
+        if not self._tb_alive():
+            # tensorboardX writes from a thread through a bounded queue: once that thread has died (a
+            # full disk), add_scalar would block forever when the queue fills.
+            raise UserError(f"cannot write TensorBoard events for step {step} under "
+                            f"{os.path.dirname(self._jsonl.name)}/tensorboard: its writer thread "
+                            "stopped (a full disk?)")
         for k, v in finite.items():
             self._tb.add_scalar(f"{prefix}{k}", v, int(step))
 
+    def _tb_alive(self) -> bool:
+        try:
+            return self._tb._get_file_writer().event_writer._worker.is_alive()  # noqa: SLF001
+        except AttributeError:  # another tensorboardX layout: assume alive
+            return True
+
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             self._jsonl.close()
-            self._tb.close()
+        except OSError:
+            pass
+        # tensorboardX flushes from a background thread; if that thread died (a full disk), close()
+        # would wait for it forever. Give it a few seconds, then let it go.
+        if not self._tb_alive():
+            return  # close() would wait for the dead thread's queue forever
+        closer = threading.Thread(target=self._tb.close, daemon=True)
+        closer.start()
+        closer.join(timeout=10)
 
 
 class Progress:
