@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,11 @@ flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (--distributed=explicit).")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (--distributed=explicit).")
 flags.DEFINE_integer("process_id", -1, "This process's index (--distributed=explicit).")
+flags.DEFINE_integer("initialization_timeout", 600, "Seconds to wait for every process to join "
+                     "(long enough for a loaded machine or a slow pod start).")
+flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds without a heartbeat before a process counts "
+                     "as dead (JAX's default is 100).")
+flags.DEFINE_integer("shutdown_timeout", 30, "Seconds the exit barrier waits for the other processes.")
 
 
 def run_main(fn: Callable[[], Any]) -> Any:
@@ -27,14 +33,35 @@ def run_main(fn: Callable[[], Any]) -> Any:
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        init_distributed(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
+        init_distributed(f.distributed, f.coordinator_address, f.num_processes, f.process_id,
+                         timeouts=(f.initialization_timeout, f.heartbeat_timeout, f.shutdown_timeout))
         return fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(2, f.distributed)
+    except Exception as e:  # noqa: BLE001 -- only with several processes, see _exit
+        if f.distributed == "off":
+            raise
+        import jax  # noqa: PLC0415
+        first = (str(e).strip().splitlines() or [""])[0][:400]
+        print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
+              f"{type(e).__name__}: {first} (when another process died or was killed, this is the "
+              "collective that waited for it; its own log says why)", file=sys.stderr, flush=True)
+        _exit(1, f.distributed)
 
 
-def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+def _exit(code: int, distributed: str) -> None:
+    """Exits with ``code``. With several processes, without JAX's exit barrier: after a peer has died
+    that barrier waits for it (``--shutdown_timeout``) and then aborts the process (SIGABRT)."""
+    if distributed == "off":
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+                     timeouts: tuple[int, int, int] = (600, 30, 30)) -> None:
     """Starts multi-process JAX before any device is touched.
 
     Args:
@@ -48,13 +75,16 @@ def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, p
     # CPU processes need a collectives implementation to talk to each other (harmless elsewhere).
     # Not jax.default_backend(): that would start the backend before initialize(), which must be first.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    init, heartbeat, shutdown = timeouts
+    kw = dict(initialization_timeout=init, heartbeat_timeout_seconds=heartbeat,
+              shutdown_timeout_seconds=shutdown)
     if mode == "auto":
-        jax.distributed.initialize()
+        jax.distributed.initialize(**kw)
     elif mode == "explicit":
         if not coordinator or num_processes <= 0 or process_id < 0:
             raise UserError("--distributed=explicit needs --coordinator_address, --num_processes "
                             "and --process_id")
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id, **kw)
     else:
         raise UserError(f"--distributed must be off, auto or explicit, got {mode!r}")
 

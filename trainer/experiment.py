@@ -110,8 +110,10 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
                 old_steps = saved_steps
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:  # then a rename: other processes never read a half-written file
             f.write(config.to_json(indent=2))
+        os.replace(tmp, path)
     return old_steps
 
 

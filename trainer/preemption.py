@@ -30,8 +30,9 @@ class Preempted(SystemExit):
 class StopRequests:
     """Context manager installing the SIGTERM/SIGINT handlers (main thread only; restored on exit)."""
 
-    def __init__(self):
+    def __init__(self, grace_s: float = 15.0):
         self.reason: str | None = None
+        self.grace_s = grace_s  # multi-process: how long the agreed stop may take (< heartbeat timeout)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
@@ -55,6 +56,19 @@ class StopRequests:
             print(f"\n{name} received: finishing the current step, saving a checkpoint, then exiting"
                   + (" (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""),
                   file=sys.stderr, flush=True)
+            if jax.process_count() > 1:
+                # With several processes the stop is agreed on in a collective. If a peer is gone
+                # (it died, or was stopped first), that collective never returns and JAX's heartbeat
+                # check would abort this process (SIGABRT) a while later: leave first, in one line.
+                timer = threading.Timer(self.grace_s, self._give_up)
+                timer.daemon = True
+                timer.start()
+
+    def _give_up(self) -> None:
+        print(f"error: {self.reason}: the other processes did not join the stop within "
+              f"{self.grace_s:.0f} s (one of them died?); exiting without a new checkpoint; rerunning "
+              "resumes from the last one", file=sys.stderr, flush=True)
+        os._exit(1)
 
     def stop_requested(self, step: int) -> str | None:
         """The reason to stop after ``step`` (the same on every process), or None."""
