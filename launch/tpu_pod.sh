@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # A Cloud TPU pod slice: the same command on every host; jax.distributed finds its peers itself.
-# The workdir must be on storage every host sees (a gs:// bucket or a shared filesystem).
+# The workdir must be on storage every host sees: a shared filesystem (e.g. Filestore mounted on every
+# host). gs:// workdirs are not supported yet: config, tokenizer and metrics are written with plain
+# file I/O, so each host would write its own disk.
+#
+# Spot/preemptible TPU VMs: create them with `--spot` (or queued resources with `--spot`). On a
+# preemption notice GCE sends SIGTERM (about 30 s before the stop); JAX's preemption sync point and
+# the SIGTERM handler make every host finish the same step, checkpoint it and exit 0. Rerun this
+# script on the recreated slice to resume from that step.
 #   TPU_NAME=my-v5e-64 ZONE=us-west4-a bash launch/tpu_pod.sh configs/demo.py gs://bucket/runs/x [--config...]
 set -euo pipefail
 CONFIG=${1:?config file}; WORKDIR=${2:?workdir}; shift 2
