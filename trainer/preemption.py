@@ -32,6 +32,8 @@ class StopRequests:
 
     def __init__(self, grace_s: float = 15.0):
         self.reason: str | None = None
+        self._wakeup: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
         self.grace_s = grace_s  # multi-process: how long the agreed stop may take (< heartbeat timeout)
         self._previous: dict[int, object] = {}
 
@@ -39,19 +41,47 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if jax.process_count() > 1:
+                # A Python handler runs in the main thread, and only once it is back in Python: not
+                # while it waits in a collective for a peer that died. The C-level handler writes the
+                # signal number to this pipe at once; a thread reading it starts the grace timer.
+                r, w = os.pipe()
+                os.set_blocking(w, False)
+                self._wakeup = (signal.set_wakeup_fd(w, warn_on_full_buffer=False), r, w)
+                threading.Thread(target=self._watch, args=(r,), daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._wakeup[0])
+            self._wakeup = None
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 1)
+            except OSError:
+                return
+            if not data:
+                return
+            if data[0] in (signal.SIGTERM, signal.SIGINT):
+                self._note(data[0])
 
     def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.reason is not None and signum == signal.SIGINT:
-            print("\nsecond Ctrl-C: exiting now, without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(130)
-        if self.reason is None:
+        if self._wakeup is None:  # one process: the Python handler is the only path
+            self._note(signum)    # (several: the pipe's reader thread has already noted it)
+
+    def _note(self, signum: int) -> None:
+        with self._lock:
+            if self.reason is not None:
+                if signum == signal.SIGINT:
+                    print("\nsecond Ctrl-C: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+                    os._exit(130)
+                return
+            name = signal.Signals(signum).name
             self.reason = name
             print(f"\n{name} received: finishing the current step, saving a checkpoint, then exiting"
                   + (" (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""),
