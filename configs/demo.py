@@ -85,6 +85,17 @@ def get_config() -> ConfigDict:
     # A copy of the base model's config.json: what --dry_run compiles when the checkpoint is not here.
     c.model.arch_json = ""
 
+    # ---- LoRA (trainer.lora): train low-rank adapters, keep the base frozen ------------------
+    c.lora = ConfigDict()
+    c.lora.rank = 0  # 0: full fine-tuning
+    c.lora.alpha = 16.0  # the update is (alpha / rank) A B, as in PEFT
+    c.lora.dropout = 0.0  # on the adapters' input (PEFT's lora_dropout)
+    c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections of every block
+    c.lora.init = "peft"  # A Kaiming-uniform, B zeros: step 0 is the base model exactly
+    c.lora.base_dtype = ""  # the frozen base's storage dtype ("": model.param_dtype), e.g. bfloat16
+    c.lora.base_quant = ""  # QLoRA: "int8" (per channel) or "nf4" (blockwise 4-bit), dequantised per layer
+    c.lora.init_from = ""  # a PEFT adapter directory to start from (continue training, or evaluate)
+
     # ---- optimiser --------------------------------------------------------------------------
     c.optimizer = ConfigDict(dict(learning_rate=3e-3, warmup_steps=50, end_lr_ratio=0.05, b1=0.9,
                                   b2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0))

@@ -79,17 +79,21 @@ def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: 
     if read_only:
         absl_logging.get_absl_logger().addFilter(_READ_ONLY_NOTICE)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options, item_names=("params", "opt_state", "data"))
+                                 options=options, item_names=("params", "opt_state", "data", "base"))
 
 
 class Checkpointer:
     """Saves/restores ``TrainState`` (sharded, async) and the loader state for one workdir."""
 
     def __init__(self, workdir: str, keep: int = 2, read_only: bool = False,
-                 best_metric: str = VAL_METRIC, best_mode: str = "auto", timeout_s: float = 1800.0):
+                 best_metric: str = VAL_METRIC, best_mode: str = "auto", timeout_s: float = 1800.0,
+                 base: dict[str, str] | None = None):
         """``best_metric`` (``checkpoint.best_metric``, e.g. ``val/exact_match``) ranks the saved steps
-        for ``best``; ``best_mode`` min | max | auto (min for losses)."""
+        for ``best``; ``best_mode`` min | max | auto (min for losses). ``base``: the frozen base's
+        identity (``{"path", "fingerprint"}``) of a LoRA run, saved with every step and checked on
+        restore: adapters only mean something on the base they were trained on."""
         self.workdir = workdir
+        self.base = base
         self.timeout_s = timeout_s  # checkpoint.timeout_s: the longest a save may block the loop
         self.best_metric = best_metric
         self.mode = best_mode_fn(best_metric, best_mode)
@@ -125,9 +129,12 @@ class Checkpointer:
             self._save(step, state, data_state, metrics)
 
     def _save(self, step, state, data_state, metrics) -> None:
-        args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
-                                  opt_state=ocp.args.StandardSave(state.opt_state),
-                                  data=ocp.args.JsonSave(data_state or {}))
+        items = dict(params=ocp.args.StandardSave(state.params),
+                     opt_state=ocp.args.StandardSave(state.opt_state),
+                     data=ocp.args.JsonSave(data_state or {}))
+        if self.base:
+            items["base"] = ocp.args.JsonSave(self.base)
+        args = ocp.args.Composite(**items)
         self.mgr.save(step, args=args, metrics=metrics, force=True)
 
     def _check_space(self, step: int, state: Any) -> None:
@@ -145,8 +152,26 @@ class Checkpointer:
                 "fail with OSError 28, No space left on device). Training stopped; the previous "
                 "checkpoints are intact.")
 
+    def check_base(self, step: int) -> None:
+        """Refuses (one line) to restore adapters trained on another base than ``self.base``."""
+        if not self.base:
+            return
+        saved = None
+        if os.path.isdir(os.path.join(self.directory, str(step), "base")):
+            saved = self.mgr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+        if not saved or saved.get("fingerprint") != self.base.get("fingerprint"):
+            what = (f"{saved.get('path') or '(init)'} ({saved.get('fingerprint')})" if saved
+                    else "a full fine-tuning run (no LoRA base)")
+            raise UserError(
+                f"the checkpoint of step {step} in {self.directory} holds LoRA adapters for base "
+                f"{what}, but this run's base is {self.base.get('path') or '(init)'} "
+                f"({self.base.get('fingerprint')}); adapters only fit the base they were trained on: "
+                "use that base or a new --workdir")
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores a TrainState into the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        """Restores a TrainState into the shardings carried by ``abstract_state`` (ShapeDtypeStructs;
+        its ``frozen`` part, the LoRA base, is taken as it is)."""
+        self.check_base(step)
         out = self.mgr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state), data=ocp.args.JsonRestore()))
@@ -167,6 +192,8 @@ class Checkpointer:
             try:
                 state, data = self.restore(step, abstract_state)
                 return step, state, data
+            except UserError:  # not a damaged checkpoint: a different run's (another LoRA base)
+                raise
             except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore/JSON raise many types
                 reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"
                 failures.append(f"step {step}: {reason}")

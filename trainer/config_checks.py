@@ -110,6 +110,15 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
         need(m.num_key_value_heads < 1 or m.num_attention_heads % m.num_key_value_heads == 0,
              f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
              f"model.num_key_value_heads ({m.num_key_value_heads})")
+    from trainer.lora import LoraConfig  # noqa: PLC0415 (jax-free callers stay jax-free)
+    try:
+        lcfg = LoraConfig.from_config(config)
+    except TypeError as err:
+        out.append(f"lora: {err}")
+    else:
+        out += lcfg.problems()
+        need(not check_paths or not lcfg.init_from or os.path.isdir(lcfg.init_from),
+             f"lora.init_from: {lcfg.init_from!r} is not a directory")
     tk = config.tokenizer
     need(tk.kind in ("train_bpe", "hf"), f"tokenizer.kind must be train_bpe or hf, got {tk.kind!r}")
     need(tk.kind != "hf" or bool(tk.path or hf or gg),

@@ -21,11 +21,12 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from data_pipeline import sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import experiment, metrics as metrics_lib, reports
+from trainer import experiment, lora as lora_lib, metrics as metrics_lib, reports
 from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError
 from trainer.evaluator import (Evaluator, Result, few_shot_messages, fit_prompt,  # noqa: F401
@@ -214,14 +215,24 @@ def evaluate(req: Request) -> dict[str, Any]:
     if req.workdir:
         ccfg = config.get("checkpoint", {})
         ckpt = Checkpointer(req.workdir, read_only=True, best_metric=ccfg.get("best_metric", VAL_METRIC),
-                            best_mode=ccfg.get("best_mode", "auto"))
+                            best_mode=ccfg.get("best_mode", "auto"),
+                            base=experiment.base_identity(spec, config.seed))
         step = ckpt.resolve(req.checkpoint)
-        abstract = experiment.abstract_with_shardings(spec.init_params_fn(0), spec.param_shardings)
-        finetuned = ckpt.restore_params(step, abstract)
+        ckpt.check_base(step)
+        finetuned = ckpt.restore_params(step, spec.abstract_trainable())
         ckpt.close()
     base = spec.init_params(config.seed)  # the run's start: the HF/GGUF weights or the init
+    if spec.lora.enabled:
+        # One copy of the base serves both rows: the base row is it with zeroed adapters (exactly
+        # the base: the LoRA branch adds 0), the fine-tuned row the same arrays plus the trained ones.
+        adapters, frozen = spec.split(base)
+        base = lora_lib.combine(frozen, jax.tree.map(jnp.zeros_like, adapters))
+        if req.workdir:
+            finetuned = lora_lib.combine(frozen, finetuned)
     base_name = (f"base ({os.path.basename(os.path.normpath(spec.hf_path))})" if spec.hf_path
                  else "base (untrained init)")
+    if spec.lora.base_quant:
+        base_name = f"{base_name[:-1]}, {spec.lora.base_quant})"
     compared: list[tuple[str, Any, int]] = [(base_name if req.workdir else os.path.basename(
         os.path.normpath(model_path)), base, k) for k in shots_list]
     if req.workdir:

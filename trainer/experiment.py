@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -21,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import config_checks, rundir, hf_io, metrics as metrics_lib, sharding as sharding_lib
+from trainer import (config_checks, hf_io, lora as lora_lib, metrics as metrics_lib, quant, rundir,
+                     sharding as sharding_lib)
 from trainer.cli import UserError
 from trainer.model import ModelConfig, Transformer, resolve_attention
 from trainer.step import TrainState, make_train_step
@@ -30,7 +32,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 # Sections that define *what* is trained. A workdir may be resumed with other values elsewhere (more
 # steps, other logging), but never with a different model, data or seed: that would silently mix runs.
-IDENTITY_KEYS = ("seed", "data", "tokenizer", "model")
+IDENTITY_KEYS = ("seed", "data", "tokenizer", "model", "lora")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -85,6 +87,8 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
         with open(path) as f:
             saved = json.load(f)
         live = _plain(config)
+        if "lora" not in saved and not lora_lib.LoraConfig.from_config(config).enabled:
+            saved = {**saved, "lora": live.get("lora")}  # a workdir from before LoRA: the same run
         old, new = _flatten({k: saved.get(k) for k in IDENTITY_KEYS}), _flatten(
             {k: live.get(k) for k in IDENTITY_KEYS})
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -215,6 +219,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int,
         ("dtype", "float32"), ("param_dtype", "float32"), ("attention_impl", "auto"), ("remat", "none"),
         ("scan_layers", False), ("attention_block_size", 128))}
     runtime["packed_inputs"] = config.data.get("packing", "none") != "none"
+    runtime.update(lora_lib.LoraConfig.from_config(config).model_fields())
     axes = dict(rules(config))  # mesh axes of attention's batch/head dims (for kernels under shard_map)
     as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v else ())  # noqa: E731
     runtime.update(attention_batch_axes=as_tuple(axes.get("batch")),
@@ -227,6 +232,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int,
     else:
         cfg = ModelConfig.from_dict({**config.model.to_dict(), **runtime, "vocab_size": vocab_size,
                                      "max_position_embeddings": config.data.max_length})
+    if problem := lora_lib.rank_problem(cfg):
+        raise UserError(problem)
     try:
         if resolve_attention(cfg) == "splash" and config.data.max_length % 128:
             raise ValueError(f"splash attention needs data.max_length to be a multiple of 128 "
@@ -249,45 +256,111 @@ def rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
 
 @dataclasses.dataclass
 class ModelSpec:
-    """The model split once into a static graph and the shardings of its parameters."""
+    """The model split once into a static graph and the shardings of its parameters.
+
+    ``params`` everywhere below means the model's whole param dict as the run holds it: with LoRA
+    (``lora``) the frozen base leaves are cast or quantised (``QTensor``s) and the adapters sit beside
+    them; ``split`` separates what trains from what does not.
+    """
 
     cfg: ModelConfig
     graphdef: nnx.GraphDef
-    param_shardings: Any  # pure dict of NamedSharding, same structure as params
+    param_shardings: Any  # pure dict of NamedSharding (QTensor of them where quantised), like params
     mesh: Mesh
     hf_path: str = ""
+    lora: lora_lib.LoraConfig = dataclasses.field(default_factory=lora_lib.LoraConfig)
 
     def init_params_fn(self, seed: int):
+        """``() -> params`` as the model creates them: every leaf in ``param_dtype``, unquantised."""
         cfg = self.cfg
-        return lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+        return lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed, lora=seed + 1)),
+                                 nnx.Param).to_pure_dict()
+
+    def freeze(self, params: Any) -> Any:
+        """The frozen base leaves as the run stores them (``lora.base_dtype`` / ``lora.base_quant``)."""
+        if not self.lora.enabled:
+            return params
+        return lora_lib.map_frozen(params, lambda path, x: lora_lib.freeze_leaf(
+            path, x, self.lora, self.cfg.param_dtype))
+
+    def params_fn(self, seed: int):
+        """``() -> params`` as the run holds them (frozen leaves cast/quantised)."""
+        make = self.init_params_fn(seed)
+        return lambda: self.freeze(make())
+
+    def split(self, params: Any) -> tuple[Any, Any]:
+        """``(trainable, frozen)`` (``trainer.lora.split``)."""
+        return lora_lib.split(params, self.lora.enabled)
+
+    def abstract_params(self) -> Any:
+        return abstract_with_shardings(self.params_fn(0), self.param_shardings)
+
+    def abstract_trainable(self) -> Any:
+        """What a checkpoint's ``params`` item holds: the adapters with LoRA, else everything."""
+        return self.split(self.abstract_params())[0]
 
     def init_params(self, seed: int) -> Any:
         """The run's starting parameters, created or read directly in their shardings.
 
         From scratch: a jitted init with ``out_shardings`` (never whole on one device). From an HF
-        checkpoint: each tensor is read on the host, converted, and each device receives only its
-        shard (``jax.make_array_from_callback``).
+        checkpoint: each tensor is read on the host, converted (and with LoRA cast or quantised), and
+        each device receives only its shard (``jax.make_array_from_callback``); fresh adapters come
+        from a jitted init of the adapters alone. ``lora.init_from`` then replaces the adapters with a
+        PEFT adapter's.
         """
         if not self.hf_path:
-            return jax.jit(self.init_params_fn(seed), out_shardings=self.param_shardings)()
+            params = jax.jit(self.params_fn(seed), out_shardings=self.param_shardings)()
+        else:
+            params = self._load_base()
+            if self.lora.enabled:
+                make = self.params_fn(seed)
+                adapters_sh = self.split(self.param_shardings)[0]
+                params = lora_lib.combine(params, jax.jit(lambda: self.split(make())[0],
+                                                          out_shardings=adapters_sh)())
+        if self.lora.init_from:
+            params = lora_lib.combine(params, self._read_adapter())
+        return params
+
+    def _load_base(self) -> Any:
         expected = jax.eval_shape(self.init_params_fn(0))
+        lcfg, param_dtype = self.lora, self.cfg.param_dtype
 
         def place(path, value):
             want = hf_io.get_path(expected, path)
             if value.shape != want.shape:
                 raise ValueError(f"our {'/'.join(map(str, path))} would be {value.shape}, the config "
                                  f"implies {want.shape}")
-            return jax.make_array_from_callback(value.shape, hf_io.get_path(self.param_shardings, path),
-                                                lambda idx: value[idx])
+            sh = hf_io.get_path(self.param_shardings, path)
+            if lcfg.enabled:
+                value = lora_lib.freeze_leaf(path, value, lcfg, param_dtype)
+            put = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])  # noqa: E731
+            if isinstance(value, quant.QTensor):
+                return quant.QTensor(put(value.codes, sh.codes), put(value.scale, sh.scale),
+                                     value.kind, value.in_axes, value.block)
+            return put(value, sh)
         try:
             model_type = hf_io.read_hf_config(self.hf_path)["model_type"]
             params = hf_io.load_hf(self.hf_path, self.cfg, model_type, place)
         except hf_io.HFError as e:
             raise UserError(f"base model: {e}") from e
-        if jax.tree.structure(params) != jax.tree.structure(expected):
+        want = self.split(expected)[1] if self.lora.enabled else expected
+        is_q = lambda x: isinstance(x, quant.QTensor)  # noqa: E731
+        if jax.tree.structure(params, is_leaf=is_q) != jax.tree.structure(want):
             raise UserError(f"base model {self.hf_path}: the checkpoint's tensors do not fill the model "
-                            f"({len(jax.tree.leaves(params))} of {len(jax.tree.leaves(expected))})")
+                            f"({len(jax.tree.leaves(params, is_leaf=is_q))} of {len(jax.tree.leaves(want))})")
         return params
+
+    def _read_adapter(self) -> Any:
+        """The adapters of ``lora.init_from`` (a PEFT directory), placed in their shardings."""
+        model_type = (hf_io.read_hf_config(self.hf_path)["model_type"] if self.hf_path else "llama")
+        expected = self.split(jax.eval_shape(self.init_params_fn(0)))[0]
+        try:
+            host = lora_lib.read_peft(self.lora.init_from, self.cfg, model_type, expected)
+        except lora_lib.LoraError as e:
+            raise UserError(str(e)) from e
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype), s), host,
+                            self.split(self.param_shardings)[0])
 
 
 def model_spec(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
@@ -296,20 +369,38 @@ def model_spec(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
     if cfg.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size} "
                         "embeddings")
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    lcfg = lora_lib.LoraConfig.from_config(config)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0, lora=1)))
     graphdef, abs_params = nnx.split(abstract, nnx.Param)
     shardings = sharding_lib.state_shardings(abs_params, mesh, rules(config)).to_pure_dict()
-    return ModelSpec(cfg, graphdef, shardings, mesh, hf_path(config))
+    if lcfg.base_quant:  # quantised projections: codes follow the weight, scales mostly replicate
+        shapes = abs_params.to_pure_dict()
+
+        def q_sharding(path, sh):
+            in_axes = lora_lib.frozen_projection(path)
+            if in_axes is None:
+                return sh
+            return quant.sharding(lcfg.base_quant, in_axes, hf_io.get_path(shapes, path).shape, sh)
+        shardings = lora_lib.map_frozen(shardings, q_sharding)
+    return ModelSpec(cfg, graphdef, shardings, mesh, hf_path(config), lcfg)
+
+
+def base_identity(spec: ModelSpec, seed: int) -> dict[str, str] | None:
+    """What a LoRA run's checkpoints record of their frozen base (None without LoRA)."""
+    if not spec.lora.enabled:
+        return None
+    return {"path": spec.hf_path, "fingerprint": lora_lib.fingerprint(spec.hf_path, seed)}
 
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation) -> TrainState:
-    """Shardings for the whole TrainState: optimizer moments follow their parameter."""
-    abs_params = jax.eval_shape(spec.init_params_fn(0))
-    abs_opt = jax.eval_shape(tx.init, abs_params)
+    """Shardings for the whole TrainState: optimizer moments follow their (trainable) parameter."""
+    abs_trainable = spec.split(jax.eval_shape(spec.params_fn(0)))[0]
+    trainable_sh, frozen_sh = spec.split(spec.param_shardings)
+    abs_opt = jax.eval_shape(tx.init, abs_trainable)
     rep = NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, spec.param_shardings,
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, trainable_sh,
                                    transform_non_params=lambda _: rep)
-    return TrainState(step=rep, params=spec.param_shardings, opt_state=opt_sh)
+    return TrainState(step=rep, params=trainable_sh, opt_state=opt_sh, frozen=frozen_sh)
 
 
 def abstract_with_shardings(fn, shardings: Any) -> Any:
@@ -318,26 +409,31 @@ def abstract_with_shardings(fn, shardings: Any) -> Any:
                         jax.eval_shape(fn), shardings)
 
 
-def _step0(tx: optax.GradientTransformation, params: Any) -> TrainState:
-    """A fresh TrainState at step 0: ``params`` and new optimizer moments."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def _step0(spec: ModelSpec, tx: optax.GradientTransformation, params: Any) -> TrainState:
+    """A fresh TrainState at step 0: ``params`` split into trainable and frozen, new optimizer
+    moments for the trainable part."""
+    trainable, frozen = spec.split(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
+                      frozen=frozen)
 
 
 def init_train_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int,
-                     shardings: TrainState) -> TrainState:
-    """Step 0: the starting parameters (``spec.init_params``) and fresh optimizer moments."""
-    return jax.jit(lambda p: _step0(tx, p), in_shardings=(spec.param_shardings,),
-                   out_shardings=shardings, donate_argnums=(0,))(spec.init_params(seed))
+                     shardings: TrainState, params: Any = None) -> TrainState:
+    """Step 0: the starting parameters (``spec.init_params``, or ``params``) and fresh optimizer
+    moments."""
+    params = spec.init_params(seed) if params is None else params
+    return jax.jit(lambda p: _step0(spec, tx, p), in_shardings=(spec.param_shardings,),
+                   out_shardings=shardings, donate_argnums=(0,))(params)
 
 
 def jit_train_step(spec: ModelSpec, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    grad_accum_steps: int, state_sh: TrainState, batch_sh: NamedSharding,
-                   loss_chunk: int = 1024):
+                   loss_chunk: int = 1024, seed: int = 0):
     """``make_train_step`` under ``jax.jit``: explicit in/out shardings, donated state, traced with
     the mesh current (for the model's shard_map kernels)."""
     rep = sharding_lib.replicated(spec.mesh)
     step = jax.jit(make_train_step(spec.graphdef, tx, schedule, grad_accum_steps, loss_chunk,
-                                   batch_sh.spec),
+                                   batch_sh.spec, dropout_seed=seed),
                    in_shardings=(state_sh, {k: batch_sh for k in loader.FIELDS}),
                    out_shardings=(state_sh, rep), donate_argnums=(0,))
     return sharding_lib.with_mesh(spec.mesh, step)
@@ -345,7 +441,7 @@ def jit_train_step(spec: ModelSpec, tx: optax.GradientTransformation, schedule: 
 
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState) -> Any:
     """The TrainState's shapes, dtypes and shardings, without reading or creating any weights."""
-    return abstract_with_shardings(lambda: _step0(tx, spec.init_params_fn(0)()), shardings)
+    return abstract_with_shardings(lambda: _step0(spec, tx, spec.params_fn(0)()), shardings)
 
 
 def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:

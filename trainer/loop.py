@@ -103,7 +103,7 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
     rep = sharding_lib.replicated(mesh)
     chunk = tcfg.get("loss_chunk_tokens", 1024)
     train_step = experiment.jit_train_step(spec, tx, schedule, tcfg.grad_accum_steps, state_sh,
-                                           batch_sh, chunk)
+                                           batch_sh, chunk, config.seed)
     eval_step = sharding_lib.with_mesh(mesh, jax.jit(
         make_eval_step(spec.graphdef, chunk), in_shardings=(spec.param_shardings, batch_tree_sh),
         out_shardings=rep))
@@ -125,10 +125,21 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
     # Checkpoint: resume or initialise
     # ----------------------------------------------------------------------------------------
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, best_metric=best_metric,
-                        best_mode=ccfg.get("best_mode", "auto"), timeout_s=ccfg.get("timeout_s", 1800))
+                        best_mode=ccfg.get("best_mode", "auto"), timeout_s=ccfg.get("timeout_s", 1800),
+                        base=experiment.base_identity(spec, config.seed))
     writer = None
     try:
-        restored = ckpt.restore_latest(experiment.abstract_state(spec, tx, state_sh))
+        abstract = experiment.abstract_state(spec, tx, state_sh)
+        params0 = None
+        if spec.lora.enabled:  # a resume needs the frozen base too: read it once, here
+            params0 = spec.init_params(config.seed)
+            abstract = abstract.replace(frozen=spec.split(params0)[1])
+            n_train = sum(x.size for x in jax.tree.leaves(abstract.params))
+            metrics_lib.log(f"LoRA rank {spec.lora.rank} on {','.join(spec.lora.targets)}: "
+                            f"{n_train / 1e6:.3f}M trainable parameters "
+                            f"({100 * n_train / num_params:.2f}% of the model); base frozen in "
+                            f"{spec.lora.base_quant or spec.lora.base_dtype or spec.cfg.param_dtype}")
+        restored = ckpt.restore_latest(abstract)
         if restored is not None:
             start, state, data_state = restored
             if data_state:
@@ -141,7 +152,7 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
                     f"warmup + cosine schedule now spans the new length; at step {start} the learning "
                     f"rate goes from {float(old_schedule(start)):.3g} to {float(schedule(start)):.3g}")
         else:
-            state = experiment.init_train_state(spec, tx, config.seed, state_sh)
+            state = experiment.init_train_state(spec, tx, config.seed, state_sh, params0)
             start = 0
         if start >= tcfg.num_steps:
             metrics_lib.log(f"already trained to step {start} (train.num_steps={tcfg.num_steps}); "
@@ -216,14 +227,14 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
                 ckpt.save(step, state, train_iter.get_state(), metrics=None)
                 saved_step = step
             elif step % tcfg.eval_every == 0 or is_ckpt:
-                val = evaluate(state.params)
+                val = evaluate(state.model_params)
                 writer.write(step, val, prefix="val/")
                 progress.write(f"step {step}: val loss {val.get('loss', float('nan')):.4f}, "
                                f"token accuracy {val.get('token_accuracy', float('nan')):.4f}")
             # Generation eval on its schedule, and at every checkpoint when it ranks the checkpoints.
             if generation_eval is not None and stop is None and (
                     (gen_every and step % gen_every == 0) or (is_ckpt and best_metric != VAL_METRIC)):
-                gen = generation_eval(state.params)
+                gen = generation_eval(state.model_params)
                 writer.write(step, gen, prefix="val/")
                 val.update(gen)
                 progress.write(f"step {step}: " + ", ".join(

@@ -85,6 +85,13 @@ class ModelConfig:
     # Layers as one Block with stacked [layers, ...] params under ``lax.scan``: program size and
     # compile time independent of depth (the accelerator presets turn it on).
     scan_layers: bool = False
+    # ---- LoRA (trainer.lora): low-rank adapters beside the block projections ----------------
+    # out = x W + (alpha / rank) * dropout(x) A B, with A [in..., rank], B [rank, out...]
+    # (``nnx.LoRAParam``s, so a filter tells them from the frozen base). rank 0: none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()  # of LORA_TARGETS
 
     @property
     def head_size(self) -> int:
@@ -99,7 +106,7 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        for key in ("layer_types", "attention_batch_axes", "attention_head_axes"):
+        for key in ("layer_types", "attention_batch_axes", "attention_head_axes", "lora_targets"):
             if key in d:
                 d[key] = tuple(d[key] or ())
         return cls(**d)
@@ -170,6 +177,58 @@ def rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+# The projections LoRA can adapt, with how many leading axes of each weight are its input (``o`` is
+# [heads, head_dim, embed]: two). Names follow our params; PEFT's are ``<name>_proj``.
+LORA_TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+_LORA_IDS = {name: i for i, name in enumerate(LORA_TARGETS)}  # folded into the dropout key
+
+
+def _lora_params(module: nnx.Module, name: str, weight: nnx.Param, cfg: ModelConfig, rngs: nnx.Rngs,
+                 ) -> None:
+    """Adds ``<name>_lora_a`` / ``<name>_lora_b`` beside ``weight`` if ``cfg`` targets ``name``.
+
+    PEFT's default init: A Kaiming-uniform (``a=sqrt(5)``, i.e. U(+-1/sqrt(fan_in))), B zeros, so the
+    adapted model starts exactly equal to the base. A takes the weight's input axes, B its output
+    axes, so adapters shard by the same logical rules as their projection (rank: replicated).
+    """
+    if not cfg.lora_rank or name not in cfg.lora_targets:
+        return
+    n_in, pd, r = LORA_TARGETS[name], jnp.dtype(cfg.param_dtype), cfg.lora_rank
+    shape, names = weight.shape, weight.get_metadata()["out_sharding"]
+    fan_in = math.prod(shape[:n_in])
+    bound = 1.0 / fan_in ** 0.5
+    # A draws from its own ``lora`` stream when the caller gives one, so the base params of a LoRA
+    # model are those of the same model without LoRA (same seed).
+    key = rngs.lora() if "lora" in rngs else rngs.params()
+    a = jax.random.uniform(key, (*shape[:n_in], r), pd, -bound, bound)
+    setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, out_sharding=(*names[:n_in], "lora_rank"),
+                                                    eager_sharding=False))
+    setattr(module, f"{name}_lora_b", nnx.LoRAParam(jnp.zeros((r, *shape[n_in:]), pd),
+                                                    out_sharding=("lora_rank", *names[n_in:]),
+                                                    eager_sharding=False))
+
+
+def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | None) -> Array:
+    """``x`` through projection ``name`` (einsum ``spec``), plus its LoRA branch if it has one.
+
+    The branch is ``(alpha / rank) * (dropout(x) . A) . B`` as in PEFT: never the merged weight, so
+    the frozen weight needs no gradient of its own and dropout acts on the branch only.
+    """
+    cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
+    out = jnp.einsum(spec, x, getattr(module, name)[...].astype(dt))
+    if not hasattr(module, f"{name}_lora_a"):
+        return out
+    n_in = LORA_TARGETS[name]
+    if cfg.lora_dropout and rng is not None:
+        keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - cfg.lora_dropout,
+                                    x.shape)
+        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
+    a = getattr(module, f"{name}_lora_a")[...].astype(dt)
+    b = getattr(module, f"{name}_lora_b")[...].astype(dt)
+    low = jnp.tensordot(x, a, axes=n_in)  # [b, s, rank]
+    return out + jnp.tensordot(low, b, axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
 
 
 def _activation(name: str):
@@ -426,6 +485,8 @@ class Attention(nnx.Module):
         self.k = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, fan_in=e)
         self.v = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd, fan_in=e)
         self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), pd, fan_in=h * d)
+        for name in ("q", "k", "v", "o"):
+            _lora_params(self, name, getattr(self, name), cfg, rngs)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), pd, init="zeros")
             self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, init="zeros")
@@ -437,8 +498,8 @@ class Attention(nnx.Module):
             self.k_norm = Norm(d, cfg, rngs, "head_dim")
 
     def __call__(self, x: Array, positions: Array, segment_ids: Array, sliding: Array | bool,
-                 cache: tuple[Array, Array, Array | int, KVCache] | None = None
-                 ) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache: tuple[Array, Array, Array | int, KVCache] | None = None,
+                 rng: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [b, s, e]; positions, segment_ids: [b, s] int32; sliding: this layer's type.
 
         With ``cache=(k_all, v_all, layer, meta)`` -- every layer's ``[layers, b, slots, kv_heads,
@@ -447,11 +508,13 @@ class Attention(nnx.Module):
         runs over this layer's slots; the updated stacks are returned. Writing into the stack itself
         (not into a per-layer slice that is then put back) keeps the update in place: the put-back
         form made XLA copy the whole cache twice per layer, 2/3 of a SmolLM2-135M decode step.
+
+        ``rng``: the LoRA dropout key of this layer (training only; None: no dropout).
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        q = jnp.einsum("bse,ehd->bshd", x, self.q[...].astype(dt))
-        k = jnp.einsum("bse,ehd->bshd", x, self.k[...].astype(dt))
-        v = jnp.einsum("bse,ehd->bshd", x, self.v[...].astype(dt))
+        q = _project(self, "q", x, "bse,ehd->bshd", rng)
+        k = _project(self, "k", x, "bse,ehd->bshd", rng)
+        v = _project(self, "v", x, "bse,ehd->bshd", rng)
         if cfg.qkv_bias:
             q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                        v + self.v_bias[...].astype(dt))
@@ -480,7 +543,7 @@ class Attention(nnx.Module):
                             kv_segment_ids=meta.segment_ids, q_positions=positions,
                             kv_positions=meta.positions, q_offset=meta.index, sliding=sliding, cfg=cfg)
             new = (k_all, v_all)
-        out = jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dt))
+        out = _project(self, "o", out, "bshd,hde->bse", rng)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, new
@@ -494,18 +557,21 @@ class MLP(nnx.Module):
             self.gate = _param(rngs, (e, f), ("embed", "mlp"), pd, fan_in=e)
         self.up = _param(rngs, (e, f), ("embed", "mlp"), pd, fan_in=e)
         self.down = _param(rngs, (f, e), ("mlp", "embed"), pd, fan_in=f)
+        for name in ("gate", "up", "down"):
+            if hasattr(self, name):
+                _lora_params(self, name, getattr(self, name), cfg, rngs)
         if cfg.mlp_bias:
             self.up_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
             self.down_bias = _param(rngs, (e,), ("embed",), pd, init="zeros")
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, rng: Array | None = None) -> Array:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         act = _activation(cfg.activation)
-        up = x @ self.up[...].astype(dt)
+        up = _project(self, "up", x, "bse,ef->bsf", rng)
         if cfg.mlp_bias:
             up = up + self.up_bias[...].astype(dt)
-        h = act(x @ self.gate[...].astype(dt)) * up if cfg.mlp == "gated" else act(up)
-        out = h @ self.down[...].astype(dt)
+        h = act(_project(self, "gate", x, "bse,ef->bsf", rng)) * up if cfg.mlp == "gated" else act(up)
+        out = _project(self, "down", h, "bsf,fe->bse", rng)
         return out + self.down_bias[...].astype(dt) if cfg.mlp_bias else out
 
 
@@ -520,11 +586,15 @@ class Block(nnx.Module):
             self.post_attn_norm = Norm(cfg.hidden_size, cfg, rngs)
             self.post_mlp_norm = Norm(cfg.hidden_size, cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids, sliding, cache=None):
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, sliding, cache)
+    def __call__(self, x, positions, segment_ids, sliding, cache=None, rng=None):
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, sliding, cache, rng)
         x = x + (self.post_attn_norm(h) if self.post_norms else h)
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), rng)  # (each projection folds its own id into ``rng``)
         return x + (self.post_mlp_norm(h) if self.post_norms else h), cache
+
+
+def _layer_rng(rng: Array | None, layer: Array | int) -> Array | None:
+    return None if rng is None else jax.random.fold_in(rng, layer)
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -568,12 +638,14 @@ class Transformer(nnx.Module):
                                   fan_in=cfg.hidden_size)
 
     def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, dropout_rng: Array | None = None
+                 ) -> tuple[Array, KVCache | None]:
         """Args:
           tokens: [batch, seq] int32.
           positions: [batch, seq] int32 (restart at 0 per packed segment).
           segment_ids: [batch, seq] int32, 0 = padding; attention never crosses segments.
           cache: optional ``KVCache``; this call's tokens are written at ``cache.index``.
+          dropout_rng: key for LoRA dropout (training); None (eval, generation): no dropout.
 
         Returns:
           hidden states [batch, seq, embed] (after the final norm, compute dtype) and the updated
@@ -595,27 +667,27 @@ class Transformer(nnx.Module):
         kinds = [cfg.layer_type(i) == SLIDING for i in range(cfg.num_hidden_layers)]
         remat = cfg.remat if cache is None else "none"
         if cfg.scan_layers:
-            x, kv = self._scan(x, positions, segment_ids, kinds, meta, remat)
+            x, kv = self._scan(x, positions, segment_ids, kinds, meta, remat, dropout_rng)
         else:
-            x, kv = self._unrolled(x, positions, segment_ids, kinds, meta, remat)
+            x, kv = self._unrolled(x, positions, segment_ids, kinds, meta, remat, dropout_rng)
         new_cache = None
         if cache is not None:
             new_cache = meta.replace(k=kv[0], v=kv[1],
                                      index=jnp.asarray(cache.index + tokens.shape[1], jnp.int32))
         return self.final_norm(x), new_cache
 
-    def _unrolled(self, x, positions, segment_ids, kinds, meta, remat):
+    def _unrolled(self, x, positions, segment_ids, kinds, meta, remat, rng=None):
         kv = None if meta is None else (meta.k, meta.v)
         for i, layer in enumerate(self.layers):
             if meta is None:
-                def call(blk, x_, sliding=kinds[i]):
-                    return blk(x_, positions, segment_ids, sliding)[0]
+                def call(blk, x_, sliding=kinds[i], rng_i=_layer_rng(rng, i)):
+                    return blk(x_, positions, segment_ids, sliding, None, rng_i)[0]
                 x = (call if remat == "none" else nnx.remat(call, policy=_policy(remat)))(layer, x)
                 continue
             x, kv = layer(x, positions, segment_ids, kinds[i], (*kv, i, meta))
         return x, kv
 
-    def _scan(self, x, positions, segment_ids, kinds, meta, remat):
+    def _scan(self, x, positions, segment_ids, kinds, meta, remat, rng=None):
         graphdef, state = nnx.split(self.layers)
         uniform = all(kinds) or not any(kinds)
         flags = jnp.asarray(kinds) if not uniform else None
@@ -626,7 +698,7 @@ class Transformer(nnx.Module):
             sliding = kinds[0] if uniform else flag
             block = nnx.merge(graphdef, layer_state)
             if kv is None:
-                return (block(x, positions, segment_ids, sliding)[0], None), None
+                return (block(x, positions, segment_ids, sliding, None, _layer_rng(rng, i))[0], None), None
             x, kv = block(x, positions, segment_ids, sliding, (*kv, i, meta))
             return (x, kv), None
 

@@ -11,6 +11,7 @@ Batch layout (from ``data_pipeline.loader``), every field ``[batch, seq]``:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
 from trainer.loss import SUMS, chunked_token_loss, token_loss  # noqa: F401 (token_loss: re-exported)
+from trainer.lora import combine
 from trainer.model import Transformer
 
 Batch = dict[str, jax.Array]
@@ -29,11 +31,22 @@ Metrics = dict[str, jax.Array]
 
 @struct.dataclass
 class TrainState:
-    """Everything a step reads and writes; a plain pytree (params are a pure nested dict)."""
+    """Everything a step reads and writes; a plain pytree (params are pure nested dicts).
+
+    ``params`` are what trains (everything, or with LoRA the adapters) and what the optimizer holds
+    moments for; ``frozen`` is the rest of the model (with LoRA the base, possibly quantised; else
+    ``{}``). Checkpoints hold ``params`` and ``opt_state``; the frozen base is the run's base model.
+    """
 
     step: jax.Array  # int32 scalar
     params: Any
     opt_state: Any
+    frozen: Any = dataclasses.field(default_factory=dict)
+
+    @property
+    def model_params(self) -> Any:
+        """The model's whole param dict (for eval, generation, export)."""
+        return combine(self.frozen, self.params)
 
 
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -73,9 +86,10 @@ def make_forward(graphdef: nnx.GraphDef, loss_chunk: int = 1024
     """Returns ``forward(params, batch) -> loss sums`` for a model graph split once, outside the loop.
     The model returns hidden states; the loss applies the head a chunk of tokens at a time."""
 
-    def forward(params: Any, batch: Batch) -> dict[str, jax.Array]:
+    def forward(params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
         model: Transformer = nnx.merge(graphdef, params)
-        hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                          dropout_rng=dropout_rng)
         return chunked_token_loss(hidden, model.head(), batch["targets"], batch["weights"],
                                   chunk=loss_chunk, softcap=model.cfg.final_logit_softcap)
 
@@ -101,7 +115,7 @@ def micro_batches(batch: Batch, k: int, spec: PartitionSpec | None = None) -> Ba
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int = 1, loss_chunk: int = 1024,
-                    batch_spec: PartitionSpec | None = None
+                    batch_spec: PartitionSpec | None = None, dropout_seed: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure train step (to be wrapped in ``jax.jit`` by the caller with shardings).
 
@@ -109,28 +123,34 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     *summed* gradients of the loss sums are divided once by the total supervised-token count, so the
     update equals the full-batch update exactly (up to float summation order). ``batch_spec``: the
     PartitionSpec of the ``[batch, seq]`` inputs, so that micro-batches keep each device's rows.
+
+    Only ``state.params`` are differentiated; ``state.frozen`` (the LoRA base) goes in as a constant
+    and comes out untouched. ``dropout_seed``: LoRA dropout draws from ``(seed, step, micro-batch)``,
+    so a resumed run drops the same units (models without dropout ignore the key).
     """
     forward = make_forward(graphdef, loss_chunk)
 
-    def loss_sum_fn(params, micro):
-        out = forward(params, micro)
+    def loss_sum_fn(params, frozen, micro, rng):
+        out = forward(combine(frozen, params), micro, rng)
         return out["loss_sum"], out
 
     grad_fn = jax.grad(loss_sum_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
         if grad_accum_steps == 1:
-            grads, sums = grad_fn(state.params, batch)
+            grads, sums = grad_fn(state.params, state.frozen, batch, rng)
         else:
             micro = micro_batches(batch, grad_accum_steps, batch_spec)
 
-            def body(carry, mb):
-                g, s = grad_fn(state.params, mb)
+            def body(carry, xs):
+                mb, i = xs
+                g, s = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, state.params),
                      {k: jnp.zeros((), jnp.float32) for k in SUMS})
-            (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+            (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
         # Normalise by the token count of the whole (global) batch. max(.,1): a batch with no
         # supervised token gives zero gradients, never NaN (the data pipeline drops such rows).
         denom = jnp.maximum(sums["tokens"], 1.0)
@@ -148,7 +168,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         metrics.update(loss=sums["loss_sum"] / denom, token_accuracy=sums["correct"] / denom,
                        grad_norm=grad_norm, learning_rate=schedule(state.step),
                        skipped=(~ok).astype(jnp.float32))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
