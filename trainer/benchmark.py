@@ -10,6 +10,7 @@ printed where the device's peak bf16 FLOP/s is known (GPUs, TPUs), never for CPU
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -55,9 +56,95 @@ def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: in
     for b in device_data[warmup:]:
         state, m = step(state, b)
     jax.block_until_ready(m)
+    seconds = time.perf_counter() - t0
     stats = jax.devices()[0].memory_stats() or {}
-    return {"seconds": time.perf_counter() - t0, "cfg": spec.cfg, "loss": float(m["loss"]),
-            "peak_bytes": stats.get("peak_bytes_in_use")}
+    # The step's own footprint per device, from XLA's buffer assignment (the executable is cached:
+    # no second compile): state and batch + temporaries, less what donation lets outputs reuse.
+    mem = step.lower(state, device_data[0]).compile().memory_analysis()
+    step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                  + mem.temp_size_in_bytes) if mem is not None else None
+    return {"seconds": seconds, "cfg": spec.cfg, "loss": float(m["loss"]), "step_bytes": step_bytes,
+            "peak_bytes": stats.get("peak_bytes_in_use"), "state_bytes": state_bytes(state),
+            "trainable": sum(x.size for x in jax.tree.leaves(state.params))}
+
+
+def state_bytes(state) -> dict[str, int]:
+    """Bytes of the state's parts on device 0 (its shards): trainable params, optimizer, frozen base.
+    Works on arrays and on ShapeDtypeStructs with shardings."""
+    def per_device(tree) -> int:
+        total = 0
+        for x in jax.tree.leaves(tree):
+            shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+            total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+        return total
+    return {"params": per_device(state.params), "opt_state": per_device(state.opt_state),
+            "frozen": per_device(state.frozen)}
+
+
+# ``trainer.bench --lora``: the same model and batches under each of these, smallest state first.
+# "step GB" is XLA's buffer assignment for the step (state + batch + temporaries): per variant, exact.
+# "peak GB" is the device's peak counter, which only grows within a process and here includes the
+# random init (a float base quantised on the device; a real run quantises HF weights on the host):
+# "<=" marks a reading that did not grow past the previous variant's.
+LORA_VARIANTS = (("QLoRA nf4", {"base_quant": "nf4"}), ("QLoRA int8", {"base_quant": "int8"}),
+                 ("LoRA, bf16 base", {"base_dtype": "bfloat16"}), ("LoRA", {}), ("full fine-tuning", None))
+
+
+def lora_variant(config, rank: int, extra: dict[str, Any] | None):
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.lora.rank = 0 if extra is None else rank
+        for k, v in (extra or {}).items():
+            c.lora[k] = v
+    return c
+
+
+def bench_lora(config, batch: int, seq: int, steps: int, rank: int = 16, dry: bool = False,
+               vocab: int = 32000, num_devices: int | None = None, warmup: int = 2) -> list[dict[str, Any]]:
+    """Full fine-tuning vs LoRA vs QLoRA on one model: trainable parameters, bytes per device of the
+    trainable params, optimizer state and frozen base, and (unless ``dry``) step time and peak memory.
+    ``dry``: the ahead-of-time compile of ``trainer.dry_run`` instead of steps (a model too large to
+    run here), with XLA's per-device total."""
+    from trainer import dry_run as dry_lib  # noqa: PLC0415
+    rows = []
+    data = None if dry else batches(steps + warmup, batch, seq, vocab)
+    for name, extra in LORA_VARIANTS:
+        c = lora_variant(config, rank, extra)
+        row: dict[str, Any] = {"variant": name, "rank": 0 if extra is None else rank}
+        if dry:
+            with c.unlocked():
+                c.train.batch_size, c.data.max_length = batch, seq
+            r = dry_lib.dry_run(c, num_devices, quiet=True)
+            row.update(trainable=r["trainable_parameters"], state_bytes=r["state_bytes_per_device"],
+                       total_bytes=r["memory_per_device_bytes"]["total"])
+        else:
+            o = bench_ours(c, vocab, data, warmup)
+            row.update(trainable=o["trainable"], state_bytes=o["state_bytes"], loss=o["loss"],
+                       step_s=o["seconds"] / steps, tokens_per_s=batch * seq * steps / o["seconds"],
+                       peak_bytes=o["peak_bytes"], step_bytes=o["step_bytes"])
+        rows.append(row)
+    for prev, r in zip(rows, rows[1:]):
+        r["peak_is_upper_bound"] = bool(r.get("peak_bytes")) and r["peak_bytes"] == prev.get("peak_bytes")
+    gb = 1e9
+    head = ("| variant | trainable params | params GB/device | optimizer GB/device | frozen base GB/device | "
+            + ("XLA total GB/device |" if dry else "step s | tokens/s | step GB/device (XLA) | peak GB |"))
+    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
+    for r in rows:
+        b = r["state_bytes"]
+        cells = [r["variant"] + (f" (r={r['rank']})" if r["rank"] else ""), f"{r['trainable'] / 1e6:,.2f}M",
+                 f"{b['params'] / gb:.3f}", f"{b['opt_state'] / gb:.3f}", f"{b['frozen'] / gb:.3f}"]
+        if dry:
+            cells.append(f"{r['total_bytes'] / gb:.2f}")
+        else:
+            cells += [f"{r['step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                      f"{r['step_bytes'] / gb:.2f}" if r["step_bytes"] else "n/a",
+                      ("<= " if r.get("peak_is_upper_bound") else "") + f"{r['peak_bytes'] / gb:.2f}"
+                      if r["peak_bytes"] else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, batch {batch} x {seq}"
+          + ("" if dry else f", {steps} timed steps"), flush=True)
+    print("\n".join(lines), flush=True)
+    return rows
 
 
 def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], warmup: int,

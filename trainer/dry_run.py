@@ -34,7 +34,7 @@ GB = 1e9
 
 
 def dry_run(config: ml_collections.ConfigDict, num_devices: int | None = None,
-            device_memory_gb: float | None = None) -> dict[str, Any]:
+            device_memory_gb: float | None = None, quiet: bool = False) -> dict[str, Any]:
     """Compiles the train step for ``config`` on ``num_devices`` devices (all when None) from
     abstract shapes; prints and returns parameters, FLOPs, per-device memory and a verdict."""
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
@@ -70,12 +70,15 @@ def dry_run(config: ml_collections.ConfigDict, num_devices: int | None = None,
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float((cost or {}).get("flops", 0.0))
-    params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    trainable = sum(x.size for x in jax.tree.leaves(abstract.params))
+    params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))  # + adapters
+    from trainer.benchmark import state_bytes  # noqa: PLC0415
     tokens = t.batch_size * seq
     formula = flops_per_token(spec.cfg, seq) * tokens
     out = {
         "devices": len(devices), "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
         "architecture": source or "config.model (from scratch)", "parameters": params,
+        "trainable_parameters": trainable, "state_bytes_per_device": state_bytes(abstract),
         "batch": t.batch_size, "seq": seq, "grad_accum_steps": t.grad_accum_steps,
         "dtype": spec.cfg.dtype, "scan_layers": spec.cfg.scan_layers, "remat": spec.cfg.remat,
         "compile_s": compile_s,
@@ -89,7 +92,8 @@ def dry_run(config: ml_collections.ConfigDict, num_devices: int | None = None,
     peak = peak_flops(devices[0])
     if peak:
         out["seconds_per_step_at_40pct_mfu"] = formula / (0.4 * peak * len(devices))
-    print(report(out), flush=True)
+    if not quiet:
+        print(report(out), flush=True)
     return out
 
 
@@ -97,7 +101,8 @@ def report(r: dict[str, Any]) -> str:
     m = r["memory_per_device_bytes"]
     lines = [
         f"dry run: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
-        f"  model: {r['parameters'] / 1e6:,.1f}M parameters ({r['architecture']}), {r['dtype']} compute, "
+        f"  model: {r['parameters'] / 1e6:,.1f}M parameters ({r['architecture']}), "
+        f"{r['trainable_parameters'] / 1e6:,.1f}M trained, {r['dtype']} compute, "
         f"scan_layers={r['scan_layers']}, remat={r['remat']}",
         f"  step: {r['batch']} x {r['seq']} tokens, grad_accum_steps={r['grad_accum_steps']}; "
         f"compiled in {r['compile_s']:.1f}s",

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -219,7 +220,7 @@ def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | No
     cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
     out = jnp.einsum(spec, x, getattr(module, name)[...].astype(dt))
     if not hasattr(module, f"{name}_lora_a"):
-        return out
+        return checkpoint_name(out, "projection")
     n_in = LORA_TARGETS[name]
     if cfg.lora_dropout and rng is not None:
         keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - cfg.lora_dropout,
@@ -228,7 +229,10 @@ def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | No
     a = getattr(module, f"{name}_lora_a")[...].astype(dt)
     b = getattr(module, f"{name}_lora_b")[...].astype(dt)
     low = jnp.tensordot(x, a, axes=n_in)  # [b, s, rank]
-    return out + jnp.tensordot(low, b, axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
+    out = out + jnp.tensordot(low, b, axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
+    # Named for remat="dots" with LoRA: keep this sum, as full fine-tuning keeps the projection's
+    # output, and not each of its two matmuls' outputs (which doubled the saved activations).
+    return checkpoint_name(out, "projection")
 
 
 def _activation(name: str):
@@ -600,17 +604,23 @@ def _layer_rng(rng: Array | None, layer: Array | int) -> Array | None:
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _policy(remat: str):
+def _policy(remat: str, lora: bool = False):
+    """The checkpoint policy of ``remat``. ``dots`` keeps the outputs of the block's projections
+    (matmuls without batch dims); with LoRA each adapted projection is two such matmuls plus a
+    low-rank one, so there the policy keeps each projection's summed output by name instead -- the
+    same tensors full fine-tuning keeps, not twice as many."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat must be none, full or dots, got {remat!r}")
+    if remat == "dots" and lora:
+        return jax.checkpoint_policies.save_only_these_names("projection")
     return REMAT_POLICIES[remat]
 
 
-def _remat(fn, remat: str):
+def _remat(fn, remat: str, lora: bool = False):
     """``fn`` rematerialised in the backward pass as ``remat`` asks (none | full | dots)."""
     if remat == "none":
         return fn
-    return jax.checkpoint(fn, policy=_policy(remat), prevent_cse=False)
+    return jax.checkpoint(fn, policy=_policy(remat, lora), prevent_cse=False)
 
 
 class Transformer(nnx.Module):
@@ -682,7 +692,7 @@ class Transformer(nnx.Module):
             if meta is None:
                 def call(blk, x_, sliding=kinds[i], rng_i=_layer_rng(rng, i)):
                     return blk(x_, positions, segment_ids, sliding, None, rng_i)[0]
-                x = (call if remat == "none" else nnx.remat(call, policy=_policy(remat)))(layer, x)
+                x = (call if remat == "none" else nnx.remat(call, policy=_policy(remat, bool(self.cfg.lora_rank))))(layer, x)
                 continue
             x, kv = layer(x, positions, segment_ids, kinds[i], (*kv, i, meta))
         return x, kv
@@ -702,7 +712,7 @@ class Transformer(nnx.Module):
             x, kv = block(x, positions, segment_ids, sliding, (*kv, i, meta))
             return (x, kv), None
 
-        body = _remat(body, remat)
+        body = _remat(body, remat, bool(self.cfg.lora_rank))
         kv = None if meta is None else (meta.k, meta.v)
         xs = (state, jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32), flags)
         (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
