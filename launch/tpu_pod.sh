@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A Cloud TPU pod slice: the same command on every host; jax.distributed finds its peers itself.
-# The workdir must be on storage every host sees: a shared filesystem (e.g. Filestore mounted on every
-# host). gs:// workdirs are not supported yet: config, tokenizer and metrics are written with plain
-# file I/O, so each host would write its own disk.
+# The workdir must be on storage every host sees: a gs:// bucket (every file of the run goes through
+# trainer.paths / etils.epath and Orbax; install the `gcs` extra, pip install -e ".[gcs]") or a shared
+# filesystem (e.g. Filestore mounted on every host).
 #
 # Spot/preemptible TPU VMs: create them with `--spot` (or queued resources with `--spot`). On a
 # preemption notice GCE sends SIGTERM (about 30 s before the stop); JAX's preemption sync point and

@@ -23,7 +23,7 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
-from trainer import metrics as metrics_lib
+from trainer import metrics as metrics_lib, paths
 from trainer.cli import UserError
 
 VAL_METRIC = "val/loss"  # the default checkpoint.best_metric
@@ -78,7 +78,7 @@ def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: 
         save_interval_steps=0 if read_only else 1, cleanup_tmp_directories=not read_only)
     if read_only:
         absl_logging.get_absl_logger().addFilter(_READ_ONLY_NOTICE)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    return ocp.CheckpointManager(paths.join(paths.abspath(workdir), "checkpoints"),
                                  options=options, item_names=("params", "opt_state", "data", "base"))
 
 
@@ -157,7 +157,7 @@ class Checkpointer:
         if not self.base:
             return
         saved = None
-        if os.path.isdir(os.path.join(self.directory, str(step), "base")):
+        if paths.isdir(paths.join(self.directory, str(step), "base")):
             saved = self.mgr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
         if not saved or saved.get("fingerprint") != self.base.get("fingerprint"):
             what = (f"{saved.get('path') or '(init)'} ({saved.get('fingerprint')})" if saved
@@ -207,14 +207,14 @@ class Checkpointer:
 
     @property
     def directory(self) -> str:
-        return os.path.join(os.path.abspath(self.workdir), "checkpoints")
+        return paths.join(paths.abspath(self.workdir), "checkpoints")
 
     def set_aside(self, step: int) -> str:
         """Renames ``<step>`` to ``<step>.corrupt-<time>`` (process 0) and forgets it."""
-        src = os.path.join(self.directory, str(step))
+        src = paths.join(self.directory, str(step))
         dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-        if jax.process_index() == 0 and os.path.exists(src):
-            os.rename(src, dst)
+        if jax.process_index() == 0 and paths.exists(src):
+            paths.rename(src, dst)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"set_aside_{step}")
         self.mgr.reload()
@@ -252,7 +252,7 @@ class Checkpointer:
     def resolve(self, which: str) -> int:
         """``latest`` | ``best`` | a step number -> a step that exists, or a UserError that says why."""
         steps = self.all_steps()
-        where = os.path.join(self.workdir, "checkpoints")
+        where = paths.join(self.workdir, "checkpoints")
         if not steps:
             raise UserError(f"no checkpoint in {where}; train first (trainer.train --workdir ...)")
         if which == "latest":

@@ -26,7 +26,7 @@ import ml_collections
 
 from data_pipeline import sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import experiment, lora as lora_lib, metrics as metrics_lib, reports
+from trainer import experiment, lora as lora_lib, metrics as metrics_lib, paths, reports
 from trainer.checkpoint import VAL_METRIC, Checkpointer
 from trainer.cli import UserError
 from trainer.evaluator import (Evaluator, Result, few_shot_messages, fit_prompt,  # noqa: F401
@@ -283,12 +283,12 @@ def evaluate(req: Request) -> dict[str, Any]:
               "max_new_tokens": ecfg.max_new_tokens, "answer_pattern": ecfg.get("answer_pattern", ""),
               "normalize": dict(ecfg.get("normalize", {})), "rows": report_rows, "gain": gain,
               "pattern_warning": warning, "examples": reports.examples(evaluator, results, versus)}
-    out = req.out or (os.path.join(req.workdir, "eval", f"{split}_step{step}") if req.workdir else
+    out = req.out or (paths.join(req.workdir, "eval", f"{split}_step{step}") if req.workdir else
                       os.path.join("eval", f"{title}_{os.path.splitext(os.path.basename(req.data))[0]}_{split}"))
     report["seconds"] = time.perf_counter() - t0
     if jax.process_index() == 0:
         md = reports.write(out, report, evaluator, results,
-                           os.path.join(req.workdir, "metrics.jsonl") if req.workdir else "")
+                           paths.join(req.workdir, "metrics.jsonl") if req.workdir else "")
         table = "\n".join(reports.main_table(report))
         gain_line = (f"\n{gain['a']} minus {gain['b']}: exact match "
                      f"{100 * gain['exact_match']['difference']:+.1f} points (paired 95% "

@@ -22,8 +22,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import (config_checks, hf_io, lora as lora_lib, metrics as metrics_lib, quant, rundir,
-                     sharding as sharding_lib)
+from trainer import (config_checks, hf_io, lora as lora_lib, metrics as metrics_lib, paths, quant,
+                     rundir, sharding as sharding_lib)
 from trainer.cli import UserError
 from trainer.model import ModelConfig, Transformer, resolve_attention
 from trainer.step import TrainState, make_train_step
@@ -72,8 +72,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def has_checkpoints(workdir: str) -> bool:
-    d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+    return any(name.isdigit() for name in paths.listdir(paths.join(workdir, "checkpoints")))
 
 
 def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int | None:
@@ -81,11 +80,10 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
     and, when there is a checkpoint to resume, different batch/accumulation/optimizer settings
     (``rundir.RESUME_KEYS``) or a different ``train.num_steps`` unless
     ``train.allow_num_steps_change``. Returns the previous ``num_steps`` when it was changed."""
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = paths.join(workdir, CONFIG_FILE)
     old_steps = None
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    if paths.exists(path):
+        saved = json.loads(paths.read_text(path))
         live = _plain(config)
         if "lora" not in saved and not lora_lib.LoraConfig.from_config(config).enabled:
             saved = {**saved, "lora": live.get("lora")}  # a workdir from before LoRA: the same run
@@ -112,23 +110,18 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
                         "spans num_steps, so this bends the schedule of a run in progress; to do it "
                         "anyway pass --config.train.allow_num_steps_change=True")
                 old_steps = saved_steps
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:  # then a rename: other processes never read a half-written file
-            f.write(config.to_json(indent=2))
-        os.replace(tmp, path)
+    if jax.process_index() == 0:  # atomically: other processes never read a half-written file
+        paths.write_text(path, config.to_json(indent=2))
     return old_steps
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (for ``trainer.eval``)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = paths.join(workdir, CONFIG_FILE)
+    if not paths.exists(path):
         raise UserError(f"{path} not found: {workdir!r} is not a trainer.train workdir "
                         "(run `python -m trainer.train --config ... --workdir DIR` first)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,9 +130,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                             train_rows: list[dict[str, Any]] | None):
-    """Loads ``workdir/tokenizer``; on a fresh workdir first creates it (process 0) from the config."""
-    path = os.path.join(workdir, TOKENIZER_DIR)
-    if not os.path.isdir(path) and train_rows is not None:
+    """Loads ``workdir/tokenizer``; on a fresh workdir first creates it (process 0) from the config.
+    (A remote workdir's tokenizer goes through a local copy: transformers reads and writes local
+    directories.)"""
+    path = paths.join(workdir, TOKENIZER_DIR)
+    if not paths.isdir(path) and train_rows is not None:
         if jax.process_index() == 0:
             try:
                 tok = tokenizer_lib.build_tokenizer(config.tokenizer,
@@ -147,10 +142,17 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                                                     hf_path(config))
             except (OSError, ValueError) as e:
                 raise UserError(f"tokenizer: {e}") from e
-            tok.save_pretrained(path)
+            local = paths.fresh_local_dir(path)
+            tok.save_pretrained(local)
+            if paths.is_remote(path):
+                paths.upload_dir(local, path)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("tokenizer_saved")
     try:
+        if paths.is_remote(path):
+            if not paths.isdir(path):
+                raise OSError(f"{path} does not exist")
+            path = paths.download_dir(path, paths.fresh_local_dir(path))
         return tokenizer_lib.load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the run's tokenizer from {path}: {e}") from e

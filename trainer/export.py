@@ -80,9 +80,7 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
                  "eos_token_id": eot_ids if len(eot_ids) > 1 else eot_ids[0],
                  "pad_token_id": tok.pad_token_id}
     if jax.process_index() == 0:
-        if os.path.isdir(out) and os.listdir(out):
-            raise UserError(f"--out {out!r} exists and is not empty")
-        os.makedirs(out, exist_ok=True)
+        target, out = out, _local_out(out)
         files = hf_io.save_hf(tensors, out, max_shard_bytes)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
@@ -94,9 +92,28 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
             tok.chat_template = templating.BUILTIN_TEMPLATES[config.data.template]
         tok.padding_side = "left"  # batched generation (transformers' generate) wants left padding
         tok.save_pretrained(out)
+        out = _upload(out, target)
         metrics_lib.log(f"exported step {step} of {workdir} to {out} ({len(files)} safetensors "
                         f"file(s), {dtype}, {sum(x.nbytes for x in tensors.values()) / 1e6:.1f} MB)")
     return {"step": step, "out": out, "dtype": dtype, "tensors": len(tensors)}
+
+
+def _local_out(out: str) -> str:
+    """The local directory the export is written to: ``out`` itself, or for ``gs://`` a local
+    staging copy uploaded at the end (safetensors and transformers write local files)."""
+    from trainer import paths  # noqa: PLC0415
+    if paths.listdir(out):
+        raise UserError(f"--out {out!r} exists and is not empty")
+    local = paths.fresh_local_dir(out)
+    os.makedirs(local, exist_ok=True)
+    return local
+
+
+def _upload(local: str, out: str) -> str:
+    from trainer import paths  # noqa: PLC0415
+    if paths.is_remote(out):
+        paths.upload_dir(local, out)
+    return out
 
 
 def _host_base(spec, seed: int) -> dict[str, Any]:
@@ -134,18 +151,17 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
         raise UserError(f"--adapter: {e}") from e
     tensors = {k: np.asarray(v, np.float32).astype(hf_io.np_dtype(dtype)) for k, v in tensors.items()}
     if jax.process_index() == 0:
-        if os.path.isdir(out) and os.listdir(out):
-            raise UserError(f"--out {out!r} exists and is not empty")
-        os.makedirs(out, exist_ok=True)
+        target, out = out, _local_out(out)
         save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(out, "adapter_config.json"), "w") as f:
             json.dump(adapter_cfg, f, indent=2)
         with open(os.path.join(out, "flax_ift.json"), "w") as f:  # where it came from, for people
-            json.dump({"workdir": os.path.abspath(workdir), "step": step,
+            json.dump({"workdir": workdir if "://" in workdir else os.path.abspath(workdir), "step": step,
                        "base": experiment.base_identity(spec, config.seed)}, f, indent=2)
         if config.data.template in templating.BUILTIN_TEMPLATES:
             tok.chat_template = templating.BUILTIN_TEMPLATES[config.data.template]
         tok.save_pretrained(out)
+        out = _upload(out, target)
         metrics_lib.log(f"exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT, "
                         f"{len(tensors)} tensors, {dtype}, "
                         f"{sum(x.nbytes for x in tensors.values()) / 1e6:.2f} MB)")

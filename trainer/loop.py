@@ -226,6 +226,7 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
             if stop is not None:  # a preemption notice leaves seconds: checkpoint now, evaluate later
                 ckpt.save(step, state, train_iter.get_state(), metrics=None)
                 saved_step = step
+                writer.sync()
             elif step % tcfg.eval_every == 0 or is_ckpt:
                 val = evaluate(state.model_params)
                 writer.write(step, val, prefix="val/")
@@ -259,6 +260,7 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
                     except Exception as e:  # noqa: BLE001 -- the previous async save's error, or this one's
                         raise ckpt.save_error(step, e) from None
                     saved_step = step
+                    writer.sync()  # a remote workdir's metrics, up to this checkpoint
             if stop is not None:
                 try:
                     ckpt.wait()  # committed on every host before we say so

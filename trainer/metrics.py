@@ -37,25 +37,44 @@ def log(msg: str) -> None:
 class MetricWriter:
     """Appends ``{"step": N, ...}`` lines to ``workdir/metrics.jsonl`` and writes TensorBoard events.
 
-    Only process 0 writes; other processes get a no-op writer.
+    Only process 0 writes; other processes get a no-op writer. A remote (``gs://``) workdir cannot be
+    appended to: both are written to a local mirror and uploaded whole by ``sync`` (the loop calls it
+    at each checkpoint) and ``close``.
     """
 
     def __init__(self, workdir: str, enabled: bool = True, resumed_at: int | None = None):
         """``resumed_at``: the restored checkpoint's step. Rows logged after it by the run that
         crashed or was preempted are dropped from ``metrics.jsonl`` and purged from TensorBoard, so
         every step appears once."""
+        from trainer import paths  # noqa: PLC0415
         self.enabled = enabled and jax.process_index() == 0
         self._tb = None
         self.dropped = 0
+        self.workdir = workdir
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            local = paths.fresh_local_dir(workdir)  # the workdir itself when it is local
+            self.local = local
+            os.makedirs(local, exist_ok=True)
+            remote_jsonl = paths.join(workdir, "metrics.jsonl")
+            if paths.is_remote(workdir) and paths.exists(remote_jsonl):
+                with open(os.path.join(local, "metrics.jsonl"), "w") as f:
+                    f.write(paths.read_text(remote_jsonl))
             if resumed_at is not None:
                 from trainer.rundir import truncate_metrics  # noqa: PLC0415
-                self.dropped = truncate_metrics(workdir, resumed_at)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+                self.dropped = truncate_metrics(local, resumed_at)
+            self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a", buffering=1)
             from tensorboardX import SummaryWriter  # imported lazily: slow import, process 0 only
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+            self._tb = SummaryWriter(os.path.join(local, "tensorboard"),
                                      purge_step=None if resumed_at is None else resumed_at + 1)
+
+    def sync(self) -> None:
+        """A remote workdir: uploads ``metrics.jsonl`` and the TensorBoard events written so far."""
+        from trainer import paths  # noqa: PLC0415
+        if not self.enabled or not paths.is_remote(self.workdir):
+            return
+        self._jsonl.flush()
+        self._tb.flush()
+        paths.upload_dir(self.local, self.workdir)
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
         if not self.enabled:
@@ -89,6 +108,10 @@ class MetricWriter:
             self._jsonl.close()
         except OSError:
             pass
+        from trainer import paths  # noqa: PLC0415
+        if paths.is_remote(self.workdir) and self._tb_alive():
+            self._tb.flush()
+            paths.upload_dir(self.local, self.workdir)
         # tensorboardX flushes from a background thread; if that thread died (a full disk), close()
         # would wait for it forever. Give it a few seconds, then let it go.
         if not self._tb_alive():

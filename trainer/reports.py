@@ -235,7 +235,20 @@ def plot_training(path: str, metrics_path: str) -> bool:
 
 def write(out_dir: str, report: dict[str, Any], evaluator: Evaluator, results: Sequence[Result],
           metrics_path: str = "") -> str:
-    """Writes every file of the report into ``out_dir``; returns the Markdown."""
+    """Writes every file of the report into ``out_dir`` (a local directory, or ``gs://``: written
+    locally, then uploaded); returns the Markdown."""
+    from trainer import paths  # noqa: PLC0415
+    if paths.is_remote(out_dir) or paths.is_remote(metrics_path):
+        local = paths.fresh_local_dir(out_dir)
+        local_metrics = ""
+        if metrics_path and paths.exists(metrics_path):
+            local_metrics = os.path.join(paths.fresh_local_dir(metrics_path), "metrics.jsonl")
+            with open(local_metrics, "w") as f:
+                f.write(paths.read_text(metrics_path))
+        md = write(local, report, evaluator, results, local_metrics)
+        if paths.is_remote(out_dir):
+            paths.upload_dir(local, out_dir)
+        return md
     os.makedirs(out_dir, exist_ok=True)
     labels = [row_label(r) for r in report["rows"]]
     write_predictions(os.path.join(out_dir, "predictions.jsonl"), evaluator, labels, results)

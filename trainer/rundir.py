@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from trainer import paths
 from trainer.cli import UserError
 
 LOCK_FILE = "run.lock"
@@ -49,7 +50,7 @@ class RunLock:
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(workdir, LOCK_FILE)
+        self.path = paths.join(workdir, LOCK_FILE)
         self.enabled = enabled
         self.held = False
 
@@ -61,9 +62,17 @@ class RunLock:
         """Takes the lock; returns a warning line when a stale lock was taken over."""
         if not self.enabled:
             return None
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         info = self._info()
         try:
+            if paths.is_remote(self.path):
+                # A bucket has no O_EXCL through gcsfs: check, then write (a race of two runs
+                # started within the same second can both pass; the local lock is exact).
+                if paths.exists(self.path):
+                    raise FileExistsError(self.path)
+                paths.write_text(self.path, json.dumps(info))
+                self.held = True
+                return None
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = self.holder()
@@ -74,10 +83,7 @@ class RunLock:
                     f"workdir {os.path.dirname(self.path)!r} is in use by pid {holder.get('pid')} on "
                     f"{holder.get('host')} since {started} ({holder.get('command', '?')}); wait for it or "
                     f"stop it (if it is not running, delete {self.path})") from None
-            tmp = f"{self.path}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(info, f)
-            os.replace(tmp, self.path)
+            paths.write_text(self.path, json.dumps(info))
             self.held = True
             return (f"warning: took over the lock of pid {holder.get('pid')} on {holder.get('host')}, which "
                     "is no longer running (a crash or kill)" if holder else
@@ -89,15 +95,16 @@ class RunLock:
 
     def holder(self) -> dict[str, Any]:
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            return json.loads(paths.read_text(self.path))
         except (OSError, ValueError):
             return {}
 
     def release(self) -> None:
-        if self.held and self.holder().get("pid") == os.getpid():
+        me = self._info()
+        holder = self.holder()
+        if self.held and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
             try:
-                os.remove(self.path)
+                paths.remove(self.path)
             except OSError:
                 pass
         self.held = False
@@ -106,7 +113,8 @@ class RunLock:
 def truncate_metrics(workdir: str, step: int) -> int:
     """Drops ``metrics.jsonl`` rows after ``step`` (the restored checkpoint), so the steps a crashed or
     preempted run logged past its last checkpoint -- and which the resumed run trains again -- appear
-    once. Returns the number of rows dropped. Atomic: a temp file, then a rename."""
+    once. Returns the number of rows dropped. Atomic: a temp file, then a rename. ``workdir``: a
+    local directory (a remote workdir's metrics are kept in a local mirror, ``MetricWriter``)."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return 0
