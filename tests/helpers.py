@@ -10,7 +10,6 @@ from flax import nnx
 from configs import tiny
 from data_pipeline.loader import FIELDS
 from trainer import experiment, hf_io, sharding as sharding_lib
-from trainer.model import Transformer
 from trainer.step import make_optimizer
 
 
@@ -58,11 +57,7 @@ def tree_equal(a, b) -> bool:
 
 def load_base(path: str):
     """``(graphdef, params, cfg)`` of an HF directory or GGUF file, through our import."""
-    raw = hf_io.read_hf_config(path)
-    cfg = hf_io.model_config_from_hf(raw)
-    params = jax.tree.map(jnp.asarray, hf_io.load_hf(path, cfg, raw["model_type"]))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    return graphdef, params, cfg
+    return hf_io.load_model(path)
 
 
 def our_logits(graphdef, params, tokens, segment_ids=None, positions=None) -> np.ndarray:

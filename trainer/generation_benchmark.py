@@ -18,13 +18,10 @@ import tempfile
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from trainer import hf_io
 from trainer.generate import generate_all, make_generate_fn
-from trainer.model import Transformer
 
 SHAPES = {  # LlamaConfig kwargs
     "demo": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -49,15 +46,6 @@ def _torch_model(model: str, hf_path: str):
     return hf, path
 
 
-def _ours(path: str):
-    from flax import nnx  # noqa: PLC0415
-    raw = hf_io.read_hf_config(path)
-    cfg = hf_io.model_config_from_hf(raw)
-    params = jax.tree.map(jnp.asarray, hf_io.load_hf(path, cfg, raw["model_type"]))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    return graphdef, params, cfg
-
-
 def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1, 8, 32),
           prompt_len: int = 64, new_tokens: int = 32, num_batches: int = 2, threads: int = 0,
           seed: int = 0) -> list[dict[str, Any]]:
@@ -65,7 +53,7 @@ def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1,
     if threads:
         torch.set_num_threads(threads)
     hf, path = _torch_model(model, hf_path)
-    graphdef, params, cfg = _ours(path)
+    graphdef, params, cfg = hf_io.load_model(path)
     vocab = cfg.vocab_size
     name = os.path.basename(os.path.normpath(hf_path)) if hf_path else f"{model} shape (random weights)"
     gen = make_generate_fn(graphdef, max_new_tokens=new_tokens, eos_ids=[-1], pad_id=0)

@@ -392,6 +392,22 @@ def load_hf(path: str, cfg: ModelConfig, model_type: str,
     return params_from_hf(reader, cfg, model_type, place, prefix, source=path)
 
 
+def load_model(path: str):
+    """``(graphdef, params, cfg)`` of an HF directory or GGUF file through our import, on the default
+    device, unsharded: for tools and tests that want the model as it is (benchmarks, parity checks);
+    training goes through ``experiment.ModelSpec`` (shardings, LoRA)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from trainer.model import Transformer  # noqa: PLC0415
+    raw = read_hf_config(path)
+    cfg = model_config_from_hf(raw)
+    params = jax.tree.map(jnp.asarray, load_hf(path, cfg, raw["model_type"]))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, params, cfg
+
+
 def save_hf(tensors: dict[str, np.ndarray], out: str, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes tensors as ``model.safetensors``, or shards + ``model.safetensors.index.json``."""
     from safetensors.numpy import save_file  # noqa: PLC0415
