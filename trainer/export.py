@@ -37,7 +37,7 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
     import numpy as np  # noqa: PLC0415
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    from data_pipeline import pipeline, templating  # noqa: PLC0415
+    from data_pipeline import pipeline  # noqa: PLC0415
     from trainer import experiment, hf_io, lora, metrics as metrics_lib  # noqa: PLC0415
     from trainer.checkpoint import Checkpointer  # noqa: PLC0415
     config = experiment.load_config(workdir)
@@ -87,15 +87,21 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
         with open(os.path.join(out, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": tok.bos_token_id, "eos_token_id": hf_config["eos_token_id"],
                        "pad_token_id": tok.pad_token_id, "do_sample": False}, f, indent=2)
-        # The chat template the run trained with (a built-in one, or the tokenizer's own).
-        if config.data.template in templating.BUILTIN_TEMPLATES:
-            tok.chat_template = templating.BUILTIN_TEMPLATES[config.data.template]
-        tok.padding_side = "left"  # batched generation (transformers' generate) wants left padding
-        tok.save_pretrained(out)
+        _save_tokenizer(tok, config, out)
         out = _upload(out, target)
         metrics_lib.log(f"exported step {step} of {workdir} to {out} ({len(files)} safetensors "
                         f"file(s), {dtype}, {sum(x.nbytes for x in tensors.values()) / 1e6:.1f} MB)")
     return {"step": step, "out": out, "dtype": dtype, "tensors": len(tensors)}
+
+
+def _save_tokenizer(tok, config, out: str) -> None:
+    """The tokenizer with the chat template the run trained with (a built-in one, or the
+    tokenizer's own), padding on the left (what transformers' batched generate wants)."""
+    from data_pipeline import templating  # noqa: PLC0415
+    if config.data.template in templating.BUILTIN_TEMPLATES:
+        tok.chat_template = templating.BUILTIN_TEMPLATES[config.data.template]
+    tok.padding_side = "left"
+    tok.save_pretrained(out)
 
 
 def _local_out(out: str) -> str:
@@ -137,7 +143,6 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
     import numpy as np  # noqa: PLC0415
     from safetensors.numpy import save_file  # noqa: PLC0415
 
-    from data_pipeline import templating  # noqa: PLC0415
     from trainer import experiment, hf_io, lora, metrics as metrics_lib  # noqa: PLC0415
     if not spec.hf_path:
         raise UserError(f"--adapter: {workdir} trained adapters on a model initialised from scratch, which "
@@ -158,9 +163,7 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
         with open(os.path.join(out, "flax_ift.json"), "w") as f:  # where it came from, for people
             json.dump({"workdir": workdir if "://" in workdir else os.path.abspath(workdir), "step": step,
                        "base": experiment.base_identity(spec, config.seed)}, f, indent=2)
-        if config.data.template in templating.BUILTIN_TEMPLATES:
-            tok.chat_template = templating.BUILTIN_TEMPLATES[config.data.template]
-        tok.save_pretrained(out)
+        _save_tokenizer(tok, config, out)
         out = _upload(out, target)
         metrics_lib.log(f"exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT, "
                         f"{len(tensors)} tensors, {dtype}, "

@@ -104,14 +104,12 @@ class MetricWriter:
     def close(self) -> None:
         if not self.enabled:
             return
+        if self._tb_alive():  # a remote workdir's last upload (a dead writer thread would block it)
+            self.sync()
         try:
             self._jsonl.close()
         except OSError:
             pass
-        from trainer import paths  # noqa: PLC0415
-        if paths.is_remote(self.workdir) and self._tb_alive():
-            self._tb.flush()
-            paths.upload_dir(self.local, self.workdir)
         # tensorboardX flushes from a background thread; if that thread died (a full disk), close()
         # would wait for it forever. Give it a few seconds, then let it go.
         if not self._tb_alive():
