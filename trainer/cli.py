@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags, logging
 
 from data_pipeline.cli import UserError, config_flag, parse_flags  # noqa: F401 (re-exported)
+from trainer import exit_watch
 
 flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
                   "Multi-process JAX: off | auto (TPU pod, SLURM...) | explicit (flags below).")
@@ -44,9 +46,12 @@ def run_main(fn: Callable[[], Any]) -> Any:
             raise
         import jax  # noqa: PLC0415
         first = (str(e).strip().splitlines() or [""])[0][:400]
+        gone = dead_peers()
+        hint = ("" if not gone else f" (process {', '.join(map(str, gone))} is gone: this is the "
+                "collective that waited for it; its own log says why; rerunning resumes from the "
+                "last checkpoint)")
         print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
-              f"{type(e).__name__}: {first} (when another process died or was killed, this is the "
-              "collective that waited for it; its own log says why)", file=sys.stderr, flush=True)
+              f"{type(e).__name__}: {first}{hint}", file=sys.stderr, flush=True)
         _exit(1, f.distributed)
 
 
@@ -58,6 +63,28 @@ def _exit(code: int, distributed: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def dead_peers() -> list[int]:
+    """The processes the coordination service no longer counts as alive ([0] when the service
+    itself, which process 0 runs, cannot be reached); [] with one process or when all are alive."""
+    import jax  # noqa: PLC0415
+    from jax._src import distributed  # noqa: PLC0415 (the client JAX connected with)
+    client, n = distributed.global_state.client, jax.process_count()
+    if client is None or n == 1:
+        return []
+    answer: list = []
+
+    def ask():  # in a thread: an RPC to a dead service may take its own time to fail
+        try:
+            answer.append(set(client.get_live_nodes(list(range(n)))))
+        except Exception:  # noqa: BLE001 -- the service is unreachable: process 0 is gone
+            answer.append(None)
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(10)
+    live = answer[0] if answer else None
+    return [0] if live is None else sorted(set(range(n)) - live)
 
 
 def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, process_id: int = -1,
@@ -78,15 +105,16 @@ def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, p
     init, heartbeat, shutdown = timeouts
     kw = dict(initialization_timeout=init, heartbeat_timeout_seconds=heartbeat,
               shutdown_timeout_seconds=shutdown)
-    if mode == "auto":
-        jax.distributed.initialize(**kw)
-    elif mode == "explicit":
+    if mode == "explicit":
         if not coordinator or num_processes <= 0 or process_id < 0:
             raise UserError("--distributed=explicit needs --coordinator_address, --num_processes "
                             "and --process_id")
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id, **kw)
-    else:
+        kw.update(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    elif mode != "auto":
         raise UserError(f"--distributed must be off, auto or explicit, got {mode!r}")
+    exit_watch.divert_native_stderr(process_id)
+    jax.distributed.initialize(**kw)
+    exit_watch.identify(jax.process_index(), jax.process_count())
 
 
 def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) -> None:

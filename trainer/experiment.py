@@ -134,8 +134,10 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
     (A remote workdir's tokenizer goes through a local copy: transformers reads and writes local
     directories.)"""
     path = paths.join(workdir, TOKENIZER_DIR)
-    if not paths.isdir(path) and train_rows is not None:
-        if jax.process_index() == 0:
+    if train_rows is not None:
+        # Only process 0 decides whether to build it; every process enters the barrier (one that
+        # looked after process 0 had written it would otherwise skip it, and the barriers mismatch).
+        if jax.process_index() == 0 and not paths.isdir(path):
             try:
                 tok = tokenizer_lib.build_tokenizer(config.tokenizer,
                                                     (r["messages"] for r in train_rows),

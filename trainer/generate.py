@@ -107,8 +107,13 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
         carry = (jnp.int32(0), tok, pos, cache, done, out, rng)
         return jax.lax.while_loop(cond, body, carry)[5]
 
-    jitted = jax.jit(generate)
-    return jitted if mesh is None else with_mesh(mesh, jitted)
+    if mesh is None:
+        return jax.jit(generate)
+    # The tokens come back replicated on every device: [batch, max_new_tokens] int32 is small, and
+    # every process then reads all rows itself (a batch-sharded result spans other hosts' devices,
+    # which no process can fetch).
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return with_mesh(mesh, jax.jit(generate, out_shardings=replicated))
 
 
 class CompiledGenerate:
