@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import reference
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -112,7 +114,7 @@ def test_an_empty_split_is_an_error(tmp_path):
 
 def test_export_chats_in_transformers_with_three_lines(workdir, tmp_path):
     """The README's three lines, on the export of a model trained from scratch."""
-    pytest.importorskip("torch")
+    reference("torch")
     out = str(tmp_path / "export")
     r = run("trainer.export", "--workdir", workdir, "--out", out, "--checkpoint", "latest")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -154,8 +156,8 @@ def test_eval_of_a_directory_that_is_not_a_run(tmp_path):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny random Llama with its tokenizer (no chat template: the eval falls back to `plain`)."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    transformers = reference("transformers")
+    torch = reference("torch")
     from data_pipeline.synthetic import synthetic_splits  # noqa: PLC0415
     from data_pipeline.templating import prompt_completion_messages  # noqa: PLC0415
     from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: PLC0415
@@ -227,3 +229,24 @@ def test_an_answer_pattern_that_never_matches_is_a_counted_warning(workdir, tmp_
     report = json.load(open(os.path.join(out, "report.json")))
     assert "16 of 16" in report["pattern_warning"]
     assert "exact match*" in open(os.path.join(out, "report.md")).read()
+
+
+def test_eval_and_export_pick_the_same_best_step(tmp_path):
+    """``--checkpoint best`` ranks by the run's ``checkpoint.best_metric`` in trainer.eval and
+    trainer.export alike (export used to rank by validation loss whatever the run's config said).
+    Here best is the *highest* validation loss, so the two rankings cannot agree by accident."""
+    from trainer.evaluation import Request, evaluate  # noqa: PLC0415
+    from trainer.export import export  # noqa: PLC0415
+    wd = str(tmp_path / "run")
+    r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", wd, "--config.train.num_steps=3",
+            "--config.train.checkpoint_every=1", "--config.train.eval_every=1",
+            "--config.train.keep_checkpoints=3", "--config.checkpoint.best_mode=max")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        loss = {x["step"]: x["val/loss"] for x in map(json.loads, f) if "val/loss" in x}
+    want = max(loss, key=loss.get)
+    assert want != min(loss, key=loss.get)
+    assert export(wd, str(tmp_path / "export"), "best")["step"] == want
+    report = evaluate(Request(workdir=wd, checkpoint="best", limit=4, baselines="zero_shot",
+                              out=str(tmp_path / "eval"), progress=False))
+    assert report["step"] == want

@@ -71,3 +71,18 @@ def test_divisibility_by_mesh_and_processes_and_base_positions():
     assert any(p.startswith("eval prompts (144 tokens") for p in out)  # 36 x (3 + 1) + 12 > 128
     assert config_checks.problems(c, device_count=3) == ["mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} needs 4 "
                                                          "devices, but 3 are available"]
+
+
+@pytest.mark.parametrize("impl", ["auto", "xla", "cudnn", "flash", "splash"])
+def test_every_attention_backend_the_model_offers_passes_the_config_check(impl):
+    """``flash`` (the Pallas GPU kernel) is offered by the model, the demo config and the README; the
+    config check used to refuse it, so only ``trainer.bench`` (which skips the checks) could use it."""
+    from trainer import model  # noqa: PLC0415
+    assert set(model.BACKENDS) | {"auto"} == {"auto", "xla", "cudnn", "flash", "splash"}
+    c = demo.get_config()
+    c.model.attention_impl = impl
+    assert not [p for p in config_checks.problems(c, device_count=None, check_paths=False)
+                if "attention" in p]
+    c.model.attention_impl = "fast"
+    assert config_checks.problems(c, device_count=None, check_paths=False) == [
+        "model.attention_impl must be one of auto, xla, cudnn, flash, splash, got 'fast'"]

@@ -15,9 +15,9 @@ import re
 from typing import Any
 
 from data_pipeline import templating
-from trainer import scoring
+from trainer import options, scoring
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = options.DTYPES
 
 
 def _mesh_sizes(mesh: dict[str, int], device_count: int) -> dict[str, int] | str:
@@ -100,9 +100,9 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     need(not check_paths or not gg or os.path.isfile(gg), f"model.gguf_path: {gg!r} is not a file")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"model.{key} must be one of {', '.join(DTYPES)}, got {m[key]!r}")
-    need(m.remat in ("none", "full", "dots"), f"model.remat must be none, full or dots, got {m.remat!r}")
-    need(m.attention_impl in ("auto", "xla", "cudnn", "splash"),
-         f"model.attention_impl must be auto, xla, cudnn or splash, got {m.attention_impl!r}")
+    need(m.remat in options.REMAT, f"model.remat must be one of {', '.join(options.REMAT)}, got {m.remat!r}")
+    need(m.attention_impl in options.ATTENTION_IMPLS, f"model.attention_impl must be one of "
+         f"{', '.join(options.ATTENTION_IMPLS)}, got {m.attention_impl!r}")
     if not (hf or gg):  # a model trained from scratch: its shape comes from config.model
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads"):

@@ -57,7 +57,7 @@ def dry_run(config: ml_collections.ConfigDict, num_devices: int | None = None,
     batch = {k: jax.ShapeDtypeStruct((t.batch_size, seq), jnp.float32 if k == "weights" else jnp.int32,
                                      sharding=batch_sh) for k in loader.FIELDS}
     step = experiment.jit_train_step(spec, tx, schedule, t.grad_accum_steps, state_sh, batch_sh,
-                                     t.get("loss_chunk_tokens", 1024))
+                                     experiment.loss_chunk_tokens(config))
     t0 = time.perf_counter()
     lowered = step.lower(abstract, batch)
     compiled = lowered.compile()

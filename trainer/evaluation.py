@@ -27,7 +27,7 @@ import ml_collections
 from data_pipeline import sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
 from trainer import experiment, lora as lora_lib, metrics as metrics_lib, paths, reports
-from trainer.checkpoint import VAL_METRIC, Checkpointer
+from trainer.runs import open_run
 from trainer.cli import UserError
 from trainer.evaluator import (Evaluator, Result, few_shot_messages, fit_prompt,  # noqa: F401
                                log_pattern_warning, parse_baselines, prompt_of, sample_rows, target_of)
@@ -168,8 +168,10 @@ def evaluate(req: Request) -> dict[str, Any]:
         data_name = "the run's data"
         if req.data:
             data_name = f"`{apply_data(config, req.data)}`"
-        tok = experiment.build_or_load_tokenizer(config, req.workdir, train_rows=None)
+        run = open_run(req.workdir, config)
+        tok = run.tok
     else:
+        run = None
         config = model_only_config(req)
         data_name = f"`{os.path.basename(req.data)}`"
         tok = load_model_tokenizer(model_path)
@@ -209,18 +211,13 @@ def evaluate(req: Request) -> dict[str, Any]:
         raise UserError(str(e)) from e
 
     # ---- models ---------------------------------------------------------------------------------
-    mesh = experiment.make_mesh(config)
-    spec = experiment.model_spec(config, len(tok), mesh)
     step = None
-    if req.workdir:
-        ccfg = config.get("checkpoint", {})
-        ckpt = Checkpointer(req.workdir, read_only=True, best_metric=ccfg.get("best_metric", VAL_METRIC),
-                            best_mode=ccfg.get("best_mode", "auto"),
-                            base=experiment.base_identity(spec, config.seed))
-        step = ckpt.resolve(req.checkpoint)
-        ckpt.check_base(step)
-        finetuned = ckpt.restore_params(step, spec.abstract_trainable())
-        ckpt.close()
+    if run is not None:
+        spec = run.spec
+        step, finetuned = run.restore(req.checkpoint)
+        run.close()
+    else:
+        spec = experiment.model_spec(config, len(tok), experiment.make_mesh(config))
     base = spec.init_params(config.seed)  # the run's start: the HF/GGUF weights or the init
     if spec.lora.enabled:
         # One copy of the base serves both rows: the base row is it with zeroed adapters (exactly

@@ -176,7 +176,7 @@ class Evaluator:
             mesh = spec.mesh
             batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
             eval_step = sharding_lib.with_mesh(mesh, jax.jit(make_eval_step(
-                spec.graphdef, config.train.get("loss_chunk_tokens", 1024))))
+                spec.graphdef, experiment.loss_chunk_tokens(config))))
 
             def loss_fn(params):
                 return experiment.split_loss(eval_step, params, examples, config, tok.pad_token_id,

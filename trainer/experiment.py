@@ -28,6 +28,7 @@ from trainer.cli import UserError
 from trainer.model import ModelConfig, Transformer, resolve_attention
 from trainer.step import TrainState, make_train_step
 
+LOSS_CHUNK_TOKENS = 8192  # configs/demo.py's train.loss_chunk_tokens: for a config.json without it
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 # Sections that define *what* is trained. A workdir may be resumed with other values elsewhere (more
@@ -113,6 +114,12 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
     if jax.process_index() == 0:  # atomically: other processes never read a half-written file
         paths.write_text(path, config.to_json(indent=2))
     return old_steps
+
+
+def loss_chunk_tokens(config: ml_collections.ConfigDict) -> int:
+    """Tokens per tile of the chunked LM-head loss (``train.loss_chunk_tokens``): read here only,
+    so the training step, the eval step, the benchmark and the dry run use the same tile."""
+    return config.train.get("loss_chunk_tokens", LOSS_CHUNK_TOKENS)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -39,19 +39,14 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
 
     from data_pipeline import pipeline  # noqa: PLC0415
     from trainer import experiment, hf_io, lora, metrics as metrics_lib  # noqa: PLC0415
-    from trainer.checkpoint import Checkpointer  # noqa: PLC0415
-    config = experiment.load_config(workdir)
-    tok = experiment.build_or_load_tokenizer(config, workdir, train_rows=None)
-    mesh = experiment.make_mesh(config)
-    spec = experiment.model_spec(config, len(tok), mesh)
+    from trainer.runs import open_run  # noqa: PLC0415
+    run = open_run(workdir)
+    config, tok, spec = run.config, run.tok, run.spec
     if adapter and not spec.lora.enabled:
         raise UserError(f"--adapter: {workdir} is a full fine-tuning run (lora.rank=0); it has no "
                         "adapters. Export the model without --adapter")
-    ckpt = Checkpointer(workdir, read_only=True, base=experiment.base_identity(spec, config.seed))
-    step = ckpt.resolve(checkpoint)
-    ckpt.check_base(step)
-    params = ckpt.restore_params(step, spec.abstract_trainable())
-    ckpt.close()
+    step, params = run.restore(checkpoint)
+    run.close()
     # Gather to host memory (every process holds a copy; process 0 writes).
     host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else \
         jax.device_get(params)
@@ -174,7 +169,7 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
 def _define_flags() -> None:
     """Defined when the entry point runs, not on import (see ``data_pipeline.cli``)."""
     flags.DEFINE_string("workdir", None, "A trainer.train run directory.")
-    flags.DEFINE_string("checkpoint", "best", "best (lowest validation loss) | latest | a step number.")
+    flags.DEFINE_string("checkpoint", "best", "best (by the run's checkpoint.best_metric) | latest | a step number.")
     flags.DEFINE_string("out", None, "Output directory (created; must be empty if it exists).")
     flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
                       "Weight dtype (auto: the imported checkpoint's, else float32).")

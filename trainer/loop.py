@@ -101,7 +101,7 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
     # ----------------------------------------------------------------------------------------
     batch_tree_sh = {k: batch_sh for k in loader.FIELDS}
     rep = sharding_lib.replicated(mesh)
-    chunk = tcfg.get("loss_chunk_tokens", 1024)
+    chunk = experiment.loss_chunk_tokens(config)
     train_step = experiment.jit_train_step(spec, tx, schedule, tcfg.grad_accum_steps, state_sh,
                                            batch_sh, chunk, config.seed)
     eval_step = sharding_lib.with_mesh(mesh, jax.jit(
@@ -124,9 +124,7 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
     # ----------------------------------------------------------------------------------------
     # Checkpoint: resume or initialise
     # ----------------------------------------------------------------------------------------
-    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, best_metric=best_metric,
-                        best_mode=ccfg.get("best_mode", "auto"), timeout_s=ccfg.get("timeout_s", 1800),
-                        base=experiment.base_identity(spec, config.seed))
+    ckpt = Checkpointer.for_run(config, workdir, base=experiment.base_identity(spec, config.seed))
     writer = None
     try:
         abstract = experiment.abstract_state(spec, tx, state_sh)

@@ -26,6 +26,8 @@ import numpy as np
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
+from trainer import options
+
 Array = jax.Array
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -253,7 +255,7 @@ def _activation(name: str):
 #   - and, on a sliding-window layer, less than ``window`` positions back.
 # A padding query (segment 0) attends to nothing; its output is finite (a uniform average) and ignored.
 
-BACKENDS = ("xla", "cudnn", "flash", "splash")
+BACKENDS = options.ATTENTION_BACKENDS
 
 
 def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
@@ -610,7 +612,7 @@ def _policy(remat: str, lora: bool = False):
     low-rank one, so there the policy keeps each projection's summed output by name instead -- the
     same tensors full fine-tuning keeps, not twice as many."""
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"model.remat must be none, full or dots, got {remat!r}")
+        raise ValueError(f"model.remat must be one of {', '.join(options.REMAT)}, got {remat!r}")
     if remat == "dots" and lora:
         return jax.checkpoint_policies.save_only_these_names("projection")
     return REMAT_POLICIES[remat]
