@@ -66,8 +66,9 @@ def final_state(wd):
 
 
 def tree_equal(a, b):
-    import jax  # noqa: PLC0415
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """Bitwise equal pytrees, structure and leaf count included (``helpers.tree_equal``)."""
+    from tests import helpers  # noqa: PLC0415 (imports JAX: not at collection time)
+    return helpers.tree_equal(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +154,21 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained_run,
 # ---- divergence --------------------------------------------------------------------------------
 
 def test_divergence_stops_with_one_line_and_no_non_finite_checkpoint(tmp_path):
+    """Step 1 trains at learning rate 0 (the first warmup step) and is checkpointed; from step 2 on the
+    rate is absurd. The run stops in one line naming the last checkpoint, which exists and holds a
+    finite validation loss; no non-finite step was checkpointed after it."""
     wd = tmp_path / "run"
-    r = train(wd, "--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=0",
-              "--config.train.num_steps=30", "--config.train.checkpoint_every=2",
-              "--config.train.max_bad_steps=3", "--config.train.keep_checkpoints=5")
+    r = train(wd, "--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=4",
+              "--config.train.num_steps=30", "--config.train.checkpoint_every=1",
+              "--config.train.eval_every=1", "--config.train.max_bad_steps=3",
+              "--config.train.keep_checkpoints=30")
     assert_clean_error(r, "training diverged", "steps in a row", "non-finite")
     from trainer.checkpoint import Checkpointer  # noqa: PLC0415
     ck = Checkpointer(str(wd), read_only=True)
-    for s in ck.all_steps():  # every checkpoint written has a finite validation loss
+    steps = ck.all_steps()
+    assert 1 in steps, (steps, r.stderr[-2000:])  # without a checkpoint this test would prove nothing
+    assert f"the last checkpoint is step {max(steps)}" in r.stderr, r.stderr[-2000:]
+    for s in steps:  # every checkpoint written has a finite validation loss
         assert np.isfinite(ck.mgr.metrics(s)["val/loss"])
     best = ck.best_step()
     assert best is None or np.isfinite(ck.mgr.metrics(best)["val/loss"])

@@ -15,10 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
-pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
+from tests.conftest import reference
+
+torch = reference("torch")
+transformers = reference("transformers")
+gguf = reference("gguf")
+reference("accelerate")  # transformers needs it to load GGUF files
 
 from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from trainer import gguf_io, hf_io  # noqa: E402

@@ -50,9 +50,20 @@ def to_global(batch, batch_sh):
 
 
 def tree_equal(a, b) -> bool:
+    """Bitwise equality of two pytrees: the same structure (so the same number of leaves), and per
+    leaf the same shape, dtype and bits (NaN equals NaN only with the same payload)."""
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return (jax.tree.structure(a) == jax.tree.structure(b)
-            and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)))
+    if jax.tree.structure(a) != jax.tree.structure(b) or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.dtype.kind in "fc" or x.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            x, y = x.view(np.uint8), y.view(np.uint8)  # bits, not values: -0.0 != 0.0, NaN == NaN
+        if not np.array_equal(x, y):
+            return False
+    return True
 
 
 def load_base(path: str):

@@ -12,8 +12,10 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.conftest import reference
+
+torch = reference("torch")
+transformers = reference("transformers")
 
 from tests.helpers import load_base, our_logits  # noqa: E402
 from trainer import hf_io  # noqa: E402

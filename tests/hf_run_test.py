@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests.conftest import reference
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = reference("torch")
+transformers = reference("transformers")
 
 from data_pipeline.synthetic import synthetic_splits  # noqa: E402
 from data_pipeline.templating import prompt_completion_messages  # noqa: E402

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests.conftest import reference
 from flax import nnx
 
 from tests import helpers
@@ -18,9 +20,9 @@ from tests.lora_test import ALL, randomize_b
 from trainer import experiment, hf_io, lora
 from trainer.model import Transformer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch = reference("torch")
+transformers = reference("transformers")
+peft = reference("peft")
 from tests.families_test import hf_model, padded_batch  # noqa: E402
 
 

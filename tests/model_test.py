@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests.conftest import reference
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = reference("torch")
+transformers = reference("transformers")
 
 from trainer.generate import generate_all, make_generate_fn  # noqa: E402
 from trainer.hf_io import model_config_from_hf, params_from_hf  # noqa: E402
