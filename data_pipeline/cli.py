@@ -14,12 +14,7 @@ from typing import Any
 
 from absl import flags
 
-
-class UserError(Exception):
-    """Something the user can fix (bad config, wrong workdir, missing checkpoint...).
-
-    Entry points print ``error: <message>`` and exit with status 2, without a traceback.
-    """
+from data_pipeline.errors import UserError
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -5,6 +5,13 @@ from __future__ import annotations
 from collections import Counter
 
 
+class UserError(Exception):
+    """Something the user can fix (bad config, wrong workdir, missing checkpoint...).
+
+    Entry points print ``error: <message>`` and exit with status 2, without a traceback.
+    """
+
+
 class DataError(ValueError):
     """Input data or a data setting the pipeline cannot use. The message names file and line."""
 

@@ -8,7 +8,7 @@ from data_pipeline import loader
 from tests import helpers
 from trainer import experiment
 from trainer.checkpoint import Checkpointer
-from trainer.cli import UserError
+from trainer.errors import UserError
 from trainer.step import make_train_step
 from trainer.loop import train
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests import helpers
 from trainer import dry_run
-from trainer.cli import UserError
+from trainer.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))

@@ -17,7 +17,8 @@ from tests import helpers
 from tests.cli_test import run
 from trainer import experiment
 from trainer.checkpoint import Checkpointer
-from trainer.evaluator import Evaluator, parse_baselines, sample_rows
+from trainer.evaluator import Evaluator, sample_rows
+from trainer.options import parse_baselines
 from trainer.step import TrainState, make_train_step
 
 

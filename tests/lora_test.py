@@ -14,7 +14,7 @@ from flax import nnx
 
 from tests import helpers
 from trainer import experiment, lora, quant
-from trainer.cli import UserError
+from trainer.errors import UserError
 from trainer.model import LORA_TARGETS, Transformer
 from trainer.step import make_forward
 

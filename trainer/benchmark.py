@@ -21,6 +21,7 @@ import numpy as np
 
 from trainer import experiment, hf_io, sharding as sharding_lib
 from trainer.flops import flops_per_token, peak_flops
+from trainer.memory import compiled_memory, state_bytes
 from trainer.model import resolve_attention
 from trainer.step import make_optimizer
 
@@ -60,25 +61,11 @@ def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: in
     stats = jax.devices()[0].memory_stats() or {}
     # The step's own footprint per device, from XLA's buffer assignment (the executable is cached:
     # no second compile): state and batch + temporaries, less what donation lets outputs reuse.
-    mem = step.lower(state, device_data[0]).compile().memory_analysis()
-    step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                  + mem.temp_size_in_bytes) if mem is not None else None
+    mem = compiled_memory(step.lower(state, device_data[0]).compile())
+    step_bytes = mem["total"] if mem is not None else None
     return {"seconds": seconds, "cfg": spec.cfg, "loss": float(m["loss"]), "step_bytes": step_bytes,
             "peak_bytes": stats.get("peak_bytes_in_use"), "state_bytes": state_bytes(state),
             "trainable": sum(x.size for x in jax.tree.leaves(state.params))}
-
-
-def state_bytes(state) -> dict[str, int]:
-    """Bytes of the state's parts on device 0 (its shards): trainable params, optimizer, frozen base.
-    Works on arrays and on ShapeDtypeStructs with shardings."""
-    def per_device(tree) -> int:
-        total = 0
-        for x in jax.tree.leaves(tree):
-            shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-            total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
-        return total
-    return {"params": per_device(state.params), "opt_state": per_device(state.opt_state),
-            "frozen": per_device(state.frozen)}
 
 
 # ``trainer.bench --lora``: the same model and batches under each of these, smallest state first.

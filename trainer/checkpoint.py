@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from trainer import metrics as metrics_lib, paths
-from trainer.cli import UserError
+from trainer.errors import UserError
 
 VAL_METRIC = "val/loss"  # the default checkpoint.best_metric
 _LEGACY = {"val/loss": "val_loss"}  # the key workdirs written before best_metric existed carry

@@ -138,9 +138,8 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
         scoring.Normalization.from_config(e.get("normalize"))
     except ValueError as err:
         out.append(str(err))
-    from trainer.evaluator import parse_baselines  # noqa: PLC0415 (jax-free callers stay jax-free)
     try:
-        parse_baselines(e.get("baselines", "zero_shot"), e.few_shot_k)
+        options.parse_baselines(e.get("baselines", options.BASELINES), e.few_shot_k)
     except ValueError as err:
         out.append(f"eval.baselines: {err}")
     if pattern := e.get("answer_pattern", ""):

@@ -26,8 +26,9 @@ import ml_collections
 
 from data_pipeline import loader
 from trainer import config_checks, experiment, sharding as sharding_lib
-from trainer.cli import UserError
+from trainer.errors import UserError
 from trainer.flops import flops_per_token, peak_flops
+from trainer.memory import compiled_memory, state_bytes
 from trainer.step import make_optimizer
 
 GB = 1e9
@@ -63,16 +64,13 @@ def dry_run(config: ml_collections.ConfigDict, num_devices: int | None = None,
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
 
-    mem = compiled.memory_analysis()
-    args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    temps, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
-    total = args + outs - alias + temps  # donated state: outputs reuse the arguments' buffers
+    memory = compiled_memory(compiled)
+    total = memory["total"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float((cost or {}).get("flops", 0.0))
     trainable = sum(x.size for x in jax.tree.leaves(abstract.params))
     params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))  # + adapters
-    from trainer.benchmark import state_bytes  # noqa: PLC0415
     tokens = t.batch_size * seq
     formula = flops_per_token(spec.cfg, seq) * tokens
     out = {
@@ -83,8 +81,7 @@ def dry_run(config: ml_collections.ConfigDict, num_devices: int | None = None,
         "dtype": spec.cfg.dtype, "scan_layers": spec.cfg.scan_layers, "remat": spec.cfg.remat,
         "compile_s": compile_s,
         "flops_per_step_formula": formula, "flops_per_step_xla_per_device": xla_flops,
-        "memory_per_device_bytes": {"arguments": args, "outputs": outs, "aliased": alias,
-                                    "temporaries": temps, "total": total},
+        "memory_per_device_bytes": memory,
     }
     if device_memory_gb:
         out["device_memory_gb"] = device_memory_gb

@@ -26,11 +26,11 @@ import ml_collections
 
 from data_pipeline import sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import experiment, lora as lora_lib, metrics as metrics_lib, paths, reports
+from trainer import experiment, lora as lora_lib, metrics as metrics_lib, options, paths, reports
 from trainer.runs import open_run
-from trainer.cli import UserError
+from trainer.errors import UserError
 from trainer.evaluator import (Evaluator, Result, few_shot_messages, fit_prompt,  # noqa: F401
-                               log_pattern_warning, parse_baselines, prompt_of, sample_rows, target_of)
+                               log_pattern_warning, prompt_of, sample_rows, target_of)
 from trainer.scoring import HEADLINE_PAIRED, exact_match, paired_difference  # noqa: F401
 
 
@@ -186,7 +186,7 @@ def evaluate(req: Request) -> dict[str, Any]:
     split = req.split or ecfg.split
     limit = ecfg.max_examples if req.limit < 0 else req.limit
     try:
-        shots_list = parse_baselines(req.baselines or ecfg.get("baselines", "zero_shot,few_shot"),
+        shots_list = options.parse_baselines(req.baselines or ecfg.get("baselines", options.BASELINES),
                                      ecfg.few_shot_k)
     except ValueError as e:
         raise UserError(str(e)) from e

@@ -82,22 +82,6 @@ def sample_rows(rows: Sequence[Row], limit: int, seed: int) -> list[Row]:
     return [rows[i] for i in keep]
 
 
-def parse_baselines(spec: str, default_k: int) -> list[int]:
-    """``"zero_shot,few_shot:3"`` -> ``[0, 3]`` (numbers of exemplars); ``few_shot`` alone takes
-    ``default_k`` (``eval.few_shot_k``)."""
-    out = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        name, _, k = item.partition(":")
-        if name == "zero_shot" and not k:
-            out.append(0)
-        elif name == "few_shot" and (not k or k.isdigit()):
-            out.append(int(k) if k else default_k)
-        else:
-            raise ValueError(f"--baselines: {item!r} is not zero_shot or few_shot[:K] "
-                             "(e.g. zero_shot,few_shot:3)")
-    return list(dict.fromkeys(out))
-
-
 def prompting_name(shots: int) -> str:
     return "zero-shot" if shots == 0 else f"{shots}-shot"
 

@@ -24,7 +24,7 @@ from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
 from trainer import (config_checks, hf_io, lora as lora_lib, metrics as metrics_lib, paths, quant,
                      rundir, sharding as sharding_lib)
-from trainer.cli import UserError
+from trainer.errors import UserError
 from trainer.model import ModelConfig, Transformer, resolve_attention
 from trainer.step import TrainState, make_train_step
 

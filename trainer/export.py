@@ -23,7 +23,8 @@ from typing import Any
 from absl import flags
 
 from trainer import cli
-from trainer.cli import UserError, launch
+from trainer.cli import launch
+from trainer.errors import UserError
 
 FLAGS = flags.FLAGS
 

@@ -18,7 +18,7 @@ import numpy as np
 from data_pipeline import loader
 from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
 from trainer.checkpoint import VAL_METRIC, Checkpointer
-from trainer.cli import UserError
+from trainer.errors import UserError
 from trainer.evaluator import Evaluator, log_pattern_warning, sample_rows
 from trainer.preemption import Preempted, StopRequests
 from trainer.rundir import RunLock

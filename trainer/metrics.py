@@ -81,7 +81,7 @@ class MetricWriter:
             return
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}  # JSON has no NaN
         row = {"step": int(step), "time": time.time(), **{f"{prefix}{k}": v for k, v in finite.items()}}
-        from trainer.cli import UserError  # noqa: PLC0415
+        from trainer.errors import UserError  # noqa: PLC0415
         try:
             self._jsonl.write(json.dumps(row) + "\n")
         except OSError as e:  # a full disk, a vanished mount: one line, not a traceback

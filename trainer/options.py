@@ -7,3 +7,20 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn", "flash", "splash")  # model.attention_impl, besides "auto"
 ATTENTION_IMPLS = ("auto", *ATTENTION_BACKENDS)
 REMAT = ("none", "full", "dots")                            # model.remat
+BASELINES = "zero_shot,few_shot"  # eval.baselines, for a config.json written before the key
+
+
+def parse_baselines(spec: str, default_k: int) -> list[int]:
+    """``"zero_shot,few_shot:3"`` -> ``[0, 3]`` (numbers of exemplars); ``few_shot`` alone takes
+    ``default_k`` (``eval.few_shot_k``)."""
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, k = item.partition(":")
+        if name == "zero_shot" and not k:
+            out.append(0)
+        elif name == "few_shot" and (not k or k.isdigit()):
+            out.append(int(k) if k else default_k)
+        else:
+            raise ValueError(f"--baselines: {item!r} is not zero_shot or few_shot[:K] "
+                             "(e.g. zero_shot,few_shot:3)")
+    return list(dict.fromkeys(out))

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from trainer import paths
-from trainer.cli import UserError
+from trainer.errors import UserError
 
 LOCK_FILE = "run.lock"
 
