@@ -85,7 +85,7 @@ def get_config() -> ConfigDict:
     # A copy of the base model's config.json: what --dry_run compiles when the checkpoint is not here.
     c.model.arch_json = ""
 
-    # ---- LoRA (trainer.lora): train low-rank adapters, keep the base frozen ------------------
+    # ---- LoRA (trainer.models.lora): train low-rank adapters, keep the base frozen ------------------
     c.lora = ConfigDict()
     c.lora.rank = 0  # 0: full fine-tuning
     c.lora.alpha = 16.0  # the update is (alpha / rank) A B, as in PEFT

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A Cloud TPU pod slice: the same command on every host; jax.distributed finds its peers itself.
 # The workdir must be on storage every host sees: a gs:// bucket (every file of the run goes through
-# trainer.paths / etils.epath and Orbax; install the `gcs` extra, pip install -e ".[gcs]") or a shared
+# trainer.io.paths / etils.epath and Orbax; install the `gcs` extra, pip install -e ".[gcs]") or a shared
 # filesystem (e.g. Filestore mounted on every host).
 #
 # Spot/preemptible TPU VMs: create them with `--spot` (or queued resources with `--spot`). On a

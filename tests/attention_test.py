@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from trainer import sharding as sharding_lib
-from trainer.model import ModelConfig, Transformer, resolve_attention
-from trainer.step import make_forward
+from trainer.models.transformer import ModelConfig, Transformer, resolve_attention
+from trainer.training.step import make_forward
 
 BASE = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,

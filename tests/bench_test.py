@@ -1,7 +1,7 @@
 """The benchmark runs and reports both sides (a smoke test: speed is reported, never asserted)."""
 
 from tests.helpers import tiny_config
-from trainer.benchmark import bench, flops_per_token
+from trainer.benchmarks.train_step import bench, flops_per_token
 
 
 def test_bench_reports_ours_and_the_torch_reference():
@@ -11,7 +11,7 @@ def test_bench_reports_ours_and_the_torch_reference():
 
 
 def test_flops_per_token_counts_matmuls_and_attention():
-    from trainer.model import ModelConfig  # noqa: PLC0415
+    from trainer.models.transformer import ModelConfig  # noqa: PLC0415
     cfg = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=2)
     # q, o: 4x2x2 each; k, v: 4x1x2 each; gated MLP 3 x 4x8; head 4x10 -> 184 matmul parameters;
@@ -20,7 +20,7 @@ def test_flops_per_token_counts_matmuls_and_attention():
 
 
 def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys):
-    from trainer.generation_benchmark import bench as bench_generate  # noqa: PLC0415
+    from trainer.benchmarks.generation import bench as bench_generate  # noqa: PLC0415
     (row,) = bench_generate("demo", batches=(4,), prompt_len=24, new_tokens=6, num_batches=2)
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0
     assert row["identical_rows"] == row["rows"] == 8  # greedy tokens equal transformers.generate's

@@ -6,11 +6,11 @@ import pytest
 
 from data_pipeline import loader
 from tests import helpers
-from trainer import experiment
-from trainer.checkpoint import Checkpointer
+from trainer.training import experiment
+from trainer.io.checkpoint import Checkpointer
 from trainer.errors import UserError
-from trainer.step import make_train_step
-from trainer.loop import train
+from trainer.training.step import make_train_step
+from trainer.training.loop import train
 
 
 def test_save_restore_is_bitwise(tmp_path):

@@ -235,7 +235,7 @@ def test_eval_and_export_pick_the_same_best_step(tmp_path):
     """``--checkpoint best`` ranks by the run's ``checkpoint.best_metric`` in trainer.eval and
     trainer.export alike (export used to rank by validation loss whatever the run's config said).
     Here best is the *highest* validation loss, so the two rankings cannot agree by accident."""
-    from trainer.evaluation import Request, evaluate  # noqa: PLC0415
+    from trainer.evaluation.compare import Request, evaluate  # noqa: PLC0415
     from trainer.export import export  # noqa: PLC0415
     wd = str(tmp_path / "run")
     r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", wd, "--config.train.num_steps=3",

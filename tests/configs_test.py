@@ -7,7 +7,7 @@ import os
 import pytest
 
 from configs import demo
-from trainer import config_checks
+from trainer.settings import checks as config_checks
 
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
     os.path.dirname(__file__), "..", "configs", "*.py")) if not p.endswith("__init__.py"))
@@ -77,7 +77,7 @@ def test_divisibility_by_mesh_and_processes_and_base_positions():
 def test_every_attention_backend_the_model_offers_passes_the_config_check(impl):
     """``flash`` (the Pallas GPU kernel) is offered by the model, the demo config and the README; the
     config check used to refuse it, so only ``trainer.bench`` (which skips the checks) could use it."""
-    from trainer import model  # noqa: PLC0415
+    from trainer.models import transformer as model  # noqa: PLC0415
     assert set(model.BACKENDS) | {"auto"} == {"auto", "xla", "cudnn", "flash", "splash"}
     c = demo.get_config()
     c.model.attention_impl = impl

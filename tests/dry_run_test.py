@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from tests import helpers
-from trainer import dry_run
+from trainer.benchmarks import dry_run
 from trainer.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from trainer.evaluation import fit_prompt
+from trainer.evaluation.compare import fit_prompt
 
 
 def row(q, a):
@@ -24,7 +24,7 @@ def test_fit_prompt_drops_exemplars_then_cuts_the_question_from_the_left():
 
 
 def test_answer_pattern_compares_only_the_extracted_answers():
-    from trainer.evaluation import exact_match  # noqa: PLC0415
+    from trainer.evaluation.compare import exact_match  # noqa: PLC0415
     target = "She has 3 + 4 = 7 apples.\n#### 1,007"
     assert exact_match("Different reasoning...\n#### 1007", target, r"####\s*([-0-9.,]+)")
     assert not exact_match("#### 1008", target, r"####\s*([-0-9.,]+)")

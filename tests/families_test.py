@@ -14,10 +14,10 @@ from flax import nnx
 torch = reference("torch")
 transformers = reference("transformers")
 
-from trainer import hf_io  # noqa: E402
-from trainer.generate import generate_all, make_generate_fn  # noqa: E402
-from trainer.model import Transformer  # noqa: E402
-from trainer.step import token_loss  # noqa: E402
+from trainer.io import hf as hf_io  # noqa: E402
+from trainer.evaluation.generate import generate_all, make_generate_fn  # noqa: E402
+from trainer.models.transformer import Transformer  # noqa: E402
+from trainer.training.step import token_loss  # noqa: E402
 from tests.helpers import our_logits  # noqa: E402
 
 VOCAB = 97

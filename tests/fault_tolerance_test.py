@@ -50,9 +50,9 @@ def wait_for_step(wd, step, proc, timeout=300):
 
 def final_state(wd):
     """Params and optimizer state of the latest checkpoint, as numpy."""
-    from trainer import experiment  # noqa: PLC0415
-    from trainer.checkpoint import Checkpointer  # noqa: PLC0415
-    from trainer.step import make_optimizer  # noqa: PLC0415
+    from trainer.training import experiment  # noqa: PLC0415
+    from trainer.io.checkpoint import Checkpointer  # noqa: PLC0415
+    from trainer.training.step import make_optimizer  # noqa: PLC0415
     config = experiment.load_config(wd)
     tok = experiment.build_or_load_tokenizer(config, wd, train_rows=None)
     spec = experiment.model_spec(config, len(tok), experiment.make_mesh(config))
@@ -163,7 +163,7 @@ def test_divergence_stops_with_one_line_and_no_non_finite_checkpoint(tmp_path):
               "--config.train.eval_every=1", "--config.train.max_bad_steps=3",
               "--config.train.keep_checkpoints=30")
     assert_clean_error(r, "training diverged", "steps in a row", "non-finite")
-    from trainer.checkpoint import Checkpointer  # noqa: PLC0415
+    from trainer.io.checkpoint import Checkpointer  # noqa: PLC0415
     ck = Checkpointer(str(wd), read_only=True)
     steps = ck.all_steps()
     assert 1 in steps, (steps, r.stderr[-2000:])  # without a checkpoint this test would prove nothing

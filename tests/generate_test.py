@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainer.generate import _pick, cut_at_stop
+from trainer.evaluation.generate import _pick, cut_at_stop
 
 LOGITS = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
 

@@ -9,8 +9,10 @@ from flax import nnx
 
 from configs import tiny
 from data_pipeline.loader import FIELDS
-from trainer import experiment, hf_io, sharding as sharding_lib
-from trainer.step import make_optimizer
+from trainer import sharding as sharding_lib
+from trainer.training import experiment
+from trainer.io import hf as hf_io
+from trainer.training.step import make_optimizer
 
 
 def tiny_config(**mesh):

@@ -18,7 +18,7 @@ torch = reference("torch")
 transformers = reference("transformers")
 
 from tests.helpers import load_base, our_logits  # noqa: E402
-from trainer import hf_io  # noqa: E402
+from trainer.io import hf as hf_io  # noqa: E402
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, vocab_size=128,
              max_position_embeddings=256)

@@ -19,8 +19,8 @@ from data_pipeline.synthetic import synthetic_splits  # noqa: E402
 from data_pipeline.templating import prompt_completion_messages  # noqa: E402
 from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: E402
 from tests.cli_test import run  # noqa: E402
-from trainer import experiment  # noqa: E402
-from trainer.checkpoint import Checkpointer  # noqa: E402
+from trainer.training import experiment  # noqa: E402
+from trainer.io.checkpoint import Checkpointer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def test_import_places_each_shard_on_its_device_only(hf_dir):
     """On a data x fsdp x tensor mesh, every imported leaf has its target sharding, devices hold only
     their shards, and the values are the checkpoint's."""
     from tests.helpers import tiny_config  # noqa: PLC0415
-    from trainer import hf_io, sharding as sharding_lib  # noqa: PLC0415
+    from trainer import sharding as sharding_lib  # noqa: PLC0415
+    from trainer.io import hf as hf_io
     config = tiny_config(data=2, fsdp=2, tensor=2)
     config.model.hf_path = hf_dir
     mesh = sharding_lib.make_mesh(dict(config.mesh))

@@ -17,8 +17,10 @@ from flax import nnx
 
 from tests import helpers
 from tests.lora_test import ALL, randomize_b
-from trainer import experiment, hf_io, lora
-from trainer.model import Transformer
+from trainer.training import experiment
+from trainer.io import hf as hf_io, peft as peft_io
+from trainer.models import lora
+from trainer.models.transformer import Transformer
 
 torch = reference("torch")
 transformers = reference("transformers")
@@ -58,8 +60,8 @@ def test_peft_adapter_and_merged_export_round_trip(family, tmp_path_factory, tmp
     adapter_dir = tmp_path / "adapter"
     adapter_dir.mkdir()
     from safetensors.numpy import save_file  # noqa: PLC0415
-    save_file(lora.peft_tensors(host, cfg, model_type), str(adapter_dir / "adapter_model.safetensors"))
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(lora.adapter_config(cfg, path, model_type)))
+    save_file(peft_io.peft_tensors(host, cfg, model_type), str(adapter_dir / "adapter_model.safetensors"))
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(peft_io.adapter_config(cfg, path, model_type)))
     base_logits = _torch_logits(hf)
     peft_model = peft.PeftModel.from_pretrained(hf, str(adapter_dir)).eval()
     ref = _torch_logits(peft_model)
@@ -78,12 +80,12 @@ def test_peft_adapter_and_merged_export_round_trip(family, tmp_path_factory, tmp
         np.testing.assert_allclose(got[i, :n], ref[i, :n], atol=1e-4, rtol=0)
 
     expected = lora.split(jax.eval_shape(lambda: params), True)[0]
-    back = lora.read_peft(str(adapter_dir), cfg, model_type, expected)
+    back = peft_io.read_peft(str(adapter_dir), cfg, model_type, expected)
     assert helpers.tree_equal(back, lora.split(host, True)[0])
     # and scanned: the same adapter into stacked [layers, ...] params
     scfg = dataclasses.replace(cfg, scan_layers=True)
     stacked = jax.eval_shape(lambda: nnx.state(Transformer(scfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict())
-    back_s = lora.read_peft(str(adapter_dir), scfg, model_type, lora.split(stacked, True)[0])
+    back_s = peft_io.read_peft(str(adapter_dir), scfg, model_type, lora.split(stacked, True)[0])
     np.testing.assert_array_equal(back_s["layers"]["attn"]["q_lora_b"][1],
                                   host["layers"][1]["attn"]["q_lora_b"])
 
@@ -95,14 +97,14 @@ def test_bad_adapters_are_one_line_each(tmp_path_factory, tmp_path):
     from safetensors.numpy import save_file  # noqa: PLC0415
     d = tmp_path / "a"
     d.mkdir()
-    save_file(lora.peft_tensors(host, cfg, model_type), str(d / "adapter_model.safetensors"))
-    ac = lora.adapter_config(cfg, path, model_type)
+    save_file(peft_io.peft_tensors(host, cfg, model_type), str(d / "adapter_model.safetensors"))
+    ac = peft_io.adapter_config(cfg, path, model_type)
     expected = lora.split(jax.eval_shape(lambda: params), True)[0]
 
     def error(**change):
         (d / "adapter_config.json").write_text(json.dumps({**ac, **change}))
         with pytest.raises(lora.LoraError) as e:
-            lora.read_peft(str(d), cfg, model_type, expected)
+            peft_io.read_peft(str(d), cfg, model_type, expected)
         assert "\n" not in str(e.value)
         return str(e.value)
 
@@ -115,7 +117,7 @@ def test_bad_adapters_are_one_line_each(tmp_path_factory, tmp_path):
     wide_expected = lora.split(jax.eval_shape(lambda: nnx.state(
         Transformer(wide, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()), True)[0]
     with pytest.raises(lora.LoraError, match="trained on another base model"):
-        lora.read_peft(str(d), wide, model_type, wide_expected)
+        peft_io.read_peft(str(d), wide, model_type, wide_expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_lora_run_exports_what_peft_and_transformers_load(hf_dir, tmp_path):  # 
     tok = experiment.build_or_load_tokenizer(config, wd, train_rows=None)
     mesh = helpers.sharding_lib.make_mesh(dict(config.mesh), jax.devices()[:1])
     spec = experiment.model_spec(config, len(tok), mesh)
-    from trainer.checkpoint import Checkpointer  # noqa: PLC0415
+    from trainer.io.checkpoint import Checkpointer  # noqa: PLC0415
     ckpt = Checkpointer(wd, read_only=True)
     adapters = ckpt.restore_params(2, spec.abstract_trainable())
     ckpt.close()

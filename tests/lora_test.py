@@ -13,10 +13,12 @@ import pytest
 from flax import nnx
 
 from tests import helpers
-from trainer import experiment, lora, quant
+from trainer.training import experiment
+from trainer.models import lora
+from trainer.models import quant
 from trainer.errors import UserError
-from trainer.model import LORA_TARGETS, Transformer
-from trainer.step import make_forward
+from trainer.models.transformer import LORA_TARGETS, Transformer
+from trainer.training.step import make_forward
 
 VOCAB, SEQ = 64, 36
 ALL = tuple(LORA_TARGETS)
@@ -125,7 +127,7 @@ def test_sharded_lora_run_equals_one_device():
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     """Adapters, optimizer state and every logged loss: stopped at step 2 and resumed vs straight
     through (dropout on, so its keys must follow the step too)."""
-    from trainer import loop  # noqa: PLC0415
+    from trainer.training import loop  # noqa: PLC0415
 
     def config():
         c = lora_config(dropout=0.1, mesh=dict(data=-1, fsdp=1, tensor=1))
@@ -194,7 +196,8 @@ def test_lora_under_remat_dots_keeps_each_projection_once(monkeypatch):
     low-rank one), and keeping both outputs made a LoRA step need more memory than full fine-tuning
     (1B preset on an H200: 38.98 vs 37.92 GB per device). The named policy keeps the sum only; the
     plain dots policy, patched back in, needs 20%+ more temporaries -- so this can fail."""
-    from trainer import dry_run, model  # noqa: PLC0415
+    from trainer.benchmarks import dry_run  # noqa: PLC0415
+    from trainer.models import transformer as model
 
     def temporaries():
         c = lora_config(rank=8)
@@ -210,7 +213,7 @@ def test_lora_under_remat_dots_keeps_each_projection_once(monkeypatch):
 
 
 def test_bad_lora_config_is_one_line_each():
-    from trainer import config_checks  # noqa: PLC0415
+    from trainer.settings import checks as config_checks  # noqa: PLC0415
     c = lora_config(targets=("q", "qkv"), dropout=1.5, base_quant="int3")
     problems = config_checks.problems(c, 1)
     assert any("unknown 'qkv'; valid: q, k, v, o, gate, up, down" in p for p in problems), problems

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer.loss import chunked_token_loss, token_loss
-from trainer.model import softcap_logits
+from trainer.training.loss import chunked_token_loss, token_loss
+from trainer.models.transformer import softcap_logits
 
 
 def _data(n_rows=3, seq=13, embed=24, vocab=53, seed=0, supervised=0.4):

@@ -4,7 +4,7 @@ import io
 
 import numpy as np
 
-from trainer import metrics as metrics_lib
+from trainer.training import metrics as metrics_lib
 
 
 def test_summarize_is_token_weighted_and_never_invents_a_zero_loss():

@@ -11,10 +11,10 @@ from flax import nnx
 torch = reference("torch")
 transformers = reference("transformers")
 
-from trainer.generate import generate_all, make_generate_fn  # noqa: E402
-from trainer.hf_io import model_config_from_hf, params_from_hf  # noqa: E402
-from trainer.model import Transformer  # noqa: E402
-from trainer.step import token_loss  # noqa: E402
+from trainer.evaluation.generate import generate_all, make_generate_fn  # noqa: E402
+from trainer.io.hf import model_config_from_hf, params_from_hf  # noqa: E402
+from trainer.models.transformer import Transformer  # noqa: E402
+from trainer.training.step import token_loss  # noqa: E402
 
 VOCAB = 97
 

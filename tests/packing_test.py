@@ -11,8 +11,8 @@ from flax import nnx
 
 from data_pipeline import loader, packing, pipeline, sources, tokenizer as tokenizer_lib
 from tests import helpers
-from trainer.experiment import model_config
-from trainer.model import Transformer
+from trainer.training.experiment import model_config
+from trainer.models.transformer import Transformer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

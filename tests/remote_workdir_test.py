@@ -1,5 +1,5 @@
 """A ``gs://`` workdir against a GCS emulator on 127.0.0.1 (not a mock): the real gcsfs client (config,
-lock, tokenizer, metrics, TensorBoard, reports, exports through ``trainer.paths``) and TensorStore's
+lock, tokenizer, metrics, TensorBoard, reports, exports through ``trainer.io.paths``) and TensorStore's
 GCS driver (Orbax checkpoints). A run trains, checkpoints, is SIGKILLed, resumes, evaluates and
 exports there, and nothing lands on the local disk under a mangled ``gs:`` name."""
 

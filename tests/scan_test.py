@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainer import hf_io
-from trainer.generate import generate_all, make_generate_fn
-from trainer.model import ModelConfig, Transformer, stack_layers, unstack_layers
-from trainer.step import make_forward
+from trainer.io import hf as hf_io
+from trainer.evaluation.generate import generate_all, make_generate_fn
+from trainer.models.transformer import ModelConfig, Transformer, stack_layers, unstack_layers
+from trainer.training.step import make_forward
 
 LLAMA = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8)

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from trainer.scoring import bootstrap_interval, exact_match, paired_difference
+from trainer.evaluation.scoring import bootstrap_interval, exact_match, paired_difference
 
 
 def test_exact_match_trims_the_ends_only():
@@ -35,7 +35,7 @@ def test_paired_difference():
 
 # ---- normalisation, extraction, ROUGE, chrF: hand-computed literal cases ----------------------
 
-from trainer.scoring import Normalization, Scorer, extract, summarize  # noqa: E402
+from trainer.evaluation.scoring import Normalization, Scorer, extract, summarize  # noqa: E402
 
 
 def test_normalisation_options():

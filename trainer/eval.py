@@ -7,7 +7,7 @@ Hugging Face / GGUF model on any data the pipeline reads.
 
 Writes ``report.md``, ``report.json``, ``predictions.jsonl`` and PNG plots into
 ``workdir/eval/<split>_step<N>/`` (or ``--out``) and prints the table. The logic is
-``trainer.evaluation``; this module imports only absl until the flags are parsed.
+``trainer.evaluation.compare``; this module imports only absl until the flags are parsed.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run() -> None:
     _define_flags()
 
     def body():
-        from trainer.evaluation import Request, evaluate  # noqa: PLC0415
+        from trainer.evaluation.compare import Request, evaluate  # noqa: PLC0415
         limit = FLAGS.limit if FLAGS.max_examples is None else FLAGS.max_examples
         return evaluate(Request(
             workdir=FLAGS.workdir or "", checkpoint=FLAGS.checkpoint, hf_path=FLAGS.hf_path,

@@ -39,8 +39,11 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     from data_pipeline import pipeline  # noqa: PLC0415
-    from trainer import experiment, hf_io, lora, metrics as metrics_lib  # noqa: PLC0415
-    from trainer.runs import open_run  # noqa: PLC0415
+    from trainer.training import experiment  # noqa: PLC0415
+    from trainer.io import hf as hf_io, peft as peft_io  # noqa: PLC0415
+    from trainer.models import lora
+    from trainer.training import metrics as metrics_lib
+    from trainer.training.runs import open_run  # noqa: PLC0415
     run = open_run(workdir)
     config, tok, spec = run.config, run.tok, run.spec
     if adapter and not spec.lora.enabled:
@@ -103,7 +106,7 @@ def _save_tokenizer(tok, config, out: str) -> None:
 def _local_out(out: str) -> str:
     """The local directory the export is written to: ``out`` itself, or for ``gs://`` a local
     staging copy uploaded at the end (safetensors and transformers write local files)."""
-    from trainer import paths  # noqa: PLC0415
+    from trainer.io import paths  # noqa: PLC0415
     if paths.listdir(out):
         raise UserError(f"--out {out!r} exists and is not empty")
     local = paths.fresh_local_dir(out)
@@ -112,7 +115,7 @@ def _local_out(out: str) -> str:
 
 
 def _upload(local: str, out: str) -> str:
-    from trainer import paths  # noqa: PLC0415
+    from trainer.io import paths  # noqa: PLC0415
     if paths.is_remote(out):
         paths.upload_dir(local, out)
     return out
@@ -123,7 +126,7 @@ def _host_base(spec, seed: int) -> dict[str, Any]:
     quantised copy is not what the adapters are merged into), or the seeded init."""
     import jax  # noqa: PLC0415
 
-    from trainer import hf_io  # noqa: PLC0415
+    from trainer.io import hf as hf_io  # noqa: PLC0415
     if spec.hf_path:
         try:
             return hf_io.load_hf(spec.hf_path, spec.cfg, hf_io.read_hf_config(spec.hf_path)["model_type"])
@@ -139,15 +142,18 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
     import numpy as np  # noqa: PLC0415
     from safetensors.numpy import save_file  # noqa: PLC0415
 
-    from trainer import experiment, hf_io, lora, metrics as metrics_lib  # noqa: PLC0415
+    from trainer.training import experiment  # noqa: PLC0415
+    from trainer.io import hf as hf_io, peft as peft_io  # noqa: PLC0415
+    from trainer.models import lora
+    from trainer.training import metrics as metrics_lib
     if not spec.hf_path:
         raise UserError(f"--adapter: {workdir} trained adapters on a model initialised from scratch, which "
                         "has no Hugging Face base for PEFT to load them onto; export the merged model "
                         "(without --adapter)")
     dtype = "float32" if dtype == "auto" else dtype
     try:
-        tensors = lora.peft_tensors(host, spec.cfg, model_type)
-        adapter_cfg = lora.adapter_config(spec.cfg, os.path.abspath(spec.hf_path), model_type)
+        tensors = peft_io.peft_tensors(host, spec.cfg, model_type)
+        adapter_cfg = peft_io.adapter_config(spec.cfg, os.path.abspath(spec.hf_path), model_type)
     except lora.LoraError as e:
         raise UserError(f"--adapter: {e}") from e
     tensors = {k: np.asarray(v, np.float32).astype(hf_io.np_dtype(dtype)) for k, v in tensors.items()}

@@ -1,4 +1,4 @@
-r"""Supervised instruction fine-tuning (entry point; the loop is ``trainer.loop.train``).
+r"""Supervised instruction fine-tuning (entry point; the loop is ``trainer.training.loop.train``).
 
     python -m trainer.train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
 
@@ -8,7 +8,7 @@ flags are parsed, so ``--help`` answers at once.
     python -m trainer.train --config configs/llama3_1_8b_tpu.py --dry_run --dry_run_devices 32 \
         --device_memory_gb 16
 
-compiles the step from abstract shapes only and reports memory and FLOPs (``trainer.dry_run``).
+compiles the step from abstract shapes only and reports memory and FLOPs (``trainer.benchmarks.dry_run``).
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ def run() -> None:
         _virtual_devices(sys.argv)
 
     def body():
-        from trainer.loop import train  # noqa: PLC0415 (JAX & co. only once the flags are parsed)
+        from trainer.training.loop import train  # noqa: PLC0415 (JAX & co. only once the flags are parsed)
         config = config_flag()
         if FLAGS.hf_path:
             config.model.hf_path = FLAGS.hf_path
         if FLAGS.gguf:
             config.model.gguf_path = FLAGS.gguf
         if FLAGS.dry_run:
-            from trainer.dry_run import dry_run  # noqa: PLC0415
+            from trainer.benchmarks.dry_run import dry_run  # noqa: PLC0415
             return dry_run(config, FLAGS.dry_run_devices or None, FLAGS.device_memory_gb or None)
         return train(config, FLAGS.workdir)
     launch(body, required=() if "--dry_run" in __import__("sys").argv else ("workdir",))

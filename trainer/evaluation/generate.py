@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trainer.model import KVCache
+from trainer.models.transformer import KVCache
 from trainer.sharding import with_mesh
 
 

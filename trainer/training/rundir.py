@@ -2,11 +2,11 @@
 the settings a resume must not change.
 
     workdir/
-      config.json        the resolved config (trainer.experiment)
+      config.json        the resolved config (trainer.training.experiment)
       run.lock           {pid, host, started, command} of the process-0 holder while a run is live
       metrics.jsonl      one row per logged step; cut back to the restored step on resume
       tensorboard/       events; a resumed writer purges the steps after the restored one
-      checkpoints/<step> Orbax (trainer.checkpoint)
+      checkpoints/<step> Orbax (trainer.io.checkpoint)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from trainer import paths
+from trainer.io import paths
 from trainer.errors import UserError
 
 LOCK_FILE = "run.lock"

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
-from trainer import options
+from trainer.settings import options
 
 Array = jax.Array
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -88,7 +88,7 @@ class ModelConfig:
     # Layers as one Block with stacked [layers, ...] params under ``lax.scan``: program size and
     # compile time independent of depth (the accelerator presets turn it on).
     scan_layers: bool = False
-    # ---- LoRA (trainer.lora): low-rank adapters beside the block projections ----------------
+    # ---- LoRA (trainer.models.lora): low-rank adapters beside the block projections ----------------
     # out = x W + (alpha / rank) * dropout(x) A B, with A [in..., rank], B [rank, out...]
     # (``nnx.LoRAParam``s, so a filter tells them from the frozen base). rank 0: none.
     lora_rank: int = 0
@@ -627,7 +627,7 @@ def _remat(fn, remat: str, lora: bool = False):
 
 class Transformer(nnx.Module):
     """Decoder-only LM. ``__call__`` returns the final (normed) hidden states; ``logits`` applies the
-    head. The training loss applies the head itself, in chunks (``trainer.loss``)."""
+    head. The training loss applies the head itself, in chunks (``trainer.training.loss``)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
@@ -728,7 +728,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden: Array) -> Array:
         """hidden: [batch, seq, embed] -> float32 logits [batch, seq, vocab] (soft-capped: Gemma 2).
 
-        For generation and tests; training and eval losses never materialise these (``trainer.loss``).
+        For generation and tests; training and eval losses never materialise these (``trainer.training.loss``).
         """
         logits = jnp.einsum("bse,ev->bsv", hidden, self.head(), preferred_element_type=jnp.float32)
         return softcap_logits(logits.astype(jnp.float32), self.cfg.final_logit_softcap)

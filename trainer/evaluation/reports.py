@@ -3,7 +3,7 @@ and intervals, per task, best and worst examples), ``predictions.jsonl`` (every 
 prediction and per-example scores), and PNG plots (matplotlib): the run's loss and in-training eval
 metrics by step, and the per-task bars of the compared models.
 
-The report dict is built by ``trainer.evaluation``; here it is only written and drawn.
+The report dict is built by ``trainer.evaluation.compare``; here it is only written and drawn.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer.evaluator import Evaluator, Result, prompt_of
-from trainer.scoring import METRICS
+from trainer.evaluation.evaluator import Evaluator, Result, prompt_of
+from trainer.evaluation.scoring import METRICS
 
 HEADLINE = ("exact_match", "rouge1", "rouge2", "rougeL", "chrf")
 LABELS = {"exact_match": "exact match", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
@@ -237,7 +237,7 @@ def write(out_dir: str, report: dict[str, Any], evaluator: Evaluator, results: S
           metrics_path: str = "") -> str:
     """Writes every file of the report into ``out_dir`` (a local directory, or ``gs://``: written
     locally, then uploaded); returns the Markdown."""
-    from trainer import paths  # noqa: PLC0415
+    from trainer.io import paths  # noqa: PLC0415
     if paths.is_remote(out_dir) or paths.is_remote(metrics_path):
         local = paths.fresh_local_dir(out_dir)
         local_metrics = ""

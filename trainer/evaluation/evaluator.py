@@ -24,9 +24,12 @@ import jax
 import numpy as np
 
 from data_pipeline import pipeline, templating
-from trainer import experiment, metrics as metrics_lib, scoring, sharding as sharding_lib
-from trainer.generate import CompiledGenerate, cut_at_stop, generate_all, make_generate_fn
-from trainer.step import make_eval_step
+from trainer import sharding as sharding_lib
+from trainer.training import experiment
+from trainer.training import metrics as metrics_lib
+from trainer.evaluation import scoring
+from trainer.evaluation.generate import CompiledGenerate, cut_at_stop, generate_all, make_generate_fn
+from trainer.training.step import make_eval_step
 
 Row = dict[str, Any]
 

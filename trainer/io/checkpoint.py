@@ -23,7 +23,8 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
-from trainer import metrics as metrics_lib, paths
+from trainer import console
+from trainer.io import paths
 from trainer.errors import UserError
 
 VAL_METRIC = "val/loss"  # the default checkpoint.best_metric
@@ -210,7 +211,7 @@ class Checkpointer:
                 reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"
                 failures.append(f"step {step}: {reason}")
                 aside = self.set_aside(step)
-                metrics_lib.log(f"warning: the checkpoint of step {step} cannot be restored ({reason}); "
+                console.log(f"warning: the checkpoint of step {step} cannot be restored ({reason}); "
                                 f"moved to {aside}; trying the previous one")
         if failures:
             raise UserError(f"no checkpoint in {self.directory} can be restored ({'; '.join(failures)}); "

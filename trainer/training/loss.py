@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from trainer.model import softcap_logits
+from trainer.models.transformer import softcap_logits
 
 SUMS = ("loss_sum", "tokens", "correct")
 

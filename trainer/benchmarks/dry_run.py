@@ -6,7 +6,7 @@
 No weights are read and no data is touched: the mesh is built (``--dry_run_devices N`` rehearses an
 N-device mesh on virtual CPU devices), the state and batch exist only as ``ShapeDtypeStruct``s with
 their shardings, and the step is lowered and compiled. XLA then reports per-device memory (arguments,
-outputs, temporaries) and FLOPs; next to them, the 6N + attention formula of ``trainer.flops``.
+outputs, temporaries) and FLOPs; next to them, the 6N + attention formula of ``trainer.models.flops``.
 
 A preset whose checkpoint is not on this machine dry-runs from the architecture kept beside it
 (``model.arch_json``, e.g. ``configs/hf/llama3_1_8b.json``). On virtual CPU devices the numbers are
@@ -25,11 +25,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from data_pipeline import loader
-from trainer import config_checks, experiment, sharding as sharding_lib
+from trainer import sharding as sharding_lib
+from trainer.settings import checks as config_checks
+from trainer.training import experiment
 from trainer.errors import UserError
-from trainer.flops import flops_per_token, peak_flops
-from trainer.memory import compiled_memory, state_bytes
-from trainer.step import make_optimizer
+from trainer.models.flops import flops_per_token, peak_flops
+from trainer.benchmarks.memory import compiled_memory, state_bytes
+from trainer.training.step import make_optimizer
 
 GB = 1e9
 

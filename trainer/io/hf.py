@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer import gguf_io
-from trainer.model import ModelConfig
+from trainer.io import gguf as gguf_io
+from trainer.models.transformer import ModelConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
@@ -313,7 +313,7 @@ def params_to_hf(params: Any, cfg: ModelConfig, model_type: str) -> dict[str, np
     """HF tensors (numpy) from our (host) params: the same table read the other way (scanned
     params are unstacked first)."""
     if cfg.scan_layers:
-        from trainer.model import unstack_layers  # noqa: PLC0415
+        from trainer.models.transformer import unstack_layers  # noqa: PLC0415
         params = unstack_layers(params, cfg.num_hidden_layers)
     out = {}
     for link in links(cfg, model_type):
@@ -400,7 +400,7 @@ def load_model(path: str):
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from trainer.model import Transformer  # noqa: PLC0415
+    from trainer.models.transformer import Transformer  # noqa: PLC0415
     raw = read_hf_config(path)
     cfg = model_config_from_hf(raw)
     params = jax.tree.map(jnp.asarray, load_hf(path, cfg, raw["model_type"]))

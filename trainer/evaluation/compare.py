@@ -7,8 +7,8 @@ What is compared:
   * ``hf_path`` / ``gguf`` (no run at all): that model under each baseline prompting; its own tokenizer
     and chat template; ``data`` says what to evaluate on.
 
-Every row goes through one ``Evaluator`` (``trainer.evaluator``); the files are written by
-``trainer.reports`` into ``workdir/eval/<split>_step<N>/`` (or ``out``).
+Every row goes through one ``Evaluator`` (``trainer.evaluation.evaluator``); the files are written by
+``trainer.evaluation.reports`` into ``workdir/eval/<split>_step<N>/`` (or ``out``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,17 @@ import ml_collections
 
 from data_pipeline import sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import experiment, lora as lora_lib, metrics as metrics_lib, options, paths, reports
-from trainer.runs import open_run
+from trainer.training import experiment
+from trainer.models import lora as lora_lib
+from trainer.training import metrics as metrics_lib
+from trainer.settings import options
+from trainer.io import paths
+from trainer.evaluation import reports
+from trainer.training.runs import open_run
 from trainer.errors import UserError
-from trainer.evaluator import (Evaluator, Result, few_shot_messages, fit_prompt,  # noqa: F401
+from trainer.evaluation.evaluator import (Evaluator, Result, few_shot_messages, fit_prompt,  # noqa: F401
                                log_pattern_warning, prompt_of, sample_rows, target_of)
-from trainer.scoring import HEADLINE_PAIRED, exact_match, paired_difference  # noqa: F401
+from trainer.evaluation.scoring import HEADLINE_PAIRED, exact_match, paired_difference  # noqa: F401
 
 
 @dataclasses.dataclass

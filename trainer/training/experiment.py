@@ -22,11 +22,18 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer import (config_checks, hf_io, lora as lora_lib, metrics as metrics_lib, paths, quant,
-                     rundir, sharding as sharding_lib)
+from trainer import sharding as sharding_lib
+from trainer.settings import checks as config_checks
+from trainer.io import hf as hf_io
+from trainer.io import peft as peft_io
+from trainer.models import lora as lora_lib
+from trainer.training import metrics as metrics_lib
+from trainer.io import paths
+from trainer.models import quant
+from trainer.training import rundir
 from trainer.errors import UserError
-from trainer.model import ModelConfig, Transformer, resolve_attention
-from trainer.step import TrainState, make_train_step
+from trainer.models.transformer import ModelConfig, Transformer, resolve_attention
+from trainer.training.step import TrainState, make_train_step
 
 LOSS_CHUNK_TOKENS = 8192  # configs/demo.py's train.loss_chunk_tokens: for a config.json without it
 CONFIG_FILE = "config.json"
@@ -56,7 +63,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Every config problem at once, before any data or model work (``trainer.config_checks``)."""
+    """Every config problem at once, before any data or model work (``trainer.settings.checks``)."""
     positions, base_problems = None, []
     path = config.model.get("hf_path", "") or config.model.get("gguf_path", "")  # both set: a problem below
     if path and os.path.exists(path):
@@ -300,7 +307,7 @@ class ModelSpec:
         return lambda: self.freeze(make())
 
     def split(self, params: Any) -> tuple[Any, Any]:
-        """``(trainable, frozen)`` (``trainer.lora.split``)."""
+        """``(trainable, frozen)`` (``trainer.models.lora.split``)."""
         return lora_lib.split(params, self.lora.enabled)
 
     def abstract_params(self) -> Any:
@@ -366,7 +373,7 @@ class ModelSpec:
         model_type = (hf_io.read_hf_config(self.hf_path)["model_type"] if self.hf_path else "llama")
         expected = self.split(jax.eval_shape(self.init_params_fn(0)))[0]
         try:
-            host = lora_lib.read_peft(self.lora.init_from, self.cfg, model_type, expected)
+            host = peft_io.read_peft(self.lora.init_from, self.cfg, model_type, expected)
         except lora_lib.LoraError as e:
             raise UserError(str(e)) from e
         dtype = jnp.dtype(self.cfg.param_dtype)

@@ -16,14 +16,16 @@ import jax
 import numpy as np
 
 from data_pipeline import loader
-from trainer import experiment, metrics as metrics_lib, sharding as sharding_lib
-from trainer.checkpoint import VAL_METRIC, Checkpointer
+from trainer import sharding as sharding_lib
+from trainer.training import experiment
+from trainer.training import metrics as metrics_lib
+from trainer.io.checkpoint import VAL_METRIC, Checkpointer
 from trainer.errors import UserError
-from trainer.evaluator import Evaluator, log_pattern_warning, sample_rows
-from trainer.preemption import Preempted, StopRequests
-from trainer.rundir import RunLock
-from trainer.flops import flops_per_token, peak_flops
-from trainer.step import TrainState, make_eval_step, make_optimizer
+from trainer.evaluation.evaluator import Evaluator, log_pattern_warning, sample_rows
+from trainer.training.preemption import Preempted, StopRequests
+from trainer.training.rundir import RunLock
+from trainer.models.flops import flops_per_token, peak_flops
+from trainer.training.step import TrainState, make_eval_step, make_optimizer
 
 
 def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
@@ -203,7 +205,7 @@ def _train(config, workdir: str, stop_at: int | None, stops: StopRequests) -> Tr
                 if "loss" in summary:
                     row.update(loss=summary["loss"], token_accuracy=summary["token_accuracy"])
                 # Model FLOP/s on real (non-padding) tokens, per device, and MFU where the peak is
-                # known: the formula of trainer.bench (trainer.flops).
+                # known: the formula of trainer.bench (trainer.models.flops).
                 row["model_tflops_per_device"] = real_tokens / dt * flops_token / jax.device_count() / 1e12
                 if peak:
                     row["mfu"] = row["model_tflops_per_device"] * 1e12 / peak

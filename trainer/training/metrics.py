@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from trainer.console import log  # noqa: F401 (metrics_lib.log, the loop's progress lines)
+
 
 def summarize(sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Combines per-step ``{loss_sum, tokens, correct}`` into token-weighted means.
@@ -28,12 +30,6 @@ def summarize(sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             "tokens": tot["tokens"]}
 
 
-def log(msg: str) -> None:
-    """Prints a progress message on process 0 only."""
-    if jax.process_index() == 0:
-        print(msg, flush=True)
-
-
 class MetricWriter:
     """Appends ``{"step": N, ...}`` lines to ``workdir/metrics.jsonl`` and writes TensorBoard events.
 
@@ -46,7 +42,7 @@ class MetricWriter:
         """``resumed_at``: the restored checkpoint's step. Rows logged after it by the run that
         crashed or was preempted are dropped from ``metrics.jsonl`` and purged from TensorBoard, so
         every step appears once."""
-        from trainer import paths  # noqa: PLC0415
+        from trainer.io import paths  # noqa: PLC0415
         self.enabled = enabled and jax.process_index() == 0
         self._tb = None
         self.dropped = 0
@@ -60,7 +56,7 @@ class MetricWriter:
                 with open(os.path.join(local, "metrics.jsonl"), "w") as f:
                     f.write(paths.read_text(remote_jsonl))
             if resumed_at is not None:
-                from trainer.rundir import truncate_metrics  # noqa: PLC0415
+                from trainer.training.rundir import truncate_metrics  # noqa: PLC0415
                 self.dropped = truncate_metrics(local, resumed_at)
             self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a", buffering=1)
             from tensorboardX import SummaryWriter  # imported lazily: slow import, process 0 only
@@ -69,7 +65,7 @@ class MetricWriter:
 
     def sync(self) -> None:
         """A remote workdir: uploads ``metrics.jsonl`` and the TensorBoard events written so far."""
-        from trainer import paths  # noqa: PLC0415
+        from trainer.io import paths  # noqa: PLC0415
         if not self.enabled or not paths.is_remote(self.workdir):
             return
         self._jsonl.flush()

@@ -19,11 +19,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from trainer import experiment, hf_io, sharding as sharding_lib
-from trainer.flops import flops_per_token, peak_flops
-from trainer.memory import compiled_memory, state_bytes
-from trainer.model import resolve_attention
-from trainer.step import make_optimizer
+from trainer import sharding as sharding_lib
+from trainer.training import experiment
+from trainer.io import hf as hf_io
+from trainer.models.flops import flops_per_token, peak_flops
+from trainer.benchmarks.memory import compiled_memory, state_bytes
+from trainer.models.transformer import resolve_attention
+from trainer.training.step import make_optimizer
 
 def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
@@ -90,9 +92,9 @@ def bench_lora(config, batch: int, seq: int, steps: int, rank: int = 16, dry: bo
                vocab: int = 32000, num_devices: int | None = None, warmup: int = 2) -> list[dict[str, Any]]:
     """Full fine-tuning vs LoRA vs QLoRA on one model: trainable parameters, bytes per device of the
     trainable params, optimizer state and frozen base, and (unless ``dry``) step time and peak memory.
-    ``dry``: the ahead-of-time compile of ``trainer.dry_run`` instead of steps (a model too large to
+    ``dry``: the ahead-of-time compile of ``trainer.benchmarks.dry_run`` instead of steps (a model too large to
     run here), with XLA's per-device total."""
-    from trainer import dry_run as dry_lib  # noqa: PLC0415
+    from trainer.benchmarks import dry_run as dry_lib  # noqa: PLC0415
     rows = []
     data = None if dry else batches(steps + warmup, batch, seq, vocab)
     for name, extra in LORA_VARIANTS:

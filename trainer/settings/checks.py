@@ -15,7 +15,8 @@ import re
 from typing import Any
 
 from data_pipeline import templating
-from trainer import options, scoring
+from trainer.settings import options
+from trainer.evaluation import scoring
 
 DTYPES = options.DTYPES
 
@@ -110,7 +111,7 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
         need(m.num_key_value_heads < 1 or m.num_attention_heads % m.num_key_value_heads == 0,
              f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
              f"model.num_key_value_heads ({m.num_key_value_heads})")
-    from trainer.lora import LoraConfig  # noqa: PLC0415 (jax-free callers stay jax-free)
+    from trainer.models.lora import LoraConfig  # noqa: PLC0415 (jax-free callers stay jax-free)
     try:
         lcfg = LoraConfig.from_config(config)
     except TypeError as err:
