@@ -55,7 +55,7 @@ def run(rows: int = 200_000, file: str = "", fields: dict[str, str] | None = Non
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()
-    splits, reports = sources.build_splits(config.data, config.seed)
+    splits, reports = sources.build_splits(config.data)
     times["read"] = time.perf_counter() - t0
     n = sum(len(v) for v in splits.values())
 

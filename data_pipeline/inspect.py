@@ -40,7 +40,7 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
     # Imported here, not at the top: ``--help`` should not wait for datasets/transformers/grain.
     from data_pipeline import packing, pipeline, sources, tokenizer as tokenizer_lib  # noqa: PLC0415
     dcfg = config.data
-    rows, source_reports = sources.build_splits(dcfg, config.seed)
+    rows, source_reports = sources.build_splits(dcfg)
     if tokenizer_dir:
         tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
     else:

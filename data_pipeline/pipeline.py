@@ -1,6 +1,6 @@
 """Rows -> tokenised examples, with the length policy, a cache, and a report of everything dropped.
 
-    rows, source_reports = sources.build_splits(data_cfg, seed)  # read, map, split
+    rows, source_reports = sources.build_splits(data_cfg)  # read, map, split
     tok = tokenizer.build_tokenizer(tok_cfg, ...)     # or the run's saved tokenizer
     data = tokenize(data_cfg, tok, rows)              # this module
 

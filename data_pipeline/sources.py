@@ -441,8 +441,11 @@ def _synthetic(data_cfg: Any) -> dict[str, list[Row]]:
                     for r in rs] for split, rs in raw.items()}
 
 
-def build_splits(data_cfg: Any, seed: int = 0) -> tuple[dict[str, list[Row]], list[SourceReport]]:
-    """Reads every source in ``data_cfg.sources`` and returns ``({split: [row]}, reports)``."""
+def build_splits(data_cfg: Any) -> tuple[dict[str, list[Row]], list[SourceReport]]:
+    """Reads every source in ``data_cfg.sources`` and returns ``({split: [row]}, reports)``.
+
+    Splits depend on each row's content hash and ``data.split_salt`` only, never on ``seed``: a run
+    with another seed (model init, data order) must keep every test row out of train."""
     sources = dict(data_cfg.sources)
     if not sources:
         raise DataError("data.sources is empty: name at least one source")

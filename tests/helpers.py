@@ -62,7 +62,8 @@ def tree_equal(a, b) -> bool:
         if x.shape != y.shape or x.dtype != y.dtype:
             return False
         if x.dtype.kind in "fc" or x.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-            x, y = x.view(np.uint8), y.view(np.uint8)  # bits, not values: -0.0 != 0.0, NaN == NaN
+            # bits, not values: -0.0 != 0.0, NaN == NaN (flattened first: a 0-d array has no view)
+            x, y = (np.ascontiguousarray(v).reshape(-1).view(np.uint8) for v in (x, y))
         if not np.array_equal(x, y):
             return False
     return True

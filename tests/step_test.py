@@ -114,8 +114,14 @@ def test_sharded_mesh_matches_single_device():
     assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
     for a, b in zip(m1, m8):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    # Adam normalises each update (m / sqrt(v)), so an element whose gradient is ~0 moves by a fraction
+    # of a whole step that depends on the last bits of its gradient, i.e. on the reduction order of
+    # 8 sharded devices vs 1 (measured: 1 element of 2,048 off by 5.2e-5 after 3 steps, on some CPUs).
+    # 1e-4 is 3% of one step (lr 3e-3); a sharding bug (a wrong sum or a dropped shard) moves whole
+    # steps. The losses above agree to 1e-5.
+    lr = helpers.tiny_config(data=1, fsdp=1, tensor=1).optimizer.learning_rate
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=lr / 30)
 
 
 def test_schedule_first_update_is_not_zero_and_last_reaches_end():

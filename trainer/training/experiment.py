@@ -177,7 +177,7 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 def read_rows(config: ml_collections.ConfigDict):
     """``({split: [row]}, [SourceReport])`` as ``config.data`` describes; bad data is a UserError."""
     try:
-        return sources.build_splits(config.data, config.seed)
+        return sources.build_splits(config.data)
     except DataError as e:
         raise UserError(str(e)) from e
 
