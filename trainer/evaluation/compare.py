@@ -154,7 +154,33 @@ def load_model_tokenizer(path: str):
 # ---------------------------------------------------------------------------------------------
 
 def evaluate(req: Request) -> dict[str, Any]:
+    """Compares the models ``req`` names on its data; writes and returns the report (see
+    ``trainer.eval``). Steps: check the request, open the run (or the model), pick and tokenise the
+    rows, name the compared models, run each through one Evaluator, report."""
     t0 = time.perf_counter()
+    model_path = _check_request(req)
+    setup = _Setup.create(req, model_path)
+    rows, eval_rows, examples = _rows(setup)
+    spec, step, compared = _compared_models(req, setup, model_path)
+    try:
+        evaluator = Evaluator.create(setup.config, setup.tok, spec, eval_rows, rows.get("train", []),
+                                     examples=examples, progress=req.progress)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    warning = log_pattern_warning(evaluator)
+    results = [_run_one(evaluator, name, params, shots, with_loss, t0)
+               for name, params, shots, with_loss in compared]
+    report, out = _report(req, setup, model_path, step, rows, eval_rows, compared, results, evaluator,
+                          warning)
+    report["seconds"] = time.perf_counter() - t0
+    if jax.process_index() == 0:
+        _write(req, out, report, evaluator, results)
+    report["out"] = out
+    return report
+
+
+def _check_request(req: Request) -> str:
+    """The model path of a run-less request ('' with --workdir); one line for a contradictory one."""
     if req.workdir and (req.hf_path or req.gguf):
         raise UserError("--workdir evaluates a run (its base and its checkpoint); --hf_path/--gguf "
                         "evaluate a model without one: give one of them")
@@ -166,63 +192,83 @@ def evaluate(req: Request) -> dict[str, Any]:
     model_path = req.hf_path or req.gguf
     if model_path and not os.path.exists(model_path):
         raise UserError(f"{'--hf_path' if req.hf_path else '--gguf'} {model_path!r} does not exist")
+    return model_path
 
-    # ---- config and tokenizer -----------------------------------------------------------------
-    if req.workdir:
-        config = experiment.load_config(req.workdir)
-        data_name = "the run's data"
-        if req.data:
-            data_name = f"`{apply_data(config, req.data)}`"
-        run = open_run(req.workdir, config)
-        tok = run.tok
-    else:
-        run = None
-        config = model_only_config(req)
-        data_name = f"`{os.path.basename(req.data)}`"
-        tok = load_model_tokenizer(model_path)
-        config.data.template = "tokenizer" if tok.chat_template else "plain"
-        metrics_lib.log(f"{os.path.basename(model_path)}: its own tokenizer, template "
-                        f"{config.data.template!r}")
-    ecfg = config.eval
-    if req.max_new_tokens:
-        ecfg.max_new_tokens = req.max_new_tokens
-    if req.batch_size:
-        ecfg.batch_size = req.batch_size
-    split = req.split or ecfg.split
-    limit = ecfg.max_examples if req.limit < 0 else req.limit
-    try:
-        shots_list = options.parse_baselines(req.baselines or ecfg.get("baselines", options.BASELINES),
-                                     ecfg.few_shot_k)
-    except ValueError as e:
-        raise UserError(str(e)) from e
 
-    # ---- data -----------------------------------------------------------------------------------
-    rows, _ = experiment.read_rows(config)
+@dataclasses.dataclass
+class _Setup:
+    """The request resolved against the run's (or the defaults') config."""
+
+    config: ml_collections.ConfigDict
+    tok: Any
+    run: Any            # trainer.training.runs.Run, or None without --workdir
+    data_name: str
+    split: str
+    limit: int
+    shots: list[int]    # exemplars per base-model row
+
+    @classmethod
+    def create(cls, req: Request, model_path: str) -> _Setup:
+        if req.workdir:
+            config = experiment.load_config(req.workdir)
+            data_name = f"`{apply_data(config, req.data)}`" if req.data else "the run's data"
+            run = open_run(req.workdir, config)
+            tok = run.tok
+        else:
+            run, config = None, model_only_config(req)
+            data_name = f"`{os.path.basename(req.data)}`"
+            tok = load_model_tokenizer(model_path)
+            config.data.template = "tokenizer" if tok.chat_template else "plain"
+            metrics_lib.log(f"{os.path.basename(model_path)}: its own tokenizer, template "
+                            f"{config.data.template!r}")
+        ecfg = config.eval
+        if req.max_new_tokens:
+            ecfg.max_new_tokens = req.max_new_tokens
+        if req.batch_size:
+            ecfg.batch_size = req.batch_size
+        try:
+            shots = options.parse_baselines(req.baselines or ecfg.get("baselines", options.BASELINES),
+                                            ecfg.few_shot_k)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        return cls(config, tok, run, data_name, req.split or ecfg.split,
+                   ecfg.max_examples if req.limit < 0 else req.limit, shots)
+
+
+def _rows(setup: _Setup):
+    """All rows by split, the evaluated sample and its tokenised examples (for the loss)."""
+    split, shots, data_name = setup.split, setup.shots, setup.data_name
+    rows, _ = experiment.read_rows(setup.config)
     if split not in rows:
         raise UserError(f"no split {split!r} in this data; available: {', '.join(rows)}")
     if not rows[split]:
         raise UserError(f"split {split!r} of {data_name} is empty (its sources and split fractions "
                         "leave it no rows; python -m data_pipeline.inspect shows why)")
-    if split == "train" and any(shots_list):
+    if split == "train" and any(shots):
         raise UserError("few-shot exemplars come from the train split, so the train split cannot be "
                         "evaluated few-shot; use --baselines zero_shot")
-    if any(shots_list) and not rows.get("train"):
+    if any(shots) and not rows.get("train"):
         raise UserError(f"few-shot baselines need train rows for exemplars and {data_name} has none; "
                         "use --baselines zero_shot")
-    eval_rows = sample_rows(rows[split], limit, config.seed)
+    eval_rows = sample_rows(rows[split], setup.limit, setup.config.seed)
     try:
-        examples = experiment.tokenize(config, tok, {split: eval_rows}).examples[split]
+        examples = experiment.tokenize(setup.config, setup.tok, {split: eval_rows}).examples[split]
     except DataError as e:
         raise UserError(str(e)) from e
+    return rows, eval_rows, examples
 
-    # ---- models ---------------------------------------------------------------------------------
-    step = None
-    if run is not None:
-        spec = run.spec
-        step, finetuned = run.restore(req.checkpoint)
-        run.close()
+
+def _compared_models(req: Request, setup: _Setup, model_path: str):
+    """``(spec, step, [(name, params, shots, with_loss)])``: the base under each prompting, then the
+    fine-tuned checkpoint of a run. The teacher-forced loss does not depend on the prompting, so it
+    is computed once per set of parameters."""
+    config, step = setup.config, None
+    if setup.run is not None:
+        spec = setup.run.spec
+        step, finetuned = setup.run.restore(req.checkpoint)
+        setup.run.close()
     else:
-        spec = experiment.model_spec(config, len(tok), experiment.make_mesh(config))
+        spec = experiment.model_spec(config, len(setup.tok), experiment.make_mesh(config))
     base = spec.init_params(config.seed)  # the run's start: the HF/GGUF weights or the init
     if spec.lora.enabled:
         # One copy of the base serves both rows: the base row is it with zeroed adapters (exactly
@@ -235,69 +281,65 @@ def evaluate(req: Request) -> dict[str, Any]:
                  else "base (untrained init)")
     if spec.lora.base_quant:
         base_name = f"{base_name[:-1]}, {spec.lora.base_quant})"
-    compared: list[tuple[str, Any, int]] = [(base_name if req.workdir else os.path.basename(
-        os.path.normpath(model_path)), base, k) for k in shots_list]
+    name = base_name if req.workdir else os.path.basename(os.path.normpath(model_path))
+    compared = [(name, base, k, i == 0) for i, k in enumerate(setup.shots)]
     if req.workdir:
-        compared.append((f"fine-tuned (step {step})", finetuned, 0))
+        compared.append((f"fine-tuned (step {step})", finetuned, 0, True))
+    return spec, step, compared
 
-    # ---- the Evaluator, once; every compared row through it -------------------------------------
+
+def _run_one(evaluator: Evaluator, name: str, params, shots: int, with_loss: bool, t0: float) -> Result:
     try:
-        evaluator = Evaluator.create(config, tok, spec, eval_rows, rows.get("train", []),
-                                     examples=examples, progress=req.progress)
+        result = evaluator.run(params, shots, with_loss=with_loss, desc=f"{name}, {shots}-shot")
     except ValueError as e:
         raise UserError(str(e)) from e
-    warning = log_pattern_warning(evaluator)
-    results: list[Result] = []
-    loss_done: set[int] = set()
-    for name, params, shots in compared:
-        with_loss = id(params) not in loss_done  # the loss does not depend on the prompting: once
-        loss_done.add(id(params))
-        try:
-            result = evaluator.run(params, shots, with_loss=with_loss, desc=f"{name}, {shots}-shot")
-        except ValueError as e:
-            raise UserError(str(e)) from e
-        results.append(result)
-        m = result.metrics()
-        metrics_lib.log(f"{name}, {result.prompting}: exact match {100 * m['exact_match']:.1f}%, "
-                        f"ROUGE-L {100 * m['rougeL']:.1f}, chrF {100 * m['chrf']:.1f} "
-                        f"({result.generation['tokens_per_s']:.0f} generated tokens/s, "
-                        f"{time.perf_counter() - t0:.0f}s)")
+    m = result.metrics()
+    metrics_lib.log(f"{name}, {result.prompting}: exact match {100 * m['exact_match']:.1f}%, "
+                    f"ROUGE-L {100 * m['rougeL']:.1f}, chrF {100 * m['chrf']:.1f} "
+                    f"({result.generation['tokens_per_s']:.0f} generated tokens/s, "
+                    f"{time.perf_counter() - t0:.0f}s)")
+    return result
 
-    # ---- the report -------------------------------------------------------------------------------
-    report_rows = [reports.result_row(name, r) for (name, _, _), r in zip(compared, results)]
+
+def _report(req, setup, model_path, step, rows, eval_rows, compared, results, evaluator, warning):
+    """The report dict and its directory: a row per compared model with its paired difference to the first, and the
+    last row (fine-tuned, or the most-shot) against the best other row."""
+    seed, ecfg = setup.config.seed, setup.config.eval
+    report_rows = [reports.result_row(name, r) for (name, *_), r in zip(compared, results)]
     for row, r in zip(report_rows, results):
-        row["delta_vs_first"] = {m: paired_difference(r.scores[m], results[0].scores[m], seed=config.seed)
+        row["delta_vs_first"] = {m: paired_difference(r.scores[m], results[0].scores[m], seed=seed)
                                  for m in HEADLINE_PAIRED}
-    gain = None
-    if len(results) > 1:  # the last row (fine-tuned, or the most-shot) against the best other row
+    gain, versus = None, 0
+    if len(results) > 1:
         versus = max(range(len(results) - 1),
                      key=lambda i: results[i].summary["metrics"]["exact_match"]["mean"])
         gain = {"a": reports.row_label(report_rows[-1]), "b": reports.row_label(report_rows[versus]),
-                **{m: paired_difference(results[-1].scores[m], results[versus].scores[m], seed=config.seed)
+                **{m: paired_difference(results[-1].scores[m], results[versus].scores[m], seed=seed)
                    for m in HEADLINE_PAIRED}}
-    else:
-        versus = 0
     title = (f"{os.path.basename(os.path.normpath(req.workdir))} (step {step})" if req.workdir
              else os.path.basename(os.path.normpath(model_path)))
-    report = {"title": title, "workdir": req.workdir, "model_path": model_path,
-              "checkpoint": req.checkpoint if req.workdir else None, "step": step, "data": data_name,
-              "split": split, "split_rows": len(rows[split]), "num_examples": len(eval_rows),
-              "max_new_tokens": ecfg.max_new_tokens, "answer_pattern": ecfg.get("answer_pattern", ""),
-              "normalize": dict(ecfg.get("normalize", {})), "rows": report_rows, "gain": gain,
-              "pattern_warning": warning, "examples": reports.examples(evaluator, results, versus)}
+    split = setup.split
     out = req.out or (paths.join(req.workdir, "eval", f"{split}_step{step}") if req.workdir else
                       os.path.join("eval", f"{title}_{os.path.splitext(os.path.basename(req.data))[0]}_{split}"))
-    report["seconds"] = time.perf_counter() - t0
-    if jax.process_index() == 0:
-        md = reports.write(out, report, evaluator, results,
-                           paths.join(req.workdir, "metrics.jsonl") if req.workdir else "")
-        table = "\n".join(reports.main_table(report))
-        gain_line = (f"\n{gain['a']} minus {gain['b']}: exact match "
-                     f"{100 * gain['exact_match']['difference']:+.1f} points (paired 95% "
-                     f"{100 * gain['exact_match']['low']:+.1f} to {100 * gain['exact_match']['high']:+.1f})"
-                     if gain else "")
-        print(f"\n{table}{gain_line}\n\n(eval took {report['seconds']:.0f}s; report: "
-              f"{os.path.join(out, 'report.md')}, predictions.jsonl, report.json, plots)", flush=True)
-        report["markdown"] = md
-    report["out"] = out
-    return report
+    return {"title": title, "workdir": req.workdir, "model_path": model_path,
+            "checkpoint": req.checkpoint if req.workdir else None, "step": step, "data": setup.data_name,
+            "split": split, "split_rows": len(rows[split]), "num_examples": len(eval_rows),
+            "max_new_tokens": ecfg.max_new_tokens, "answer_pattern": ecfg.get("answer_pattern", ""),
+            "normalize": dict(ecfg.get("normalize", {})), "rows": report_rows, "gain": gain,
+            "pattern_warning": warning, "examples": reports.examples(evaluator, results, versus)}, out
+
+
+def _write(req: Request, out: str, report: dict[str, Any], evaluator: Evaluator, results: list[Result]
+           ) -> None:
+    """report.md, report.json, predictions.jsonl and the plots in ``out``; the table on the terminal."""
+    gain = report["gain"]
+    md = reports.write(out, report, evaluator, results,
+                       paths.join(req.workdir, "metrics.jsonl") if req.workdir else "")
+    table = "\n".join(reports.main_table(report))
+    gain_line = (f"\n{gain['a']} minus {gain['b']}: exact match "
+                 f"{100 * gain['exact_match']['difference']:+.1f} points (paired 95% "
+                 f"{100 * gain['exact_match']['low']:+.1f} to {100 * gain['exact_match']['high']:+.1f})"
+                 if gain else "")
+    print(f"\n{table}{gain_line}\n\n(eval took {report['seconds']:.0f}s; report: "
+          f"{os.path.join(out, 'report.md')}, predictions.jsonl, report.json, plots)", flush=True)
+    report["markdown"] = md
