@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-# Peak dense bf16 FLOP/s per device (vendor figures), matched against ``device_kind``.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+# Peak dense bf16 FLOP/s per chip (vendor figures), matched against ``device_kind``: the longest key
+# it contains wins, so "TPU v5 lite" (v5e) is not taken for "TPU v5" (what a v5p reports).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 
 
 def peak_flops(device: Any) -> float | None:
     """The device's peak bf16 FLOP/s, or None where unknown (CPUs)."""
     kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    keys = [k for k in PEAK_FLOPS if k in kind]
+    return PEAK_FLOPS[max(keys, key=len)] if keys else None
 
 
 def matmul_params(cfg) -> int:
