@@ -30,12 +30,21 @@ def test_every_preset_dry_runs_without_its_checkpoint(name, monkeypatch, capsys)
     if config.model.get("gguf_path"):
         config.model.gguf_path = "/nonexistent/SmolLM2.gguf"
     devices = 8 if config.mesh.get("fsdp", 1) == -1 else 1  # the TPU preset rehearses an 8-chip slice
-    r = dry_run.dry_run(config, devices, device_memory_gb=1e6)
+    # Judged against the chip each preset targets (v5p: 95 GB; the GPU presets: 80 GB). This is the
+    # CPU compiler's estimate, not the target's: for the 1B and 2B GPU presets it says 83 GB (52 GB of
+    # temporaries), where the H200's compiler measured 37.9 GB for the 1B step. So the verdict is
+    # checked for consistency, not asserted to be "fits".
+    target_gb = 95 if "tpu" in name else 80
+    r = dry_run.dry_run(config, devices, device_memory_gb=target_gb)
     out = capsys.readouterr().out
-    assert "dry run:" in out and "verdict: fits" in out
-    m = r["memory_per_device_bytes"]
-    assert r["parameters"] > 0 and r["flops_per_step_formula"] > 0 and m["arguments"] > 0
-    assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    m, state = r["memory_per_device_bytes"], r["state_bytes_per_device"]
+    assert "dry run:" in out and r["fits"] == (m["total"] <= target_gb * dry_run.GB)
+    assert ("verdict: fits" in out) == r["fits"], out
+    assert r["parameters"] > 0 and r["flops_per_step_formula"] > 0
+    # Two independent accounts of one device's state: ours, from each leaf's shape and sharding, and
+    # XLA's buffer assignment of the compiled step's arguments (the state and the batch).
+    assert m["arguments"] >= sum(state.values()) > 0, (m, state)
+    assert m["total"] >= m["arguments"]
 
 
 def test_verdict_and_missing_architecture():
