@@ -105,8 +105,8 @@ def get_config() -> ConfigDict:
     c.train.num_steps = 900
     c.train.batch_size = 32  # global, in (packed) rows
     c.train.grad_accum_steps = 1
-    # The loss applies the LM head to this many tokens at a time (float32 logits [chunk, vocab]):
-    # on an H200 8,192 ran the 1B preset 10% faster than 1,024, in less memory (README).
+    # The loss applies the LM head to this many tokens per device at a time (float32 logits
+    # [chunk, vocab]): on an H200 8,192 ran the 1B preset 10% faster than 1,024, in less memory.
     c.train.loss_chunk_tokens = 8192
     c.train.log_every = 25
     c.train.eval_every = 300  # validation loss

@@ -82,7 +82,7 @@ def reference(tmp_path_factory):
 
 # ---- preemption --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130), (signal.SIGHUP, 0)])
 def test_signal_saves_the_current_step_and_the_rerun_resumes_it(tmp_path, reference, sig, code):
     wd = tmp_path / "run"
     p = popen(wd, *LONG)

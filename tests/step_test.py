@@ -217,3 +217,17 @@ def test_non_finite_step_is_skipped_and_counted():
     state, m = step(state, helpers.to_global(good, batch_sh))
     assert float(m["skipped"]) == 0.0
     assert not helpers.tree_equal(before[0], jax.device_get(state.params))
+
+
+def test_loss_chunk_is_per_device():
+    """``train.loss_chunk_tokens`` is per device: the tile over the whole batch grows with the devices
+    the batch is split over (a global figure shrank every device's tile on a big slice)."""
+    from trainer import sharding as sharding_lib  # noqa: PLC0415
+    from trainer.training import experiment  # noqa: PLC0415
+    config = helpers.tiny_config(data=4, fsdp=2, tensor=1)
+    config.train.loss_chunk_tokens = 64
+    for devices, expected in ((jax.devices()[:1], 64), (jax.devices()[:8], 64 * 8)):
+        mesh = sharding_lib.make_mesh(dict(config.mesh) if len(devices) == 8 else
+                                      {"data": 1, "fsdp": 1, "tensor": 1}, devices)
+        batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
+        assert experiment.loss_chunk_tokens(config, batch_sh) == expected

@@ -39,8 +39,7 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     from data_pipeline import pipeline  # noqa: PLC0415
-    from trainer.training import experiment  # noqa: PLC0415
-    from trainer.io import hf as hf_io, peft as peft_io  # noqa: PLC0415
+    from trainer.io import hf as hf_io  # noqa: PLC0415
     from trainer.models import lora
     from trainer.training import metrics as metrics_lib
     from trainer.training.runs import open_run  # noqa: PLC0415

@@ -5,10 +5,12 @@ r"""Supervised instruction fine-tuning (entry point; the loop is ``trainer.train
 Resumes from the latest checkpoint when ``--workdir`` already has one. Only absl is imported until the
 flags are parsed, so ``--help`` answers at once.
 
-    python -m trainer.train --config configs/llama3_1_8b_tpu.py --dry_run --dry_run_devices 32 \
-        --device_memory_gb 16
+    python -m trainer.train --config configs/llama3_8b_tpu.py --dry_run --topology v5p:4x4x4
+    python -m trainer.train --config configs/llama3_8b_tpu.py --dry_run --dry_run_devices 32
 
-compiles the step from abstract shapes only and reports memory and FLOPs (``trainer.benchmarks.dry_run``).
+compile the train step, the eval step and generation from abstract shapes only -- with the TPU compiler
+for a slice this machine does not have, or on virtual CPU devices -- and report memory, FLOPs and
+collectives per device (``trainer.benchmarks.dry_run``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ def _define_flags() -> None:
                       "and report per-device memory and FLOPs; no --workdir needed.")
     flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: rehearse a mesh of this many virtual "
                          "CPU devices (0: this machine's devices).")
+    flags.DEFINE_string("topology", "", "With --dry_run: compile with the TPU compiler for this TPU "
+                        "slice (e.g. v5p:4x4x4, v6e:16x16; needs the tpu-aot extra) instead of this "
+                        "machine's devices.")
     flags.DEFINE_float("device_memory_gb", 0.0, "With --dry_run: the per-device memory to judge the "
-                       "fit against.")
+                       "fit against (default: the target chip's, where known).")
     flags.adopt_module_key_flags(cli)  # --distributed & co. show in --help
 
 
@@ -55,14 +60,18 @@ def run() -> None:
             config.model.gguf_path = FLAGS.gguf
         if FLAGS.dry_run:
             from trainer.benchmarks.dry_run import dry_run  # noqa: PLC0415
-            return dry_run(config, FLAGS.dry_run_devices or None, FLAGS.device_memory_gb or None)
+            devices = FLAGS.dry_run_devices or None
+            if FLAGS.topology:
+                from trainer.benchmarks.topology import tpu_devices  # noqa: PLC0415
+                devices = tpu_devices(FLAGS.topology)
+            return dry_run(config, devices, FLAGS.device_memory_gb or None)
         return train(config, FLAGS.workdir)
     launch(body, required=() if "--dry_run" in __import__("sys").argv else ("workdir",))
 
 
 def _virtual_devices(argv: list[str]) -> None:
     """``--dry_run_devices N``: N virtual CPU devices, set before JAX is imported (it reads the flag
-    once, when its CPU backend starts)."""
+    once, when its CPU backend starts); ``--topology``: the CPU backend, libtpu kept quiet."""
     import os  # noqa: PLC0415
     n = 0
     for i, a in enumerate(argv):
@@ -70,6 +79,12 @@ def _virtual_devices(argv: list[str]) -> None:
             n = int(a.split("=", 1)[1])
         elif a == "--dry_run_devices" and i + 1 < len(argv):
             n = int(argv[i + 1])
+    if any(a == "--topology" or a.startswith("--topology=") for a in argv):
+        # The slice's devices come from libtpu's topology description; nothing runs here, so JAX's
+        # own backend stays the CPU's (no TPU runtime is started, even on a TPU VM).
+        from trainer.benchmarks.topology import quiet_libtpu  # noqa: PLC0415
+        quiet_libtpu()
+        os.environ["JAX_PLATFORMS"] = "cpu"
     if n > 0:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")

@@ -1,15 +1,20 @@
-"""Ahead-of-time fit check: compile the train step from abstract shapes and say whether it fits.
+"""Ahead-of-time fit check: compile the run's programs from abstract shapes and say whether they fit.
 
-    python -m trainer.train --config configs/llama3_1_8b_tpu.py --dry_run [--dry_run_devices 32] \
-        [--device_memory_gb 16]
+    python -m trainer.train --config configs/llama3_8b_tpu.py --dry_run --topology v5p:4x4x4
+    python -m trainer.train --config C --dry_run [--dry_run_devices 32] [--device_memory_gb 16]
+
+``--topology`` compiles with the real TPU compiler for a slice this machine does not have
+(``trainer.benchmarks.topology``): the mesh spans the slice's chips, the attention backend is the one
+those chips get (splash), and the memory, FLOPs and collectives are the TPU executable's own.
 
 No weights are read and no data is touched: the mesh is built (``--dry_run_devices N`` rehearses an
 N-device mesh on virtual CPU devices), the state and batch exist only as ``ShapeDtypeStruct``s with
-their shardings, and the step is lowered and compiled. XLA then reports per-device memory (arguments,
-outputs, temporaries) and FLOPs; next to them, the 6N + attention formula of ``trainer.models.flops``.
+their shardings, and the train step, the eval step and generation are lowered and compiled. XLA then
+reports per-device memory (arguments, outputs, temporaries), FLOPs and the collectives each program
+runs; next to them, the 6N + attention formula of ``trainer.models.flops``.
 
 A preset whose checkpoint is not on this machine dry-runs from the architecture kept beside it
-(``model.arch_json``, e.g. ``configs/hf/llama3_1_8b.json``). On virtual CPU devices the numbers are
+(``model.arch_json``, e.g. ``configs/hf/llama3_1_8b.json``). Without ``--topology`` the numbers are
 the CPU compiler's: buffer assignment follows the same shardings, but fusion (and so temporaries)
 differs from a TPU's or GPU's -- a rehearsal that catches an unshardable or grossly oversized
 config before paying for the pod, not a guarantee to the last gigabyte.
@@ -17,6 +22,7 @@ config before paying for the pod, not a guarantee to the last gigabyte.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -29,19 +35,25 @@ from trainer import sharding as sharding_lib
 from trainer.settings import checks as config_checks
 from trainer.training import experiment
 from trainer.errors import UserError
+from trainer.models import flops as flops_lib
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.benchmarks.memory import compiled_memory, state_bytes
+from trainer.benchmarks.topology import collective_bytes
+from trainer.evaluation.generate import make_generate_fn
 from trainer.training.step import make_optimizer
 
 GB = 1e9
 
 
-def dry_run(config: ml_collections.ConfigDict, num_devices: int | None = None,
+def dry_run(config: ml_collections.ConfigDict, devices: list[Any] | int | None = None,
             device_memory_gb: float | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Compiles the train step for ``config`` on ``num_devices`` devices (all when None) from
-    abstract shapes; prints and returns parameters, FLOPs, per-device memory and a verdict."""
-    devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-    problems = config_checks.problems(config, len(devices), 1, check_paths=False)
+    """Compiles the train step, the eval step and generation for ``config`` over ``devices`` (this
+    machine's when None, its first N for an int; a TPU topology's from ``topology.tpu_devices``) from
+    abstract shapes; prints
+    and returns parameters, FLOPs, per-device memory, collectives and a verdict per program."""
+    devices = jax.devices()[:devices] if isinstance(devices, int) else list(devices or jax.devices())
+    processes = len({d.process_index for d in devices})
+    problems = config_checks.problems(config, len(devices), processes, check_paths=False)
     if problems:
         raise UserError("the config has problems:\n  " + "\n  ".join(problems))
     hf_config, source = experiment.architecture(config)
@@ -51,66 +63,100 @@ def dry_run(config: ml_collections.ConfigDict, num_devices: int | None = None,
         raise UserError(str(e)) from e
     vocab = int(hf_config["vocab_size"]) if hf_config else int(config.tokenizer.vocab_size)
     spec = experiment.model_spec(config, vocab, mesh, hf_config)
-    t = config.train
+    t, seq = config.train, config.data.max_length
     tx, schedule = make_optimizer(config.optimizer, t.num_steps)
     state_sh = experiment.state_shardings(spec, tx)
     batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
     abstract = experiment.abstract_state(spec, tx, state_sh)
-    seq = config.data.max_length
-    batch = {k: jax.ShapeDtypeStruct((t.batch_size, seq), jnp.float32 if k == "weights" else jnp.int32,
-                                     sharding=batch_sh) for k in loader.FIELDS}
-    step = experiment.jit_train_step(spec, tx, schedule, t.grad_accum_steps, state_sh, batch_sh,
-                                     experiment.loss_chunk_tokens(config))
-    t0 = time.perf_counter()
-    lowered = step.lower(abstract, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    chunk = experiment.loss_chunk_tokens(config, batch_sh)
 
-    memory = compiled_memory(compiled)
-    total = memory["total"]
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float((cost or {}).get("flops", 0.0))
+    def batch(rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {k: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if k == "weights" else jnp.int32,
+                                        sharding=batch_sh) for k in loader.FIELDS}
+
+    programs = {
+        "train_step": _compile(experiment.jit_train_step(
+            spec, tx, schedule, t.grad_accum_steps, state_sh, batch_sh, chunk), abstract, batch(t.batch_size)),
+        "eval_step": _compile(experiment.jit_eval_step(spec, batch_sh, chunk), abstract.model_params,
+                              batch(t.eval_batch_size)),
+        "generate": _compile_generate(config, spec, abstract.model_params),
+    }
     trainable = sum(x.size for x in jax.tree.leaves(abstract.params))
     params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))  # + adapters
-    tokens = t.batch_size * seq
-    formula = flops_per_token(spec.cfg, seq) * tokens
+    formula = flops_per_token(spec.cfg, seq) * t.batch_size * seq
+    memory_gb = device_memory_gb or flops_lib.device_memory_gb(devices[0])
     out = {
-        "devices": len(devices), "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+        "devices": len(devices), "processes": processes, "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform, "mesh": dict(mesh.shape),
         "architecture": source or "config.model (from scratch)", "parameters": params,
         "trainable_parameters": trainable, "state_bytes_per_device": state_bytes(abstract),
         "batch": t.batch_size, "seq": seq, "grad_accum_steps": t.grad_accum_steps,
         "dtype": spec.cfg.dtype, "scan_layers": spec.cfg.scan_layers, "remat": spec.cfg.remat,
-        "compile_s": compile_s,
-        "flops_per_step_formula": formula, "flops_per_step_xla_per_device": xla_flops,
-        "memory_per_device_bytes": memory,
+        "attention": spec.cfg.attention_impl, "flops_per_step_formula": formula,
+        "programs": programs,
+        # the train step's figures at the top level, as before programs were listed
+        "compile_s": programs["train_step"]["compile_s"],
+        "flops_per_step_xla_per_device": programs["train_step"]["flops"],
+        "memory_per_device_bytes": programs["train_step"]["memory"],
     }
-    if device_memory_gb:
-        out["device_memory_gb"] = device_memory_gb
-        out["fits"] = total <= device_memory_gb * GB
-    peak = peak_flops(devices[0])
-    if peak:
-        out["seconds_per_step_at_40pct_mfu"] = formula / (0.4 * peak * len(devices))
+    if memory_gb:
+        out["device_memory_gb"] = memory_gb
+        out["fits"] = all(p["memory"]["total"] <= memory_gb * GB for p in programs.values())
+    if peak := peak_flops(devices[0]):
+        out["seconds_per_step_at_peak"] = formula / (peak * len(devices))
+        out["seconds_per_step_at_40pct_mfu"] = out["seconds_per_step_at_peak"] / 0.4
     if not quiet:
         print(report(out), flush=True)
     return out
 
 
+def _compile(fn, *args) -> dict[str, Any]:
+    """Lowers and compiles ``fn`` for ``args`` (abstract, with shardings): per-device memory, FLOPs,
+    collective bytes and the compile time."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"compile_s": compile_s, "memory": compiled_memory(compiled),
+            "flops": float((cost or {}).get("flops", 0.0)),
+            "collective_bytes": collective_bytes(compiled.as_text()),
+            "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))}
+
+
+def _compile_generate(config: ml_collections.ConfigDict, spec: experiment.ModelSpec, params: Any
+                      ) -> dict[str, Any]:
+    """Generation as ``trainer.eval`` runs it: ``eval.batch_size`` prompts of ``data.max_length``
+    tokens (a fine-tuned model's zero-shot prompt is at most a training row), ``eval.max_new_tokens``."""
+    e = config.eval
+    generate = make_generate_fn(spec.graphdef, max_new_tokens=e.max_new_tokens, eos_ids=[0], pad_id=0,
+                                mesh=spec.mesh)
+    rows = jax.ShapeDtypeStruct((e.batch_size, config.data.max_length), jnp.int32)
+    valid = jax.ShapeDtypeStruct(rows.shape, jnp.bool_)
+    return _compile(generate, params, rows, valid, jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+
 def report(r: dict[str, Any]) -> str:
-    m = r["memory_per_device_bytes"]
     lines = [
-        f"dry run: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
+        f"dry run: {r['devices']} x {r['device_kind']} ({r['processes']} processes), mesh {r['mesh']}",
         f"  model: {r['parameters'] / 1e6:,.1f}M parameters ({r['architecture']}), "
         f"{r['trainable_parameters'] / 1e6:,.1f}M trained, {r['dtype']} compute, "
-        f"scan_layers={r['scan_layers']}, remat={r['remat']}",
-        f"  step: {r['batch']} x {r['seq']} tokens, grad_accum_steps={r['grad_accum_steps']}; "
-        f"compiled in {r['compile_s']:.1f}s",
-        f"  FLOPs per step: {r['flops_per_step_formula'] / 1e12:,.2f} T (6N + attention), "
-        f"XLA cost analysis {r['flops_per_step_xla_per_device'] / 1e12:,.2f} T per device",
-        f"  memory per device: arguments {m['arguments'] / GB:.2f} GB, outputs {m['outputs'] / GB:.2f} GB "
-        f"(aliased {m['aliased'] / GB:.2f}), temporaries {m['temporaries'] / GB:.2f} GB "
-        f"-> {m['total'] / GB:.2f} GB",
+        f"scan_layers={r['scan_layers']}, remat={r['remat']}, attention={r['attention']}",
+        f"  train step: {r['batch']} x {r['seq']} tokens, grad_accum_steps={r['grad_accum_steps']}; "
+        f"{r['flops_per_step_formula'] / 1e12:,.2f} TFLOPs by 6N + attention "
+        f"({r['flops_per_step_formula'] / r['devices'] / 1e12:,.2f} T per device)",
     ]
+    for name, p in r["programs"].items():
+        m = p["memory"]
+        moved = ", ".join(f"{k} {v / GB:.3f}" for k, v in p["collective_bytes"].items() if v)
+        lines += [f"  {name}: compiled in {p['compile_s']:.1f}s; XLA: {p['flops'] / 1e12:,.2f} TFLOPs per "
+                  f"device; memory per device: arguments {m['arguments'] / GB:.2f} GB, outputs "
+                  f"{m['outputs'] / GB:.2f} GB (aliased {m['aliased'] / GB:.2f}), temporaries "
+                  f"{m['temporaries'] / GB:.2f} GB -> {m['total'] / GB:.2f} GB",
+                  f"    collectives per device (GB): {moved or 'none'}"]
+    if "seconds_per_step_at_peak" in r:
+        lines.append(f"  train step at the chip's peak FLOP/s: {r['seconds_per_step_at_peak']:.3f} s "
+                     f"({r['seconds_per_step_at_40pct_mfu']:.3f} s at 40% MFU)")
     if "fits" in r:
         verdict = "fits" if r["fits"] else "does NOT fit"
         lines.append(f"  verdict: {verdict} in {r['device_memory_gb']:g} GB per device")

@@ -49,7 +49,7 @@ def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: in
     state_sh = experiment.state_shardings(spec, tx)
     batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
     step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
-                                     batch_sh, experiment.loss_chunk_tokens(config))
+                                     batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
     state = experiment.init_train_state(spec, tx, config.seed, state_sh)
     device_data = [experiment.global_batch(b, batch_sh) for b in data]
     for b in device_data[:warmup]:  # compile + warm up

@@ -29,7 +29,6 @@ from trainer.training import experiment
 from trainer.training import metrics as metrics_lib
 from trainer.evaluation import scoring
 from trainer.evaluation.generate import CompiledGenerate, cut_at_stop, generate_all, make_generate_fn
-from trainer.training.step import make_eval_step
 
 Row = dict[str, Any]
 
@@ -160,10 +159,8 @@ class Evaluator:
         teacher-forced loss, computed by the same eval step the training loop uses."""
         loss_fn = None
         if examples:
-            mesh = spec.mesh
-            batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
-            eval_step = sharding_lib.with_mesh(mesh, jax.jit(make_eval_step(
-                spec.graphdef, experiment.loss_chunk_tokens(config))))
+            batch_sh = sharding_lib.batch_sharding(spec.mesh, experiment.rules(config))
+            eval_step = experiment.jit_eval_step(spec, batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
 
             def loss_fn(params):
                 return experiment.split_loss(eval_step, params, examples, config, tok.pad_token_id,

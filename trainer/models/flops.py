@@ -12,11 +12,27 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
               "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 
 
+# Memory per chip (HBM), GB, for the dry run's verdict (``--device_memory_gb`` overrides).
+DEVICE_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L4": 24, "TPU v4": 32, "TPU v5 lite": 16,
+                    "TPU v5": 95, "TPU v6 lite": 32}
+
+
+def _by_kind(table: dict[str, float], device: Any) -> float | None:
+    """The entry whose key is the longest part of the device's kind ("TPU v5 lite" is a v5e, not the
+    "TPU v5" a v5p reports), or None where unknown (CPUs)."""
+    kind = getattr(device, "device_kind", "")
+    keys = [k for k in table if k in kind]
+    return table[max(keys, key=len)] if keys else None
+
+
 def peak_flops(device: Any) -> float | None:
     """The device's peak bf16 FLOP/s, or None where unknown (CPUs)."""
-    kind = getattr(device, "device_kind", "")
-    keys = [k for k in PEAK_FLOPS if k in kind]
-    return PEAK_FLOPS[max(keys, key=len)] if keys else None
+    return _by_kind(PEAK_FLOPS, device)
+
+
+def device_memory_gb(device: Any) -> float | None:
+    """The device's memory in GB (HBM), or None where unknown."""
+    return _by_kind(DEVICE_MEMORY_GB, device)
 
 
 def matmul_params(cfg) -> int:

@@ -258,15 +258,24 @@ def _activation(name: str):
 BACKENDS = options.ATTENTION_BACKENDS
 
 
+def kernel_platform() -> str:
+    """The platform the program being traced is compiled for: the current mesh's devices (a TPU
+    topology compiled ahead of time from a CPU host is "tpu"), else JAX's default backend. Pallas
+    kernels run natively there and in interpret mode anywhere else."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
-    """The attention backend ``cfg.attention_impl`` means on this platform.
+    """The attention backend ``cfg.attention_impl`` means on ``platform`` (the target devices'; the
+    run resolves it once from its mesh, so ``auto`` never reaches the traced model there).
 
     ``auto``: splash (Pallas, segment ids) on TPU; on GPU for bf16/fp16 without soft-capping, cuDNN
     flash attention (causal) for unpacked rows and the Pallas GPU flash kernel (segment ids) for packed
     ones; otherwise XLA (blockwise, skipping blocks above the diagonal). An explicit choice the model
     cannot use raises ``ValueError`` naming the reason.
     """
-    platform = platform or jax.default_backend()
+    platform = platform or kernel_platform()
     impl = cfg.attention_impl
     low_precision = cfg.dtype in ("bfloat16", "float16")
     if impl == "auto":
@@ -384,7 +393,7 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: Mod
                                       block_q_dkv=block, block_kv_dkv=block,
                                       block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
             attn_logits_soft_cap=cfg.attn_logit_softcap or None,
-            interpret=jax.default_backend() != "tpu")
+            interpret=kernel_platform() != "tpu")
         heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
         out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
             heads_first(q * scale), heads_first(k), heads_first(v), seg)
@@ -408,7 +417,7 @@ def _flash_gpu_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: 
 
     def local(q, k, v, seg):
         return pallas_gpu.mha(q, k, v, seg, sm_scale=scale, causal=True, block_sizes=sizes,
-                              interpret=jax.default_backend() != "gpu")
+                              interpret=kernel_platform() != "gpu")
 
     return _shard_mapped(local, cfg, 3, 1)(q, k, v, segment_ids)
 

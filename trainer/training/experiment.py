@@ -33,7 +33,7 @@ from trainer.models import quant
 from trainer.training import rundir
 from trainer.errors import UserError
 from trainer.models.transformer import ModelConfig, Transformer, resolve_attention
-from trainer.training.step import TrainState, make_train_step
+from trainer.training.step import TrainState, make_eval_step, make_train_step
 
 LOSS_CHUNK_TOKENS = 8192  # configs/demo.py's train.loss_chunk_tokens: for a config.json without it
 CONFIG_FILE = "config.json"
@@ -123,10 +123,16 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
     return old_steps
 
 
-def loss_chunk_tokens(config: ml_collections.ConfigDict) -> int:
-    """Tokens per tile of the chunked LM-head loss (``train.loss_chunk_tokens``): read here only,
-    so the training step, the eval step, the benchmark and the dry run use the same tile."""
-    return config.train.get("loss_chunk_tokens", LOSS_CHUNK_TOKENS)
+def loss_chunk_tokens(config: ml_collections.ConfigDict, batch_sh: NamedSharding) -> int:
+    """Tokens per tile of the chunked LM-head loss over the whole batch: ``train.loss_chunk_tokens``
+    is per device, times the devices the batch is split over (a global figure would shrink each
+    device's tile as the slice grows: 256-way data parallelism made 64 sequential 32-token head
+    matmuls, each gathering the head again). Read here only, so the training step, the eval step,
+    the benchmark and the dry run use the same tile."""
+    axes = batch_sh.spec[0] if len(batch_sh.spec) else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = int(np.prod([batch_sh.mesh.shape[a] for a in axes])) if axes else 1
+    return config.train.get("loss_chunk_tokens", LOSS_CHUNK_TOKENS) * shards
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -228,7 +234,7 @@ def architecture(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | No
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int,
-                 hf_config: dict[str, Any] | None = None) -> ModelConfig:
+                 hf_config: dict[str, Any] | None = None, platform: str | None = None) -> ModelConfig:
     """From the base model's ``config.json`` or GGUF metadata (only dtypes, remat, layer scanning and
     the attention backend are taken from ``config.model``), or from ``config.model`` with the tokenizer's vocabulary
     for a new model. ``hf_config``: the base model's config.json dict when it is already known (the
@@ -253,12 +259,13 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int,
     if problem := lora_lib.rank_problem(cfg):
         raise UserError(problem)
     try:
-        if resolve_attention(cfg) == "splash" and config.data.max_length % 128:
+        impl = resolve_attention(cfg, platform)
+        if impl == "splash" and config.data.max_length % 128:
             raise ValueError(f"splash attention needs data.max_length to be a multiple of 128 "
                              f"(got {config.data.max_length}); or set model.attention_impl=xla")
     except ValueError as e:
         raise UserError(f"model.attention_impl: {e}") from e
-    return cfg
+    return dataclasses.replace(cfg, attention_impl=impl)  # "auto" resolved for the target devices
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -383,7 +390,7 @@ class ModelSpec:
 
 def model_spec(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
                hf_config: dict[str, Any] | None = None) -> ModelSpec:
-    cfg = model_config(config, vocab_size, hf_config)
+    cfg = model_config(config, vocab_size, hf_config, platform=mesh.devices.flat[0].platform)
     if cfg.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size} "
                         "embeddings")
@@ -454,6 +461,15 @@ def jit_train_step(spec: ModelSpec, tx: optax.GradientTransformation, schedule: 
                                    batch_sh.spec, dropout_seed=seed),
                    in_shardings=(state_sh, {k: batch_sh for k in loader.FIELDS}),
                    out_shardings=(state_sh, rep), donate_argnums=(0,))
+    return sharding_lib.with_mesh(spec.mesh, step)
+
+
+def jit_eval_step(spec: ModelSpec, batch_sh: NamedSharding, loss_chunk: int):
+    """``make_eval_step`` under ``jax.jit`` with the parameters' and the batch's shardings, returning
+    replicated sums: the one eval step of the training loop, ``trainer.eval`` and the dry run."""
+    step = jax.jit(make_eval_step(spec.graphdef, loss_chunk),
+                   in_shardings=(spec.param_shardings, {k: batch_sh for k in loader.FIELDS}),
+                   out_shardings=sharding_lib.replicated(spec.mesh))
     return sharding_lib.with_mesh(spec.mesh, step)
 
 

@@ -33,7 +33,7 @@ from trainer.training import experiment
 from trainer.training import metrics as metrics_lib
 from trainer.training.preemption import Preempted, StopRequests
 from trainer.training.rundir import RunLock
-from trainer.training.step import TrainState, make_eval_step, make_optimizer
+from trainer.training.step import TrainState, make_optimizer
 
 
 def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
@@ -113,8 +113,9 @@ class Trainer:
         state_sh = experiment.state_shardings(spec, tx)
         num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))
         metrics_lib.log(f"model: {num_params / 1e6:.2f}M parameters, vocab {len(tok)}")
+        chunk = experiment.loss_chunk_tokens(config, batch_sh)
         train_step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
-                                               batch_sh, experiment.loss_chunk_tokens(config), config.seed)
+                                               batch_sh, chunk, config.seed)
         evals = _evaluators(config, spec, tok, rows, data, batch_sh)
         ckpt = Checkpointer.for_run(config, workdir, base=experiment.base_identity(spec, config.seed))
         return cls(config, workdir, old_num_steps, train_iter, batch_sh, spec, tx, schedule, state_sh,
@@ -334,11 +335,8 @@ def _evaluators(config, spec, tok, rows, data, batch_sh) -> list[ScheduledEval]:
     checkpoint), then the generation metrics -- exact match, ROUGE, chrF: the ``trainer.eval`` code --
     on a fixed seeded sample of it (every ``eval.every_steps``, and at every checkpoint when
     ``checkpoint.best_metric`` is one of them)."""
-    mesh, ecfg = spec.mesh, config.eval
-    batch_tree_sh = {k: batch_sh for k in loader.FIELDS}
-    eval_step = sharding_lib.with_mesh(mesh, jax.jit(
-        make_eval_step(spec.graphdef, experiment.loss_chunk_tokens(config)),
-        in_shardings=(spec.param_shardings, batch_tree_sh), out_shardings=sharding_lib.replicated(mesh)))
+    ecfg = config.eval
+    eval_step = experiment.jit_eval_step(spec, batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
     loss = functools.partial(experiment.split_loss, eval_step, examples=data.examples["validation"],
                              config=config, pad_id=tok.pad_token_id, batch_sh=batch_sh)
     evals = [ScheduledEval(

@@ -1,0 +1,55 @@
+"""The launch scripts' own logic, with the cluster's commands faked on ``PATH``: SLURM's time-limit
+signal checkpoints the run and requeues the job (and only then)."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+from tests.cli_test import ROOT
+from tests.fault_tolerance_test import metric_steps, wait_for_step
+
+# srun: runs the command on this machine (its own options and --distributed=auto dropped: one task).
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+args=(); for a in "$@"; do [[ "$a" == --distributed=auto ]] || args+=("$a"); done
+exec "${args[@]}"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+def _slurm(tmp_path, *extra):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {**os.environ, "PYTHONPATH": ROOT, "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": ROOT,
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+           "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    wd = tmp_path / "run"
+    p = subprocess.Popen(["bash", "launch/slurm.sh", "configs/tiny.py", str(wd), *extra], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return p, wd
+
+
+def test_slurm_time_limit_checkpoints_then_requeues(tmp_path):
+    p, wd = _slurm(tmp_path, "--config.train.num_steps=10000", "--config.train.log_every=1",
+                   "--config.train.checkpoint_every=10000", "--config.train.eval_every=10000")
+    wait_for_step(wd, 2, p)
+    p.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends the batch script
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    stopped = max(metric_steps(wd))
+    assert os.path.isdir(wd / "checkpoints" / str(stopped)), err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def test_slurm_run_that_finishes_is_not_requeued(tmp_path):
+    p, wd = _slurm(tmp_path, "--config.train.num_steps=2")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert not (tmp_path / "scontrol.log").exists()

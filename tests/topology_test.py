@@ -1,0 +1,98 @@
+"""Compiling for TPU slices this machine does not have (``--dry_run --topology``): the real TPU
+compiler through libtpu, the attention backend chosen for the target chips, and the collectives read
+back from the compiled HLO."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+from tests.conftest import reference
+from trainer.benchmarks import topology
+from trainer.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A scan of 3 iterations holding one all-gather of bf16[4,8] (64 bytes), an all-reduce of two f32[2]
+# results (16 bytes) in the entry, an async all-gather whose tuple is (operand, result), and a custom
+# call whose backend config runs over lines (one of them starts with "}}").
+HLO = """\
+HloModule m
+
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p = (s32[], bf16[4,8]) parameter(0)
+  %ag = bf16[4,8]{1,0} all-gather(%x), channel_id=1, dimensions={0}
+  ROOT %t = (s32[], bf16[4,8]) tuple(%i, %ag)
+}
+
+%cond (p: (s32[], bf16[4,8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (a: f32[2]) -> f32[2] {
+  %k = f32[2]{0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"a":
+"{\\"x\\": 1
+}}, metadata={op_name="x"}
+  %w = (s32[], bf16[4,8]) while(%init), condition=%cond, body=%body
+  %ar = (f32[2]{0}, f32[2]{0}) all-reduce(%a, %k), channel_id=2, to_apply=%add
+  %ags = (f32[2]{0}, f32[8]{0}) all-gather-start(%a), channel_id=3, dimensions={0}
+  ROOT %r = f32[2] add(%a, %a)
+}
+"""
+
+
+def test_collective_bytes_counts_each_loop_iteration():
+    got = topology.collective_bytes(HLO)
+    assert got == {"all-gather": 3 * 64 + 32, "reduce-scatter": 0, "all-reduce": 16, "all-to-all": 0,
+                   "collective-permute": 0}
+
+
+def test_unknown_topology_is_one_line():
+    reference("libtpu")
+    with pytest.raises(UserError, match="does not know this topology") as e:
+        topology.tpu_devices("v9z:1x1")
+    assert "\n" not in str(e.value)
+
+
+def _tiny():
+    config = helpers.tiny_config(data=-1, fsdp=1, tensor=1)
+    config.data.max_length = 128  # splash's block
+    return config
+
+
+def test_tiny_model_compiles_for_a_v5p_slice_with_splash():
+    reference("libtpu")
+    from trainer.benchmarks import dry_run  # noqa: PLC0415
+    devices = topology.tpu_devices("v5p:2x2x1")
+    r = dry_run.dry_run(_tiny(), devices, quiet=True)
+    assert (r["devices"], r["device_kind"], r["platform"]) == (4, "TPU v5", "tpu")
+    # "auto" is resolved for the target chips, and the kernel is lowered natively for them (a Mosaic
+    # custom call), not in the interpret mode a CPU host would pick for itself.
+    assert r["attention"] == "splash"
+    train = r["programs"]["train_step"]
+    assert "tpu_custom_call" in train["custom_calls"], train["custom_calls"]
+    assert r["device_memory_gb"] == 95 and r["fits"]
+    # Gradients are summed over the 4-way data axis: at least one all-reduce of every trainable
+    # parameter (float32) per step. An account independent of the HLO parser: the parameter count.
+    assert train["collective_bytes"]["all-reduce"] >= 4 * r["trainable_parameters"]
+    assert set(r["programs"]) == {"train_step", "eval_step", "generate"}
+    for p in r["programs"].values():
+        assert p["memory"]["total"] > 0 and p["flops"] > 0
+
+
+def test_cli_dry_run_on_a_topology_is_quiet():
+    reference("libtpu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer.train", "--config", "configs/tiny.py", "--dry_run",
+         "--topology", "v6e:2x2", "--config.data.max_length=128", "--config.mesh.data=-1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dry run: 4 x TPU v6 lite" in out.stdout and "attention=splash" in out.stdout
+    assert "verdict: fits in 32 GB per device" in out.stdout
+    # libtpu's VM-metadata warnings (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES) are kept quiet.
+    assert "TPU_ACCELERATOR_TYPE" not in out.stderr and "TPU_WORKER_HOSTNAMES" not in out.stderr, \
+        out.stderr[-3000:]

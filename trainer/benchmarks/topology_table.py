@@ -1,0 +1,91 @@
+r"""Every preset on every TPU slice, compiled by the TPU compiler (README, "Scaling out").
+
+    python -m trainer.benchmarks.topology_table [--configs configs/llama3_8b_tpu.py,...] \
+        [--topologies v5p:2x2x1,v5p:4x4x2,v6e:2x4,v6e:16x16] [--json table.json]
+
+For each pair: the dry run of ``--dry_run --topology`` (train step, eval step and generation) with the
+preset as it ships; a pair that does not divide or fit says so in its row. Needs the tpu-aot extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from absl import app, flags
+
+SLICES = {"v5p:2x2x1": "v5p-8", "v5p:4x4x2": "v5p-64", "v6e:2x4": "v6e-8", "v6e:16x16": "v6e-256"}
+PRESETS = ("configs/llama3_8b_tpu.py", "configs/llama3_2_1b_gpu.py", "configs/gemma2_2b_gpu.py",
+           "configs/qwen2_5_0_5b_gpu.py", "configs/smollm2_135m.py")
+GB = 1e9
+
+flags.DEFINE_list("configs", list(PRESETS), "Config files.")
+flags.DEFINE_list("topologies", list(SLICES), "TPU topologies (get_topology_desc names).")
+flags.DEFINE_string("json", "", "Also write the rows here.")
+
+
+def row(config_path: str, topology: str) -> dict[str, Any]:
+    """One pair's dry run, as a table row (an ``error`` where it does not divide or compile)."""
+    import importlib.util  # noqa: PLC0415
+
+    from trainer.benchmarks.dry_run import dry_run  # noqa: PLC0415
+    from trainer.benchmarks.topology import tpu_devices  # noqa: PLC0415
+    from trainer.errors import UserError  # noqa: PLC0415
+    spec = importlib.util.spec_from_file_location("preset", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out: dict[str, Any] = {"config": config_path, "topology": topology,
+                           "slice": SLICES.get(topology, topology)}
+    try:
+        r = dry_run(module.get_config(), tpu_devices(topology), quiet=True)
+    except UserError as e:
+        return {**out, "error": str(e).replace("\n", " ")}
+    train = r["programs"]["train_step"]
+    return {**out, "chips": r["devices"], "mesh": r["mesh"], "attention": r["attention"],
+            "remat": r["remat"], "batch": r["batch"], "seq": r["seq"],
+            "memory_gb": {k: p["memory"]["total"] / GB for k, p in r["programs"].items()},
+            "device_memory_gb": r.get("device_memory_gb"), "fits": r.get("fits"),
+            "train_tflops_per_chip_formula": r["flops_per_step_formula"] / r["devices"] / 1e12,
+            "seconds_per_step_at_peak": r.get("seconds_per_step_at_peak"),
+            "train_collectives_gb": {k: v / GB for k, v in train["collective_bytes"].items() if v},
+            "compile_s": {k: p["compile_s"] for k, p in r["programs"].items()}}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| preset | slice (chips) | mesh | train / eval / generate, GB per chip | fits | "
+             "train step at peak | train-step collectives per chip |",
+             "|---|---|---|---|---|---:|---|"]
+    for r in rows:
+        name = os.path.basename(r["config"])[:-3]
+        if "error" in r:
+            lines.append(f"| {name} | {r['slice']} | | {r['error'][:160]} | no | | |")
+            continue
+        m = r["memory_gb"]
+        mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1) or "1"
+        moved = ", ".join(f"{k} {v:,.1f} GB" for k, v in r["train_collectives_gb"].items())
+        lines.append(f"| {name} | {r['slice']} ({r['chips']}) | {mesh} | {m['train_step']:.1f} / "
+                     f"{m['eval_step']:.1f} / {m['generate']:.1f} of {r['device_memory_gb']:g} | "
+                     f"{'yes' if r['fits'] else 'no'} | {r['seconds_per_step_at_peak']:.3f} s | {moved} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    rows = []
+    for config in flags.FLAGS.configs:
+        for topology in flags.FLAGS.topologies:
+            rows.append(row(config, topology))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(markdown(rows))
+    if flags.FLAGS.json:
+        with open(flags.FLAGS.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    from trainer.benchmarks.topology import quiet_libtpu
+    quiet_libtpu()
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the slices' devices come from libtpu; nothing runs here
+    app.run(main)
