@@ -58,10 +58,11 @@ def test_two_processes_equal_one(tmp_path):
         [r["generation"]["tokens"] for r in reports["single"]["rows"]]
 
 
-def run_processes(module, args, nproc, tmp_path):
-    """``python -m module args`` as ``nproc`` processes of 2 CPU devices each (1: a plain process)."""
+def run_processes(module, args, nproc, tmp_path, devices=2):
+    """``python -m module args`` as ``nproc`` processes of ``devices`` CPU devices each (1: a plain
+    process)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     port = 20000 + os.getpid() % 10000
     dist = (lambda i: ["--distributed=explicit", f"--coordinator_address=127.0.0.1:{port}",
                        f"--num_processes={nproc}", f"--process_id={i}"]) if nproc > 1 else (lambda i: [])
@@ -180,3 +181,24 @@ def test_sigterm_to_four_processes_lands_a_slow_checkpoint_and_resumes_bitwise(t
     assert metric_steps(wd) == list(range(1, 17))
     step, state, _ = final_state(str(wd))
     assert step == 16 and tree_equal(state, final_state(str(ref))[1])
+
+
+def test_tensor_axis_across_processes_feeds_both_the_same_rows(tmp_path):
+    """``data=2, tensor=2`` over 4 processes of 1 device: the tensor axis spans processes 0-1 and
+    2-3, so each pair must feed the same rows (each process used to load its own quarter). The
+    losses equal one process's with the same 4-device mesh."""
+    args = ["--config", "configs/tiny.py", "--config.train.num_steps=3", "--config.train.eval_every=3",
+            "--config.train.checkpoint_every=3", "--config.mesh.data=2", "--config.mesh.fsdp=1",
+            "--config.mesh.tensor=2"]
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    run_processes("trainer.train", ["--workdir", str(multi), *args], 4, tmp_path, devices=1)
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    r = subprocess.run([sys.executable, "-m", "trainer.train", "--workdir", str(single), *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = metrics(multi), metrics(single)
+    assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) == 4
+    for x, y in zip(a, b):
+        for k in (k for k in y if k.endswith("loss") or k.endswith("accuracy") or k == "train/tokens"):
+            assert abs(x[k] - y[k]) <= 1e-6 * max(1.0, abs(y[k])), (x["step"], k, x[k], y[k])

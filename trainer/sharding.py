@@ -74,6 +74,30 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return _on_mesh(logical_to_spec(("batch", None), rules), mesh)
 
 
+def process_rows(batch_sh: NamedSharding) -> tuple[int, int]:
+    """``(index, count)``: this process feeds block ``index`` of ``count`` equal blocks of every global
+    batch -- the rows its devices hold under ``batch_sh``.
+
+    Usually the batch axes span the hosts and this is ``(process_index, process_count)``. Where a
+    mesh axis that the batch is *not* split over spans hosts (tensor parallelism wider than a host),
+    several processes hold the same rows: they get the same block and load the same rows, so devices
+    that must agree do. Raises ``ValueError`` for a layout where a process's rows are not one block.
+    """
+    shards = int(np.prod([batch_sh.mesh.shape[a] for a in _axes(batch_sh.spec[0])])) \
+        if len(batch_sh.spec) else 1
+    held = sorted({idx[0].start or 0 for idx in
+                   batch_sh.addressable_devices_indices_map((shards, 1)).values()})
+    lo, k = held[0], len(held)
+    if held != list(range(lo, lo + k)) or lo % k or shards % k:
+        raise ValueError(f"this process's devices hold batch blocks {held} of {shards}: not one "
+                         "contiguous block; reorder config.mesh so the batch axes span the hosts")
+    return lo // k, shards // k
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

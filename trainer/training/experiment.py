@@ -479,8 +479,17 @@ def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, shardings:
 
 
 def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles this process's rows into global arrays sharded along the batch axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    """Assembles this process's rows (its block, ``sharding_lib.process_rows``) into global arrays
+    sharded along the batch axis."""
+    count = sharding_lib.process_rows(sharding)[1]
+    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * count,) + v.shape[1:])
+            for k, v in local.items()}
+
+
+def loader_shard(batch_sh: NamedSharding) -> dict[str, int]:
+    """The loader's ``process_index``/``process_count``: this process's block of every batch."""
+    index, count = sharding_lib.process_rows(batch_sh)
+    return {"process_index": index, "process_count": count}
 
 
 def split_loss(eval_step, params: Any, examples: list[loader.Example],
@@ -489,6 +498,5 @@ def split_loss(eval_step, params: Any, examples: list[loader.Example],
     """Token-weighted loss/accuracy over a whole split (sums over batches, then one division)."""
     sums = [eval_step(params, global_batch(b, batch_sh)) for b in loader.eval_batches(
         examples, seq_len=config.data.max_length, pad_id=pad_id,
-        batch_size=config.train.eval_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count())]
+        batch_size=config.train.eval_batch_size, **loader_shard(batch_sh))]
     return metrics_lib.summarize(sums)

@@ -107,7 +107,7 @@ class Trainer:
         batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
         metrics_lib.log(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices "
                         f"({jax.process_count()} process(es))")
-        rows, tok, data, train_iter = _data(config, workdir)
+        rows, tok, data, train_iter = _data(config, workdir, batch_sh)
         spec = experiment.model_spec(config, len(tok), mesh)
         tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
         state_sh = experiment.state_shardings(spec, tx)
@@ -162,7 +162,8 @@ class Trainer:
             metrics_lib.log(f"metrics.jsonl: dropped {self.writer.dropped} rows logged after step {start} "
                             "by the interrupted run (those steps are trained again)")
         interval = TrainLog(self.config, self.spec, self.writer,
-                            metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar))
+                            metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar),
+                            sharding_lib.process_rows(self.batch_sh)[1])
         saved_step = start
         for step in range(start + 1, last_step + 1):
             local = next(self.train_iter)
@@ -243,8 +244,9 @@ class TrainLog:
     ``train.log_every`` steps (one host sync per interval, not per step), summarised token-weighted,
     written as ``train/*`` with tokens/s and MFU, and checked for a run of skipped (non-finite) steps."""
 
-    def __init__(self, config, spec: experiment.ModelSpec, writer, progress):
+    def __init__(self, config, spec: experiment.ModelSpec, writer, progress, row_blocks: int = 1):
         self.writer, self.progress = writer, progress
+        self.row_blocks = row_blocks  # distinct blocks of rows the processes feed (process_rows)
         self.max_bad = config.train.get("max_bad_steps", 20)
         self.flops_token = flops_per_token(spec.cfg, config.data.max_length)
         self.peak = peak_flops(jax.devices()[0])
@@ -254,7 +256,7 @@ class TrainLog:
 
     def add(self, m: dict[str, Any], local: dict[str, np.ndarray]) -> None:
         self.pending.append(m)
-        self.real_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+        self.real_tokens += int(np.count_nonzero(local["segment_ids"])) * self.row_blocks
 
     def restart_clock(self) -> None:
         self.t_last = time.perf_counter()
@@ -301,7 +303,7 @@ class TrainLog:
         return row
 
 
-def _data(config, workdir: str):
+def _data(config, workdir: str, batch_sh):
     """Rows, tokenizer, tokenised splits and the train iterator (this process's shard)."""
     rows, source_reports = experiment.read_rows(config)
     tok = experiment.build_or_load_tokenizer(config, workdir, rows["train"])
@@ -323,8 +325,7 @@ def _data(config, workdir: str):
         train_ds = loader.train_dataset(
             data.examples["train"], seq_len=config.data.max_length, pad_id=tok.pad_token_id,
             batch_size=tcfg.batch_size, seed=config.seed, packing=config.data.packing,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            **dict(config.data.loader))
+            **experiment.loader_shard(batch_sh), **dict(config.data.loader))
     except ValueError as e:
         raise UserError(f"data: {e}") from e
     return rows, tok, data, iter(train_ds)
