@@ -101,7 +101,8 @@ def dry_run(config: ml_collections.ConfigDict, devices: list[Any] | int | None =
     }
     if memory_gb:
         out["device_memory_gb"] = memory_gb
-        out["fits"] = all(p["memory"]["total"] <= memory_gb * GB for p in programs.values())
+        out["fits"] = all(p["memory"] is not None and p["memory"]["total"] <= memory_gb * GB
+                          for p in programs.values())
     if peak := peak_flops(devices[0]):
         out["seconds_per_step_at_peak"] = formula / (peak * len(devices))
         out["seconds_per_step_at_40pct_mfu"] = out["seconds_per_step_at_peak"] / 0.4
@@ -114,7 +115,14 @@ def _compile(fn, *args) -> dict[str, Any]:
     """Lowers and compiles ``fn`` for ``args`` (abstract, with shardings): per-device memory, FLOPs,
     collective bytes and the compile time."""
     t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    try:
+        compiled = fn.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {"compile_s": time.perf_counter() - t0, "memory": None, "flops": 0.0,
+                "collective_bytes": {}, "custom_calls": [],
+                "error": (str(e).strip().splitlines() or [""])[0][:300]}
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -147,6 +155,9 @@ def report(r: dict[str, Any]) -> str:
         f"({r['flops_per_step_formula'] / r['devices'] / 1e12:,.2f} T per device)",
     ]
     for name, p in r["programs"].items():
+        if p.get("error"):
+            lines.append(f"  {name}: the compiler refused it: {p['error']}")
+            continue
         m = p["memory"]
         moved = ", ".join(f"{k} {v / GB:.3f}" for k, v in p["collective_bytes"].items() if v)
         lines += [f"  {name}: compiled in {p['compile_s']:.1f}s; XLA: {p['flops'] / 1e12:,.2f} TFLOPs per "

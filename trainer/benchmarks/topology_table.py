@@ -45,7 +45,9 @@ def row(config_path: str, topology: str) -> dict[str, Any]:
     train = r["programs"]["train_step"]
     return {**out, "chips": r["devices"], "mesh": r["mesh"], "attention": r["attention"],
             "remat": r["remat"], "batch": r["batch"], "seq": r["seq"],
-            "memory_gb": {k: p["memory"]["total"] / GB for k, p in r["programs"].items()},
+            "memory_gb": {k: p["memory"]["total"] / GB if p["memory"] else None
+                          for k, p in r["programs"].items()},
+            "refused": {k: p["error"] for k, p in r["programs"].items() if p.get("error")},
             "device_memory_gb": r.get("device_memory_gb"), "fits": r.get("fits"),
             "train_tflops_per_chip_formula": r["flops_per_step_formula"] / r["devices"] / 1e12,
             "seconds_per_step_at_peak": r.get("seconds_per_step_at_peak"),
@@ -62,11 +64,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {name} | {r['slice']} | | {r['error'][:160]} | no | | |")
             continue
-        m = r["memory_gb"]
+        m = {k: "refused" if v is None else f"{v:.1f}" for k, v in r["memory_gb"].items()}
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1) or "1"
         moved = ", ".join(f"{k} {v:,.1f} GB" for k, v in r["train_collectives_gb"].items())
-        lines.append(f"| {name} | {r['slice']} ({r['chips']}) | {mesh} | {m['train_step']:.1f} / "
-                     f"{m['eval_step']:.1f} / {m['generate']:.1f} of {r['device_memory_gb']:g} | "
+        lines.append(f"| {name} | {r['slice']} ({r['chips']}) | {mesh} | {m['train_step']} / "
+                     f"{m['eval_step']} / {m['generate']} of {r['device_memory_gb']:g} | "
                      f"{'yes' if r['fits'] else 'no'} | {r['seconds_per_step_at_peak']:.3f} s | {moved} |")
     return "\n".join(lines)
 

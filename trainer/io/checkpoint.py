@@ -83,6 +83,9 @@ def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: 
                                  options=options, item_names=("params", "opt_state", "data", "base"))
 
 
+RESTORE_ATTEMPTS = 3  # tries of one checkpoint on one process before it counts as failed there
+
+
 class Checkpointer:
     """Saves/restores ``TrainState`` (sharded, async) and the loader state for one workdir."""
 
@@ -96,6 +99,7 @@ class Checkpointer:
         self.workdir = workdir
         self.base = base
         self.timeout_s = timeout_s  # checkpoint.timeout_s: the longest a save may block the loop
+        self._agreements = 0  # decisions taken with the other processes (unique key-value names)
         self.best_metric = best_metric
         self.mode = best_mode_fn(best_metric, best_mode)
         self.mgr = _manager(workdir, keep, read_only, best_metric, best_mode)
@@ -195,28 +199,79 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """The newest checkpoint that restores: ``(step, state, data_state)``; None without any.
 
-        A committed step that fails to restore (a truncated array file, an emptied ``_METADATA``,
-        missing optimizer data, ...) is reported in one line, set aside as ``<step>.corrupt-<time>``
-        (so every later run skips it too, and the files stay for a post-mortem) and the previous
-        step is tried. Which steps count as committed stays Orbax's decision.
+        A committed step that fails to restore on *every* process (a truncated array file, an emptied
+        ``_METADATA``, missing optimizer data, ...) is reported in one line, set aside as
+        ``<step>.corrupt-<time>`` (so every later run skips it too, and the files stay for a
+        post-mortem) and the previous step is tried. The processes agree on each outcome first: a
+        failure on some processes only (a transient storage error) is retried, together, and never
+        renames anything. Which steps count as committed stays Orbax's decision.
         """
         failures = []
         for step in reversed(self.all_steps()):
-            try:
-                state, data = self.restore(step, abstract_state)
-                return step, state, data
-            except UserError:  # not a damaged checkpoint: a different run's (another LoRA base)
-                raise
-            except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore/JSON raise many types
-                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"
-                failures.append(f"step {step}: {reason}")
-                aside = self.set_aside(step)
-                console.log(f"warning: the checkpoint of step {step} cannot be restored ({reason}); "
-                                f"moved to {aside}; trying the previous one")
+            restored, reason = self._restore_agreed(step, abstract_state)
+            if restored is not None:
+                return (step, *restored)
+            failures.append(f"step {step}: {reason}")
+            aside = self.set_aside(step)
+            console.log(f"warning: the checkpoint of step {step} cannot be restored ({reason}); "
+                        f"moved to {aside}; trying the previous one")
         if failures:
             raise UserError(f"no checkpoint in {self.directory} can be restored ({'; '.join(failures)}); "
                             "the bad ones were set aside: delete them or use a new --workdir")
         return None
+
+    def _restore_agreed(self, step: int, abstract_state: Any, attempts: int = RESTORE_ATTEMPTS
+                        ) -> tuple[tuple[Any, dict[str, Any]] | None, str]:
+        """``((state, data), "")`` when ``step`` restores on every process; ``(None, reason)`` when it
+        fails on every one; a failure on some processes only stops the run in one line, with nothing
+        renamed.
+
+        A failed attempt is retried here first, alone: Orbax's restore is itself collective (its
+        barrier waits for every process), so this process re-enters it where its peers are waiting.
+        The outcomes are then compared through the coordination service's key-value store, not a
+        device collective, which a peer still inside Orbax's barrier could answer by mistake.
+        """
+        reason = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                restored = self.restore(step, abstract_state)
+                break
+            except UserError:  # not a damaged checkpoint: a different run's (another LoRA base)
+                raise
+            except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore/JSON raise many types
+                restored = None
+                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"
+                if attempt < attempts:
+                    print(f"warning: process {jax.process_index()}: step {step} did not restore "
+                          f"({reason}); retrying ({attempt}/{attempts})", file=sys.stderr, flush=True)
+                    time.sleep(attempt)
+        ok = self._agree(f"restore/{step}", restored is not None)
+        if all(ok):
+            return restored, ""
+        if not any(ok):
+            return None, reason
+        bad = [i for i, x in enumerate(ok) if not x]
+        raise UserError(f"the checkpoint of step {step} restores on some processes but not on {bad} "
+                        f"({reason or 'see their logs'}); it is left in place (a storage problem on "
+                        "those hosts?): rerun once it is readable")
+
+    def _agree(self, name: str, flag: bool) -> list[bool]:
+        """Every process's ``flag`` in process order, exchanged through the coordination service
+        (waiting at most ``timeout_s`` for the slowest); ``[flag]`` with one process."""
+        if jax.process_count() == 1:
+            return [flag]
+        from jax._src import distributed  # noqa: PLC0415 (the client jax.distributed made)
+        client, key = distributed.global_state.client, f"ift/{name}/{self._agreements}"
+        self._agreements += 1
+        client.key_value_set(f"{key}/{jax.process_index()}", "1" if flag else "0")
+        ms = int(self.timeout_s * 1000)
+        try:
+            return [client.blocking_key_value_get(f"{key}/{i}", ms) == "1"
+                    for i in range(jax.process_count())]
+        except Exception as e:  # noqa: BLE001 -- a peer that never answers (stuck, or gone)
+            raise UserError(f"checkpoint: the processes did not agree on {name!r} within "
+                            f"{self.timeout_s:.0f} s ({type(e).__name__}); this process "
+                            f"{'restored it' if flag else 'could not restore it'}") from None
 
     @property
     def directory(self) -> str:
