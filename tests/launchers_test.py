@@ -53,3 +53,20 @@ def test_slurm_run_that_finishes_is_not_requeued(tmp_path):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
     assert not (tmp_path / "scontrol.log").exists()
+
+
+def test_tpu_pod_print_shows_the_pinned_detached_command():
+    env = {**os.environ, "TPU_NAME": "pod", "ZONE": "us-east5-a", "HF_MODEL": "/mnt/disks/models/Llama 3",
+           "COMMIT": "0123abc"}
+    r = subprocess.run(["bash", "launch/tpu_pod.sh", "--print", "configs/llama3_8b_tpu.py", "gs://b/runs/x",
+                        "--config.train.num_steps=5"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "git checkout -q --detach 0123abc" in out  # every host runs the same commit
+    assert "pip install -q -e '.[gcs,tpu-aot]'" in out  # gs:// support; jax[tpu] pinned
+    assert "export JAX_COMPILATION_CACHE_DIR=gs://b/runs/x/compile_cache;" in out
+    assert r"export HF_MODEL=/mnt/disks/models/Llama\ 3;" in out  # the run's environment, quoted
+    assert "setsid nohup .venv/bin/python -m trainer.train --config configs/llama3_8b_tpu.py " \
+        "--workdir gs://b/runs/x --distributed=auto --config.train.num_steps=5 > ~/flax-ift.log" in out
+    assert "< /dev/null &" in out  # detached from the ssh session
