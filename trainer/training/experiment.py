@@ -24,6 +24,7 @@ from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
 from trainer import sharding as sharding_lib
 from trainer.settings import checks as config_checks
+from trainer.io import base_checkpoint as base_ckpt
 from trainer.io import hf as hf_io
 from trainer.io import peft as peft_io
 from trainer.models import lora as lora_lib
@@ -336,7 +337,7 @@ class ModelSpec:
         if not self.hf_path:
             params = jax.jit(self.params_fn(seed), out_shardings=self.param_shardings)()
         else:
-            params = self._load_base()
+            params = self.load_base()
             if self.lora.enabled:
                 make = self.params_fn(seed)
                 adapters_sh = self.split(self.param_shardings)[0]
@@ -346,7 +347,10 @@ class ModelSpec:
             params = lora_lib.combine(params, self._read_adapter())
         return params
 
-    def _load_base(self) -> Any:
+    def load_base(self) -> Any:
+        """The base model's parameters in their shardings (frozen as the run stores them with LoRA)."""
+        if base_ckpt.is_converted(self.hf_path):
+            return self._load_converted()
         expected = jax.eval_shape(self.init_params_fn(0))
         lcfg, param_dtype = self.lora, self.cfg.param_dtype
 
@@ -374,6 +378,26 @@ class ModelSpec:
             raise UserError(f"base model {self.hf_path}: the checkpoint's tensors do not fill the model "
                             f"({len(jax.tree.leaves(params, is_leaf=is_q))} of {len(jax.tree.leaves(want))})")
         return params
+
+    def _load_converted(self) -> Any:
+        """A base converted by ``trainer.convert``: restored by Orbax straight into the parameters'
+        shardings (each process reads its devices' chunks), then frozen as the run stores it."""
+        if problem := base_ckpt.layout_problem(
+                self.hf_path, {"scan_layers": self.cfg.scan_layers, "param_dtype": self.cfg.param_dtype}):
+            raise UserError(problem)
+        if self.lora.base_quant:
+            raise UserError("lora.base_quant on a converted base is not supported yet: point "
+                            "model.hf_path at the Hugging Face directory it came from")
+        plain = abstract_with_shardings(self.init_params_fn(0), self.param_shardings)
+        target = self.split(plain)[1] if self.lora.enabled else plain
+        try:
+            params = base_ckpt.read(self.hf_path, target)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise UserError(f"base model {self.hf_path}: {(str(e).splitlines() or [''])[0][:300]}") from e
+        if not self.lora.enabled:
+            return params
+        frozen_sh = self.split(self.param_shardings)[1]
+        return jax.jit(self.freeze, out_shardings=frozen_sh, donate_argnums=(0,))(params)
 
     def _read_adapter(self) -> Any:
         """The adapters of ``lora.init_from`` (a PEFT directory), placed in their shardings."""

@@ -1,0 +1,68 @@
+r"""Converts a base model once into the run's layout, as a sharded Orbax checkpoint.
+
+    python -m trainer.convert --hf_path DIR --out DIR|gs://... [--config configs/llama3_8b_tpu.py]
+
+The parameters are imported as a run of ``--config`` would (its ``model.scan_layers`` and
+``model.param_dtype``: stacked layers, storage dtype) over ``config.mesh`` on this machine's devices,
+and saved with Orbax beside the source's config and tokenizer files (``trainer.io.base_checkpoint``).
+Point ``model.hf_path`` at ``--out`` afterwards: on a pod every process then reads only its devices'
+chunks instead of the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import flags
+
+from trainer import cli
+from trainer.cli import launch
+from trainer.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def convert(config: Any, hf_path: str, out: str) -> dict[str, Any]:
+    """Imports ``hf_path`` as ``config``'s run would, without LoRA, and writes it to ``out``."""
+    from trainer.io import base_checkpoint, hf as hf_io, paths  # noqa: PLC0415
+    from trainer.training import experiment  # noqa: PLC0415
+    from trainer.training.metrics import log  # noqa: PLC0415
+    if paths.exists(paths.join(out, base_checkpoint.PARAMS)):
+        raise UserError(f"--out {out} already holds a converted base; choose a new directory")
+    with config.unlocked():
+        config.model.hf_path, config.model.gguf_path = hf_path, ""
+        if "lora" in config:
+            config.lora.rank = 0  # the whole base, unfrozen: LoRA runs freeze it when they load it
+    try:
+        hf_config = hf_io.read_hf_config(hf_path)
+    except hf_io.HFError as e:
+        raise UserError(f"--hf_path: {e}") from e
+    spec = experiment.model_spec(config, int(hf_config["vocab_size"]), experiment.make_mesh(config),
+                                 hf_config)
+    params = spec.load_base()
+    layout = {"scan_layers": spec.cfg.scan_layers, "param_dtype": spec.cfg.param_dtype}
+    base_checkpoint.write(params, out, hf_path, layout)
+    import jax  # noqa: PLC0415
+    n = sum(x.size for x in jax.tree.leaves(params))
+    log(f"converted {hf_path} ({n / 1e6:,.1f}M parameters, scan_layers={layout['scan_layers']}, "
+        f"{layout['param_dtype']}) to {out}; use it with --config.model.hf_path={out}")
+    return {"out": out, "parameters": n, **layout}
+
+
+def _define_flags() -> None:
+    from ml_collections import config_flags  # noqa: PLC0415
+    config_flags.DEFINE_config_file("config", "configs/demo.py", "The config whose layout to convert to "
+                                    "(model.scan_layers, model.param_dtype, config.mesh).", lock_config=True)
+    flags.DEFINE_string("hf_path", None, "A Hugging Face model directory (config.json + *.safetensors).")
+    flags.DEFINE_string("out", None, "Output directory (local or gs://).")
+    flags.adopt_module_key_flags(cli)
+
+
+def run() -> None:
+    """Entry point (``python -m trainer.convert``)."""
+    _define_flags()
+    launch(lambda: convert(FLAGS.config, FLAGS.hf_path, FLAGS.out), required=("hf_path", "out"))
+
+
+if __name__ == "__main__":
+    run()
