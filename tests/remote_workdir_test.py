@@ -102,3 +102,28 @@ def test_a_run_in_a_bucket_trains_is_killed_resumes_evaluates_and_exports(gcs_en
     assert json.loads(fs.cat("bkt/exports/tiny/config.json"))["model_type"] == "llama"
     assert fs.exists("bkt/exports/tiny/model.safetensors")
     assert not os.path.exists(tmp_path / "gs:")  # nothing under a mangled local name
+
+
+from tests.hf_run_test import hf_dir  # noqa: E402, F401 (the tiny Qwen2 checkpoint fixture)
+
+
+def test_a_base_converted_into_a_bucket_trains_like_its_hf_directory(gcs_env, hf_dir, tmp_path):  # noqa: F811
+    """``trainer.convert --out gs://...`` then ``model.hf_path=gs://...``: config and tokenizer come
+    through a local copy, the sharded parameters straight from the bucket; the losses equal a run
+    from the HF directory itself."""
+    base = "gs://bkt/bases/qwen2_tiny"
+    r = subprocess.run(_cmd("trainer.convert", "--config", "configs/tiny.py", "--hf_path", hf_dir,
+                            "--out", base), cwd=ROOT, env=gcs_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _fs(gcs_env).exists("bkt/bases/qwen2_tiny/params") and _fs(gcs_env).exists(
+        "bkt/bases/qwen2_tiny/config.json")
+    losses = []
+    for name, path in (("bucket", base), ("hf", hf_dir)):
+        wd = tmp_path / name
+        r = subprocess.run(_cmd("trainer.train", "--config", "configs/tiny.py", "--workdir", str(wd),
+                                f"--config.model.hf_path={path}", "--config.tokenizer.kind=hf",
+                                "--config.train.num_steps=2"), cwd=ROOT, env=gcs_env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses.append([json.loads(x).get("train/loss") for x in open(wd / "metrics.jsonl")])
+    assert losses[0] == losses[1] and losses[0][0] is not None

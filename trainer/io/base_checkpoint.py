@@ -25,6 +25,9 @@ PARAMS = "params"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".safetensors.index.json", ".bin.index.json")
 
 
+SKIP_IN_LOCAL_COPY = (PARAMS,)  # Orbax reads these from where they are
+
+
 def is_converted(path: str) -> bool:
     return bool(path) and not path.endswith(".gguf") and paths.exists(paths.join(path, MARKER))
 
@@ -62,4 +65,5 @@ def layout_problem(path: str, layout: dict[str, Any]) -> str:
 def read(path: str, target: Any) -> Any:
     """The parameters at ``path``, restored straight into ``target``'s shardings
     (``ShapeDtypeStruct``s with shardings): each process reads only its devices' chunks."""
-    return ocp.StandardCheckpointer().restore(paths.abspath(paths.join(path, PARAMS)), target)
+    where = paths.join(paths.source_of(path), PARAMS)  # a local copy of a gs:// base: the bucket's
+    return ocp.StandardCheckpointer().restore(paths.abspath(where), target)

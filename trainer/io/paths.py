@@ -156,3 +156,56 @@ def fresh_local_dir(p: str) -> str:
         shutil.rmtree(d)
         os.makedirs(d)
     return d
+
+
+REMOTE_NOTE = ".flax_ift_remote"  # in a local copy: the remote directory it was copied from
+
+
+def local_copy(remote: str, skip: tuple[str, ...] = ()) -> str:
+    """A local copy of a remote directory or file (``remote`` itself when local) for readers that need local
+    files (transformers' tokenizer and config, safetensors), minus the subdirectories named in
+    ``skip`` (a converted base's ``params``, which Orbax reads from the bucket itself, by chunk).
+    Made once per host and path: written under a temporary name, then renamed into place, so
+    processes sharing a host never see half a copy. ``REMOTE_NOTE`` in it names the source."""
+    if not is_remote(remote):
+        return remote
+    key = hashlib.sha256(str(remote).encode()).hexdigest()[:16]
+    d = os.path.join(tempfile.gettempdir(), "flax_ift_remote", key)
+    if os.path.isfile(os.path.join(d, REMOTE_NOTE)):
+        return d
+
+    def walk(r: epath.Path, local: str) -> None:
+        os.makedirs(local, exist_ok=True)
+        for c in r.iterdir():
+            if c.is_dir():
+                if c.name not in skip:
+                    walk(c, os.path.join(local, c.name))
+            else:
+                with open(os.path.join(local, c.name), "wb") as f:
+                    f.write(c.read_bytes())
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    if path(remote).is_file():  # a GGUF file: copied into the directory, which stands for it
+        single = os.path.join(d, path(remote).name)
+        if os.path.isfile(single):
+            return single
+        os.makedirs(d, exist_ok=True)
+        part = f"{single}.{os.getpid()}.part"
+        with open(part, "wb") as f:
+            f.write(path(remote).read_bytes())
+        os.replace(part, single)
+        return single
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(d))
+    walk(path(remote), tmp)
+    with open(os.path.join(tmp, REMOTE_NOTE), "w") as f:
+        f.write(str(remote))
+    try:
+        os.rename(tmp, d)
+    except OSError:  # another process of this host finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+def source_of(local: str) -> str:
+    """The remote directory a ``local_copy`` came from (``local`` itself for any other directory)."""
+    note = os.path.join(local, REMOTE_NOTE)
+    return open(note).read().strip() if os.path.isfile(note) else local

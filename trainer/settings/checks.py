@@ -97,8 +97,11 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     # ---- model and tokenizer ----------------------------------------------------------------------
     hf, gg = m.get("hf_path", ""), m.get("gguf_path", "")
     need(not (hf and gg), "model.hf_path and model.gguf_path are both set; set one")
-    need(not check_paths or not hf or os.path.isdir(hf), f"model.hf_path: {hf!r} is not a directory")
-    need(not check_paths or not gg or os.path.isfile(gg), f"model.gguf_path: {gg!r} is not a file")
+    # A gs:// base is copied (or read by chunk) when the model is built: its errors name it there.
+    need(not check_paths or not hf or "://" in hf or os.path.isdir(hf),
+         f"model.hf_path: {hf!r} is not a directory")
+    need(not check_paths or not gg or "://" in gg or os.path.isfile(gg),
+         f"model.gguf_path: {gg!r} is not a file")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"model.{key} must be one of {', '.join(DTYPES)}, got {m[key]!r}")
     need(m.remat in options.REMAT, f"model.remat must be one of {', '.join(options.REMAT)}, got {m.remat!r}")

@@ -7,6 +7,7 @@ by the first ``trainer.train`` call, so ``trainer.eval --workdir`` needs nothing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -67,6 +68,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Every config problem at once, before any data or model work (``trainer.settings.checks``)."""
     positions, base_problems = None, []
     path = config.model.get("hf_path", "") or config.model.get("gguf_path", "")  # both set: a problem below
+    path = _local(path) if path else path
     if path and os.path.exists(path):
         try:
             positions = hf_io.model_config_from_hf(hf_io.read_hf_config(path)).max_position_embeddings
@@ -207,7 +209,20 @@ def hf_path(config: ml_collections.ConfigDict) -> str:
     hf, gg = config.model.get("hf_path", ""), config.model.get("gguf_path", "")
     if hf and gg:
         raise UserError("set model.hf_path or model.gguf_path, not both")
-    return hf or gg
+    return _local(hf or gg)
+
+
+@functools.lru_cache(maxsize=None)
+def _local(path: str) -> str:
+    """A gs:// base as a local copy (once per host): its config, tokenizer and weights where readers
+    need files; a converted base's sharded parameters stay in the bucket, read by chunk."""
+    if not paths.is_remote(path):
+        return path
+    try:
+        return paths.local_copy(path, skip=base_ckpt.SKIP_IN_LOCAL_COPY)
+    except Exception as e:  # noqa: BLE001 -- gcsfs/etils raise many types
+        raise UserError(f"base model {path}: cannot be read ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from e
 
 
 def architecture(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None, str]:
