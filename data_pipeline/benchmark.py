@@ -44,7 +44,8 @@ def _config(path: str, fields: dict[str, str] | None, max_length: int) -> Config
 
 def run(rows: int = 200_000, file: str = "", fields: dict[str, str] | None = None, tokenizer: str = "",
         max_length: int = 256, batch_size: int = 32) -> dict[str, Any]:
-    from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib  # noqa: PLC0415
+    from data_pipeline import loader, pipeline, sources  # noqa: PLC0415
+    from data_pipeline import tokenizer as tokenizer_lib
     tmp = None
     if not file:
         tmp = tempfile.mkdtemp(prefix="data_bench_")

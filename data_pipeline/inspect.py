@@ -38,7 +38,8 @@ def mark_supervised(tok, ex) -> str:
 def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str, dict[str, Any]]:
     """Builds the data exactly as ``trainer.train`` would; returns (Markdown, JSON-able dict)."""
     # Imported here, not at the top: ``--help`` should not wait for datasets/transformers/grain.
-    from data_pipeline import packing, pipeline, sources, tokenizer as tokenizer_lib  # noqa: PLC0415
+    from data_pipeline import packing, pipeline, sources  # noqa: PLC0415
+    from data_pipeline import tokenizer as tokenizer_lib
     dcfg = config.data
     rows, source_reports = sources.build_splits(dcfg)
     if tokenizer_dir:

@@ -9,6 +9,7 @@ from typing import Any
 
 from data_pipeline.errors import DataError
 
+
 def mix(train_by_source: dict[str, list[Any]], weights: dict[str, float], total: int, seed: int
         ) -> dict[str, list[Any]]:
     """Re-samples each source's train rows (or examples) to ``total * weight / sum(weights)``.

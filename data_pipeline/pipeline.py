@@ -26,7 +26,13 @@ from transformers import PreTrainedTokenizerBase
 from data_pipeline import sources
 from data_pipeline.errors import DataError
 from data_pipeline.loader import Example
-from data_pipeline.templating import Template, TemplateError, encode_messages, plan, tokenize_plans
+from data_pipeline.templating import (
+    Template,
+    TemplateError,
+    encode_messages,
+    plan,
+    tokenize_plans,
+)
 
 CACHE_VERSION = "1"  # bump when tokenisation changes meaning
 LENGTH_POLICIES = ("drop", "truncate")

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from data_pipeline.errors import BadRows, DataError
-from data_pipeline.source_spec import FILE_FORMATS, SOURCE_TYPES, SPLIT_ALIASES, SPLITS, SourceReport
+from data_pipeline.source_spec import (
+    FILE_FORMATS,
+    SOURCE_TYPES,
+    SPLIT_ALIASES,
+    SPLITS,
+    SourceReport,
+)
 
 
 def _expand(pattern: str, what: str) -> list[str]:
@@ -193,7 +199,7 @@ def _hf_splits(name: str, spec: Any) -> dict[str, Any]:
     return dict(ds)
 
 
-def _records(name: str, spec: Any, bad: BadRows, max_row_bytes: int, report: SourceReport
+def source_records(name: str, spec: Any, bad: BadRows, max_row_bytes: int, report: SourceReport
              ) -> dict[str, list[tuple[str, Any, str]]]:
     """``{split or "": [(where, record, file)]}``; "" holds rows that have no split of their own."""
     out: dict[str, list[tuple[str, Any, str]]] = {}
@@ -206,7 +212,7 @@ def _records(name: str, spec: Any, bad: BadRows, max_row_bytes: int, report: Sou
             out[split] = []
             for path in _expand(pattern, f"data.sources.{name}"):
                 report.files.append(path)
-                out[split] += [(w, r, path) for w, r in _progress(
+                out[split] += [(w, r, path) for w, r in with_progress(
                     _read_file(path, spec.file_format, bad, max_row_bytes), f"reading {os.path.basename(path)}")]
     elif spec.type in ("disk", "hub"):
         for split, ds in _hf_splits(name, spec).items():
@@ -221,7 +227,7 @@ def _records(name: str, spec: Any, bad: BadRows, max_row_bytes: int, report: Sou
     return out
 
 
-def _progress(items, desc: str):
+def with_progress(items, desc: str):
     """A rows/s progress bar that appears only if the stage is still running after 3 seconds."""
     from tqdm.auto import tqdm  # noqa: PLC0415
     return tqdm(items, desc=desc, unit="row", delay=3, leave=False, dynamic_ncols=True)

@@ -69,6 +69,6 @@ class _Attrs(dict):
             raise AttributeError(key) from None
 
 
-def _plain(spec: Any) -> _Attrs:
+def plain_spec(spec: Any) -> _Attrs:
     d = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
     return _Attrs({k: _Attrs(v) if isinstance(v, dict) else v for k, v in d.items()})

@@ -30,12 +30,30 @@ import os
 from typing import Any
 
 from data_pipeline.errors import BadRows, DataError
-from data_pipeline.formats import RowProblem, expand, mapped_paths, prompt_completion_messages, to_messages
+from data_pipeline.formats import (
+    RowProblem,
+    expand,
+    mapped_paths,
+    prompt_completion_messages,
+    to_messages,
+)
 from data_pipeline.mixtures import mix, mixture_weights  # noqa: F401 (sources.mix & co.)
-from data_pipeline.readers import _progress, _records
-from data_pipeline.source_spec import (FILE_FORMATS, SOURCE_TYPES, SPLIT_ALIASES, SPLITS, Row,  # noqa: F401
-                                       SourceReport, _plain, source)
-from data_pipeline.splits import assign_splits, content_key, remove_cross_split_duplicates  # noqa: F401
+from data_pipeline.readers import source_records, with_progress
+from data_pipeline.source_spec import (  # noqa: F401
+    FILE_FORMATS,
+    SOURCE_TYPES,
+    SPLIT_ALIASES,
+    SPLITS,
+    Row,
+    SourceReport,
+    plain_spec,
+    source,
+)
+from data_pipeline.splits import (  # noqa: F401
+    assign_splits,
+    content_key,
+    remove_cross_split_duplicates,
+)
 from data_pipeline.synthetic import synthetic_splits
 
 
@@ -51,15 +69,15 @@ def read_source(name: str, spec: Any, on_bad_row: str, max_row_bytes: int
                 ) -> tuple[dict[str, list[Row]], SourceReport]:
     """Reads one source into ``{split or "": [row]}`` (see module docstring)."""
     report = SourceReport(name, bad=BadRows(on_bad_row))
-    spec = _plain(spec)  # ConfigDict attribute access costs ~2 us; rows read it ~10 times each
+    spec = plain_spec(spec)  # ConfigDict attribute access costs ~2 us; rows read it ~10 times each
     try:
         paths = mapped_paths(spec)
     except ValueError as e:
         raise DataError(f"data.sources.{name}.fields: {e}") from None
     out: dict[str, list[Row]] = {}
-    for split, recs in _records(name, spec, report.bad, max_row_bytes, report).items():
+    for split, recs in source_records(name, spec, report.bad, max_row_bytes, report).items():
         rows = out.setdefault(split, [])
-        for where, rec, path in _progress(recs, f"mapping {name}"):
+        for where, rec, path in with_progress(recs, f"mapping {name}"):
             if spec.max_rows and len(rows) >= spec.max_rows:
                 break
             if not isinstance(rec, dict):

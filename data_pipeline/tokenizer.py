@@ -18,7 +18,15 @@ import random
 from collections.abc import Iterable
 
 import jinja2
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BOS, EOS, PAD, IM_START = "<|begin_of_text|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
@@ -85,7 +93,9 @@ def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
     """
     import gguf  # noqa: PLC0415
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (  # noqa: PLC0415
-        GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
     try:
         fields = gguf.GGUFReader(path).fields
     except Exception as e:  # noqa: BLE001 -- a damaged file fails anywhere inside the reader

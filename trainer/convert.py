@@ -24,9 +24,10 @@ FLAGS = flags.FLAGS
 
 def convert(config: Any, hf_path: str, out: str) -> dict[str, Any]:
     """Imports ``hf_path`` as ``config``'s run would, without LoRA, and writes it to ``out``."""
-    from trainer.io import base_checkpoint, hf as hf_io, paths  # noqa: PLC0415
+    from trainer.console import log  # noqa: PLC0415
+    from trainer.io import base_checkpoint, paths  # noqa: PLC0415
+    from trainer.io import hf as hf_io
     from trainer.training import experiment  # noqa: PLC0415
-    from trainer.training.metrics import log  # noqa: PLC0415
     if paths.exists(paths.join(out, base_checkpoint.PARAMS)):
         raise UserError(f"--out {out} already holds a converted base; choose a new directory")
     with config.unlocked():

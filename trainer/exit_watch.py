@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-# What a native abort leaves in the diagnostics file, most specific first.
+# What a native abort leaves in the diagnostics file (any one of them marks one).
 FATAL_MARKS = ("detected fatal errors", "Check failure stack trace", "Fatal Python error",
                "terminate called")
 _identity: list[int] = []  # the write end of the watcher's pipe

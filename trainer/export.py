@@ -35,13 +35,13 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
     what was written."""
     # Imported here so that ``--help`` answers without loading JAX and transformers.
     import jax  # noqa: PLC0415
+    from trainer import console  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     from data_pipeline import pipeline  # noqa: PLC0415
     from trainer.io import hf as hf_io  # noqa: PLC0415
     from trainer.models import lora
-    from trainer.training import metrics as metrics_lib
     from trainer.training.runs import open_run  # noqa: PLC0415
     run = open_run(workdir)
     config, tok, spec = run.config, run.tok, run.spec
@@ -87,7 +87,7 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
                        "pad_token_id": tok.pad_token_id, "do_sample": False}, f, indent=2)
         _save_tokenizer(tok, config, out)
         out = _upload(out, target)
-        metrics_lib.log(f"exported step {step} of {workdir} to {out} ({len(files)} safetensors "
+        console.log(f"exported step {step} of {workdir} to {out} ({len(files)} safetensors "
                         f"file(s), {dtype}, {sum(x.nbytes for x in tensors.values()) / 1e6:.1f} MB)")
     return {"step": step, "out": out, "dtype": dtype, "tensors": len(tensors)}
 
@@ -138,13 +138,14 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
                    dtype: str) -> dict[str, Any]:
     """A PEFT adapter directory: adapter_config.json, adapter_model.safetensors, the tokenizer."""
     import jax  # noqa: PLC0415
+    from trainer import console  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from safetensors.numpy import save_file  # noqa: PLC0415
 
-    from trainer.training import experiment  # noqa: PLC0415
-    from trainer.io import hf as hf_io, peft as peft_io  # noqa: PLC0415
+    from trainer.io import hf as hf_io  # noqa: PLC0415
+    from trainer.io import peft as peft_io
     from trainer.models import lora
-    from trainer.training import metrics as metrics_lib
+    from trainer.training import experiment  # noqa: PLC0415
     if not spec.hf_path:
         raise UserError(f"--adapter: {workdir} trained adapters on a model initialised from scratch, which "
                         "has no Hugging Face base for PEFT to load them onto; export the merged model "
@@ -166,7 +167,7 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
                        "base": experiment.base_identity(spec, config.seed)}, f, indent=2)
         _save_tokenizer(tok, config, out)
         out = _upload(out, target)
-        metrics_lib.log(f"exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT, "
+        console.log(f"exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT, "
                         f"{len(tensors)} tensors, {dtype}, "
                         f"{sum(x.nbytes for x in tensors.values()) / 1e6:.2f} MB)")
     return {"step": step, "out": out, "dtype": dtype, "tensors": len(tensors), "adapter": True}

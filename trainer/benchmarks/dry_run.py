@@ -32,14 +32,14 @@ import ml_collections
 
 from data_pipeline import loader
 from trainer import sharding as sharding_lib
-from trainer.settings import checks as config_checks
-from trainer.training import experiment
-from trainer.errors import UserError
-from trainer.models import flops as flops_lib
-from trainer.models.flops import flops_per_token, peak_flops
 from trainer.benchmarks.memory import compiled_memory, state_bytes
 from trainer.benchmarks.topology import collective_bytes
+from trainer.errors import UserError
 from trainer.evaluation.generate import make_generate_fn
+from trainer.models import flops as flops_lib
+from trainer.models.flops import flops_per_token, peak_flops
+from trainer.settings import checks as config_checks
+from trainer.training import experiment
 from trainer.training.step import make_optimizer
 
 GB = 1e9

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer.io import hf as hf_io
 from trainer.evaluation.generate import generate_all, make_generate_fn
+from trainer.io import hf as hf_io
 
 SHAPES = {  # LlamaConfig kwargs
     "demo": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,

@@ -20,12 +20,13 @@ import jax
 import numpy as np
 
 from trainer import sharding as sharding_lib
-from trainer.training import experiment
+from trainer.benchmarks.memory import compiled_memory, state_bytes
 from trainer.io import hf as hf_io
 from trainer.models.flops import flops_per_token, peak_flops
-from trainer.benchmarks.memory import compiled_memory, state_bytes
 from trainer.models.transformer import resolve_attention
+from trainer.training import experiment
 from trainer.training.step import make_optimizer
+
 
 def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)

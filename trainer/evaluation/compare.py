@@ -24,19 +24,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from data_pipeline import sources, tokenizer as tokenizer_lib
+from data_pipeline import sources
+from data_pipeline import tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
-from trainer.training import experiment
-from trainer.models import lora as lora_lib
-from trainer.training import metrics as metrics_lib
-from trainer.settings import options
-from trainer.io import paths
-from trainer.evaluation import reports
-from trainer.training.runs import open_run
+from trainer import console
 from trainer.errors import UserError
-from trainer.evaluation.evaluator import (Evaluator, Result, few_shot_messages, fit_prompt,  # noqa: F401
-                               log_pattern_warning, prompt_of, sample_rows, target_of)
+from trainer.evaluation import reports
+from trainer.evaluation.evaluator import (  # noqa: F401
+    Evaluator,
+    Result,
+    few_shot_messages,
+    fit_prompt,
+    log_pattern_warning,
+    prompt_of,
+    sample_rows,
+    target_of,
+)
 from trainer.evaluation.scoring import HEADLINE_PAIRED, exact_match, paired_difference  # noqa: F401
+from trainer.io import paths
+from trainer.models import lora as lora_lib
+from trainer.settings import options
+from trainer.training import experiment
+from trainer.training.runs import open_run
 
 
 @dataclasses.dataclass
@@ -219,7 +228,7 @@ class _Setup:
             data_name = f"`{os.path.basename(req.data)}`"
             tok = load_model_tokenizer(model_path)
             config.data.template = "tokenizer" if tok.chat_template else "plain"
-            metrics_lib.log(f"{os.path.basename(model_path)}: its own tokenizer, template "
+            console.log(f"{os.path.basename(model_path)}: its own tokenizer, template "
                             f"{config.data.template!r}")
         ecfg = config.eval
         if req.max_new_tokens:
@@ -294,7 +303,7 @@ def _run_one(evaluator: Evaluator, name: str, params, shots: int, with_loss: boo
     except ValueError as e:
         raise UserError(str(e)) from e
     m = result.metrics()
-    metrics_lib.log(f"{name}, {result.prompting}: exact match {100 * m['exact_match']:.1f}%, "
+    console.log(f"{name}, {result.prompting}: exact match {100 * m['exact_match']:.1f}%, "
                     f"ROUGE-L {100 * m['rougeL']:.1f}, chrF {100 * m['chrf']:.1f} "
                     f"({result.generation['tokens_per_s']:.0f} generated tokens/s, "
                     f"{time.perf_counter() - t0:.0f}s)")

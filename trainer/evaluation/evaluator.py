@@ -24,11 +24,16 @@ import jax
 import numpy as np
 
 from data_pipeline import pipeline, templating
+from trainer import console
 from trainer import sharding as sharding_lib
-from trainer.training import experiment
-from trainer.training import metrics as metrics_lib
 from trainer.evaluation import scoring
-from trainer.evaluation.generate import CompiledGenerate, cut_at_stop, generate_all, make_generate_fn
+from trainer.evaluation.generate import (
+    CompiledGenerate,
+    cut_at_stop,
+    generate_all,
+    make_generate_fn,
+)
+from trainer.training import experiment
 
 Row = dict[str, Any]
 
@@ -265,5 +270,5 @@ def log_pattern_warning(evaluator: Evaluator) -> str | None:
     msg = (f"warning: eval.answer_pattern {evaluator.scorer.pattern!r} matches no answer in {n} of "
            f"{len(evaluator.references)} references; exact match counts those rows as misses "
            "(reported as exact_match*)")
-    metrics_lib.log(msg)
+    console.log(msg)
     return msg

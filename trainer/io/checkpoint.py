@@ -24,8 +24,8 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from trainer import console
-from trainer.io import paths
 from trainer.errors import UserError
+from trainer.io import paths
 
 VAL_METRIC = "val/loss"  # the default checkpoint.best_metric
 _LEGACY = {"val/loss": "val_loss"}  # the key workdirs written before best_metric existed carry

@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 
 from trainer.io.hf import LLAMA_LIKE
-from trainer.models.lora import ADAPTER_SUFFIXES, PEFT_MODULES, LoraConfig, LoraError, _layers, _slice  # noqa: F401
+from trainer.models.lora import (  # noqa: F401
+    ADAPTER_SUFFIXES,
+    PEFT_MODULES,
+    LoraConfig,
+    LoraError,
+    _layers,
+    _slice,
+)
 from trainer.models.transformer import ModelConfig
 
 

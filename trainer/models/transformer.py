@@ -377,7 +377,11 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: Mod
     mode, which is how the CPU tests check it.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
-        splash_attention_kernel as sk, splash_attention_mask as sm)
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
     s = q.shape[1]
     if s % 128:
         raise ValueError(f"splash attention needs the sequence length ({s}) to be a multiple of 128")

@@ -15,8 +15,8 @@ import re
 from typing import Any
 
 from data_pipeline import templating
-from trainer.settings import options
 from trainer.evaluation import scoring
+from trainer.settings import options
 
 DTYPES = options.DTYPES
 

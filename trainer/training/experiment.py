@@ -21,20 +21,21 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from data_pipeline import loader, pipeline, sources, tokenizer as tokenizer_lib
+from data_pipeline import loader, pipeline, sources
+from data_pipeline import tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
 from trainer import sharding as sharding_lib
-from trainer.settings import checks as config_checks
+from trainer.errors import UserError
 from trainer.io import base_checkpoint as base_ckpt
 from trainer.io import hf as hf_io
+from trainer.io import paths
 from trainer.io import peft as peft_io
 from trainer.models import lora as lora_lib
-from trainer.training import metrics as metrics_lib
-from trainer.io import paths
 from trainer.models import quant
-from trainer.training import rundir
-from trainer.errors import UserError
 from trainer.models.transformer import ModelConfig, Transformer, resolve_attention
+from trainer.settings import checks as config_checks
+from trainer.training import metrics as metrics_lib
+from trainer.training import rundir
 from trainer.training.step import TrainState, make_eval_step, make_train_step
 
 LOSS_CHUNK_TOKENS = 8192  # configs/demo.py's train.loss_chunk_tokens: for a config.json without it

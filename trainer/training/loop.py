@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from data_pipeline import loader
+from trainer import console
 from trainer import sharding as sharding_lib
 from trainer.errors import UserError
 from trainer.evaluation.evaluator import Evaluator, log_pattern_warning, sample_rows
@@ -48,14 +49,14 @@ def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
     experiment.validate_config(config)
     lock = RunLock(workdir, enabled=jax.process_index() == 0)
     if warning := lock.acquire():
-        metrics_lib.log(warning)
+        console.log(warning)
     try:
         with StopRequests() as stops:
             trainer = Trainer.create(config, workdir)
             try:
                 start, state = trainer.restore_or_init()
                 if start >= config.train.num_steps:
-                    metrics_lib.log(f"already trained to step {start} (train.num_steps="
+                    console.log(f"already trained to step {start} (train.num_steps="
                                     f"{config.train.num_steps}); nothing to do")
                     return state
                 last = min(config.train.num_steps, stop_at or config.train.num_steps)
@@ -105,14 +106,14 @@ class Trainer:
         old_num_steps = experiment.save_or_check_config(config, workdir)
         mesh = experiment.make_mesh(config)
         batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
-        metrics_lib.log(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices "
+        console.log(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices "
                         f"({jax.process_count()} process(es))")
         rows, tok, data, train_iter = _data(config, workdir, batch_sh)
         spec = experiment.model_spec(config, len(tok), mesh)
         tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
         state_sh = experiment.state_shardings(spec, tx)
         num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))
-        metrics_lib.log(f"model: {num_params / 1e6:.2f}M parameters, vocab {len(tok)}")
+        console.log(f"model: {num_params / 1e6:.2f}M parameters, vocab {len(tok)}")
         chunk = experiment.loss_chunk_tokens(config, batch_sh)
         train_step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
                                                batch_sh, chunk, config.seed)
@@ -131,7 +132,7 @@ class Trainer:
             params0 = spec.init_params(config.seed)
             abstract = abstract.replace(frozen=spec.split(params0)[1])
             n_train = sum(x.size for x in jax.tree.leaves(abstract.params))
-            metrics_lib.log(f"LoRA rank {spec.lora.rank} on {','.join(spec.lora.targets)}: "
+            console.log(f"LoRA rank {spec.lora.rank} on {','.join(spec.lora.targets)}: "
                             f"{n_train / 1e6:.3f}M trainable parameters "
                             f"({100 * n_train / self.num_params:.2f}% of the model); base frozen in "
                             f"{spec.lora.base_quant or spec.lora.base_dtype or spec.cfg.param_dtype}")
@@ -141,10 +142,10 @@ class Trainer:
         start, state, data_state = restored
         if data_state:
             self.train_iter.set_state(data_state)
-        metrics_lib.log(f"resumed from the checkpoint at step {start}")
+        console.log(f"resumed from the checkpoint at step {start}")
         if self.old_num_steps is not None:
             _, old_schedule = make_optimizer(config.optimizer, self.old_num_steps)
-            metrics_lib.log(
+            console.log(
                 f"train.num_steps {self.old_num_steps} -> {config.train.num_steps} (allow_num_steps_change): "
                 f"the warmup + cosine schedule now spans the new length; at step {start} the learning "
                 f"rate goes from {float(old_schedule(start)):.3g} to {float(self.schedule(start)):.3g}")
@@ -159,7 +160,7 @@ class Trainer:
         # interrupted run whose steps are trained again: dropped, so every step appears once.
         self.writer = metrics_lib.MetricWriter(self.workdir, resumed_at=start)
         if self.writer.dropped:
-            metrics_lib.log(f"metrics.jsonl: dropped {self.writer.dropped} rows logged after step {start} "
+            console.log(f"metrics.jsonl: dropped {self.writer.dropped} rows logged after step {start} "
                             "by the interrupted run (those steps are trained again)")
         interval = TrainLog(self.config, self.spec, self.writer,
                             metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar),
@@ -223,7 +224,7 @@ class Trainer:
         except Exception as e:  # noqa: BLE001
             raise self.ckpt.save_error(step, e) from None
         interval.progress.close()
-        metrics_lib.log(f"{reason}: stopped after step {step}; its checkpoint is saved in "
+        console.log(f"{reason}: stopped after step {step}; its checkpoint is saved in "
                         f"{self.ckpt.directory}/{step}. Rerun the same command to resume.")
         raise Preempted(reason, step)
 
@@ -233,7 +234,7 @@ class Trainer:
         try:
             self.ckpt.wait()
         except Exception as e:  # noqa: BLE001 -- reported; an exception already on its way goes on
-            metrics_lib.log(f"warning: {self.ckpt.save_error(None, e)}")
+            console.log(f"warning: {self.ckpt.save_error(None, e)}")
         self.ckpt.close()
         if self.writer is not None:
             self.writer.close()
@@ -310,10 +311,10 @@ def _data(config, workdir: str, batch_sh):
     data = experiment.tokenize(config, tok, rows, source_reports)
     for rep in source_reports:
         if rep.bad.total:
-            metrics_lib.log(f"warning: data source {rep.name}: skipped {rep.bad.total} bad rows "
+            console.log(f"warning: data source {rep.name}: skipped {rep.bad.total} bad rows "
                             f"({dict(rep.bad.counts)})")
     for split, rep in data.reports.items():
-        metrics_lib.log(f"data {split:<10} {rep.summary()}")
+        console.log(f"data {split:<10} {rep.summary()}")
     for split in ("train", "validation"):  # training needs both: validation picks the best checkpoint
         if not data.examples.get(split):
             rep = data.reports.get(split)

@@ -12,8 +12,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from trainer.console import log  # noqa: F401 (metrics_lib.log, the loop's progress lines)
-
 
 def summarize(sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Combines per-step ``{loss_sum, tokens, correct}`` into token-weighted means.
@@ -59,7 +57,9 @@ class MetricWriter:
                 from trainer.training.rundir import truncate_metrics  # noqa: PLC0415
                 self.dropped = truncate_metrics(local, resumed_at)
             self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a", buffering=1)
-            from tensorboardX import SummaryWriter  # imported lazily: slow import, process 0 only
+            from tensorboardX import (
+                SummaryWriter,  # imported lazily: slow import, process 0 only
+            )
             self._tb = SummaryWriter(os.path.join(local, "tensorboard"),
                                      purge_step=None if resumed_at is None else resumed_at + 1)
 

@@ -19,8 +19,8 @@ import sys
 import time
 from typing import Any
 
-from trainer.io import paths
 from trainer.errors import UserError
+from trainer.io import paths
 
 LOCK_FILE = "run.lock"
 

@@ -13,8 +13,8 @@ from typing import Any
 import ml_collections
 from jax.sharding import Mesh
 
-from trainer.training import experiment
 from trainer.io.checkpoint import Checkpointer
+from trainer.training import experiment
 
 
 @dataclasses.dataclass

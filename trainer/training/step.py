@@ -21,9 +21,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
-from trainer.training.loss import SUMS, chunked_token_loss, token_loss  # noqa: F401 (token_loss: re-exported)
 from trainer.models.lora import combine
 from trainer.models.transformer import Transformer
+from trainer.training.loss import SUMS, chunked_token_loss, token_loss  # noqa: F401 (token_loss: re-exported)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
