@@ -1,9 +1,16 @@
-"""Llama 3.1 8B (base) -> GSM8K instruct model on a TPU pod slice (e.g. v5e-32), fully sharded.
+"""Llama 3.1 8B (base) -> GSM8K instruct model on a TPU pod slice (v5p-64, v6e-256), fully sharded.
 
-Edit the two paths (gs:// paths work for the workdir; the model directory must be readable on every
-host), then:
+Convert the base once (a sharded Orbax checkpoint every host reads by chunk), check the fit with the
+TPU compiler, then launch (README, "Scaling out"):
 
-    TPU_NAME=... ZONE=... bash launch/tpu_pod.sh configs/llama3_8b_tpu.py gs://bucket/runs/llama8b
+    python -m trainer.convert --config configs/llama3_8b_tpu.py --hf_path /models/Meta-Llama-3.1-8B \
+        --out gs://bucket/bases/llama3_1_8b
+    python -m trainer.train --config configs/llama3_8b_tpu.py --dry_run --topology v5p:4x4x2
+    HF_MODEL=gs://bucket/bases/llama3_1_8b TPU_NAME=... ZONE=... \
+        bash launch/tpu_pod.sh configs/llama3_8b_tpu.py gs://bucket/runs/llama8b
+
+256 rows of 2,048 tokens per step divide over every slice from v5p-8 (4 chips) to v6e-256; on slices
+of 8 chips or fewer the step needs --config.train.grad_accum_steps=8 to fit.
 
 FSDP over every chip: parameters, gradients and Adam moments are split across the slice; the batch
 is split over the same axis. The base model's tokenizer has no chat template, so the prompt format is
@@ -31,6 +38,6 @@ def get_config():
     c.train.grad_accum_steps = 1
     c.train.eval_batch_size = 256
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    c.eval.batch_size = 128
+    c.eval.batch_size = 256  # divides every slice: on a v6e-256, 128 rows would be replicated (56 GB of KV cache)
     c.eval.stop = ()
     return c

@@ -28,10 +28,11 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    from configs import demo  # noqa: PLC0415 (the data settings the benchmark starts from)
     from data_pipeline.benchmark import run  # noqa: PLC0415
     from data_pipeline.errors import DataError  # noqa: PLC0415
     try:
-        result = run(FLAGS.rows, FLAGS.file, dict(kv.split("=", 1) for kv in FLAGS.fields),
+        result = run(demo.get_config(), FLAGS.rows, FLAGS.file, dict(kv.split("=", 1) for kv in FLAGS.fields),
                      FLAGS.tokenizer, FLAGS.max_length)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,18 +32,18 @@ def write_synthetic(path: str, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"prompt": f"{prompt} ({i})", "completion": completion}) + "\n")
 
 
-def _config(path: str, fields: dict[str, str] | None, max_length: int) -> ConfigDict:
-    from configs import demo  # noqa: PLC0415
+def _config(defaults: ConfigDict, path: str, fields: dict[str, str] | None, max_length: int) -> ConfigDict:
     from data_pipeline import sources  # noqa: PLC0415
-    c = demo.get_config()
+    c = ConfigDict(defaults.to_dict())
     c.data.sources = ConfigDict({"bench": sources.source(path=path, fields=fields or {})})
     c.data.cache = False
     c.data.max_length = max_length
     return c
 
 
-def run(rows: int = 200_000, file: str = "", fields: dict[str, str] | None = None, tokenizer: str = "",
-        max_length: int = 256, batch_size: int = 32) -> dict[str, Any]:
+def run(defaults: ConfigDict, rows: int = 200_000, file: str = "", fields: dict[str, str] | None = None,
+        tokenizer: str = "", max_length: int = 256, batch_size: int = 32) -> dict[str, Any]:
+    """``defaults``: the data settings to start from (the entry point passes configs/demo.py's)."""
     from data_pipeline import loader, pipeline, sources  # noqa: PLC0415
     from data_pipeline import tokenizer as tokenizer_lib
     tmp = None
@@ -51,7 +51,7 @@ def run(rows: int = 200_000, file: str = "", fields: dict[str, str] | None = Non
         tmp = tempfile.mkdtemp(prefix="data_bench_")
         file = os.path.join(tmp, "rows.jsonl")
         write_synthetic(file, rows)
-    config = _config(file, fields, max_length)
+    config = _config(defaults, file, fields, max_length)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 

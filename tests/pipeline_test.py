@@ -99,7 +99,8 @@ def test_a_row_the_template_refuses_is_a_bad_row(tok):
 def test_data_benchmark_smoke(tmp_path, capsys):
     """The throughput benchmark runs every stage (a smoke run: speed is printed, never asserted)."""
     from data_pipeline.benchmark import run  # noqa: PLC0415
-    result = run(rows=3000, max_length=64)
+    from configs import demo  # noqa: PLC0415
+    result = run(demo.get_config(), rows=3000, max_length=64)
     assert result["rows"] == 3000 and result["batches"] > 0
     assert set(result["rows_per_s"]) == {"read", "tokenizer", "template+tokenise", "pack+batches"}
     assert "rows/s" in capsys.readouterr().out

@@ -64,6 +64,9 @@ class Request:
     max_new_tokens: int = 0  # 0 = eval.max_new_tokens
     batch_size: int = 0      # 0 = eval.batch_size
     progress: bool = True
+    # A model without a run (--hf_path/--gguf) starts from these settings; the entry point passes
+    # configs/demo.py's (library code never imports a preset).
+    defaults: ml_collections.ConfigDict | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,11 +137,12 @@ def apply_data(config: ml_collections.ConfigDict, data: str) -> str:
 
 
 def model_only_config(req: Request) -> ml_collections.ConfigDict:
-    """The defaults (``configs/demo.py``) with the model, its tokenizer and the data of ``req``."""
-    from configs import demo  # noqa: PLC0415
+    """``req.defaults`` with the model, its tokenizer and the data of ``req``."""
     if not req.data:
         raise UserError("--hf_path/--gguf evaluate a model on --data (a configs/*.py file or a data file)")
-    config = demo.get_config()
+    if req.defaults is None:
+        raise ValueError("Request.defaults: the settings a model without a run starts from")
+    config = ml_collections.ConfigDict(req.defaults.to_dict())  # a copy: the caller's stays as it is
     config.model.hf_path, config.model.gguf_path = req.hf_path, req.gguf
     config.data.max_length = 512  # a data file's rows; a --data config sets its own
     apply_data(config, req.data)
