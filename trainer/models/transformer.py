@@ -355,6 +355,14 @@ def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scal
                             window, scale, softcap)
 
 
+def _head_shards(cfg: ModelConfig) -> int:
+    """How many ways the current mesh splits attention's head dimension (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in cfg.attention_head_axes if a in mesh.axis_names)
+
+
 def _shard_mapped(fn, cfg: ModelConfig, n_qkv: int, n_seg: int):
     """``fn(q, k, v, *segs)`` run per device under ``shard_map`` over the batch/head mesh axes (a Pallas
     kernel cannot be partitioned by GSPMD); plain ``fn`` outside a mesh."""
@@ -373,8 +381,9 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: Mod
                       window: int | None) -> Array:
     """Pallas splash attention (TPU): causal or sliding-window, segment ids, optional soft-capping.
 
-    q/k/v: [b, s, heads, d] (k/v already repeated to all heads). Off TPU it runs in Pallas interpret
-    mode, which is how the CPU tests check it.
+    q: [b, s, heads, d]; k/v: [b, s, kv_heads, d] with kv_heads dividing heads (grouped-query
+    attention: the kernel maps query head h to k/v head h // (heads // kv_heads)). Off TPU it runs in
+    Pallas interpret mode, which is how the CPU tests check it.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
         splash_attention_kernel as sk,
@@ -451,6 +460,10 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
             return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                                   q_offset, window, scale, softcap, cfg.attention_block_size)
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        if impl == "splash" and cfg.num_key_value_heads % _head_shards(cfg) == 0:
+            # GQA natively: each query head reads its group's k/v block (forward and backward), so the
+            # [b, s, heads, d] copies of k and v (and their gradients) are never made.
+            return _splash_attention(q, k, v, q_segment_ids, cfg, scale, window)
         kr, vr = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
         if impl == "splash":
             return _splash_attention(q, kr, vr, q_segment_ids, cfg, scale, window)
