@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from trainer.benchmarks.topology import quiet_libtpu  # noqa: E402 (imports no JAX)
+from trainer.tpu_env import quiet_libtpu  # noqa: E402 (imports no JAX)
 
 quiet_libtpu()  # the tpu-aot extra's libtpu, off a TPU VM: no page of warnings in every subprocess
 

@@ -82,8 +82,6 @@ def _virtual_devices(argv: list[str]) -> None:
     if any(a == "--topology" or a.startswith("--topology=") for a in argv):
         # The slice's devices come from libtpu's topology description; nothing runs here, so JAX's
         # own backend stays the CPU's (no TPU runtime is started, even on a TPU VM).
-        from trainer.benchmarks.topology import quiet_libtpu  # noqa: PLC0415
-        quiet_libtpu()
         os.environ["JAX_PLATFORMS"] = "cpu"
     if n > 0:
         os.environ["JAX_PLATFORMS"] = "cpu"

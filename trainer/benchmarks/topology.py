@@ -4,33 +4,19 @@ description, and what the compiled program says it will move between chips.
 ``jax.experimental.topologies.get_topology_desc(platform="tpu", topology_name="v5p:4x4x4")`` gives the
 64 devices of a v5p-64 (16 hosts) without any TPU attached; ``jit(...).lower(...).compile()`` over a mesh
 of them runs the real TPU compiler (MaxText's ``train_compile.py`` does the same). It needs libtpu
-(``pip install -e ".[tpu-aot]"``). Off a TPU VM, libtpu's initialisation looks for the VM's metadata
-and warns about ``TPU_ACCELERATOR_TYPE``/``TPU_WORKER_HOSTNAMES``; ``quiet_libtpu`` gives it values that
-mean "no TPU here" before it starts.
+(``pip install -e ".[tpu-aot]"``); ``trainer.tpu_env.quiet_libtpu`` keeps it quiet off a TPU VM.
 """
 
 from __future__ import annotations
 
 import collections
-import os
 import re
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.tpu_env import quiet_libtpu
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-
-
-def quiet_libtpu() -> None:
-    """Keeps libtpu from probing for a TPU VM's metadata (and printing a page of warnings) on a
-    machine without TPU chips. Called before JAX starts a backend; a TPU VM is left as it is."""
-    if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")):
-        return
-    # ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu takes a machine-wide lock file, which would keep a second
-    # compile-only process (a test's subprocess, a dry run beside another) from starting.
-    for k, v in {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8",
-                 "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}.items():
-        os.environ.setdefault(k, v)
 
 
 def tpu_devices(name: str) -> list[Any]:

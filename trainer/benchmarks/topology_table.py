@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from trainer.benchmarks.topology import quiet_libtpu
+    from trainer.tpu_env import quiet_libtpu
     quiet_libtpu()
     os.environ["JAX_PLATFORMS"] = "cpu"  # the slices' devices come from libtpu; nothing runs here
     app.run(main)
