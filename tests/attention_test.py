@@ -143,11 +143,11 @@ def test_blockwise_xla_equals_dense(cfg):
     np.testing.assert_allclose(outs[1][real], outs[0][real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tensor", [1, 2, 4])
+@pytest.mark.parametrize("tensor", [2, 4])
 def test_splash_gqa_loss_and_gradients_match_xla(tensor):
     """Grouped-query attention (4 query heads, 2 k/v heads) through splash, Pallas interpret mode: k/v
     go in unrepeated (the kernel groups the heads) while the head axis splits the k/v heads evenly
-    (tensor 1, 2), repeated when it does not (tensor 4 > 2 k/v heads); loss and every gradient equal
+    (tensor 2), repeated when it does not (tensor 4 > 2 k/v heads); loss and every gradient equal
     the XLA path's."""
     mesh = sharding_lib.make_mesh({"data": 8 // tensor, "fsdp": 1, "tensor": tensor}, jax.devices()[:8])
     b = batch(b=8, s=128)
