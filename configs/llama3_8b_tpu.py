@@ -10,7 +10,8 @@ TPU compiler, then launch (README, "Scaling out"):
         bash launch/tpu_pod.sh configs/llama3_8b_tpu.py gs://bucket/runs/llama8b
 
 256 rows of 2,048 tokens per step divide over every slice from v5p-8 (4 chips) to v6e-256; on slices
-of 8 chips or fewer the step needs --config.train.grad_accum_steps=8 to fit.
+of 8 chips or fewer the step does not fit as it is: accumulate (e.g. --config.train.grad_accum_steps=8
+--config.model.remat=full) and check with --dry_run --topology.
 
 FSDP over every chip: parameters, gradients and Adam moments are split across the slice; the batch
 is split over the same axis. The base model's tokenizer has no chat template, so the prompt format is
