@@ -117,12 +117,23 @@ def init_distributed(mode: str, coordinator: str = "", num_processes: int = 0, p
     exit_watch.identify(jax.process_index(), jax.process_count())
 
 
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """A background thread's exception (Orbax's async writer on a full disk, say) in one line: the
+    main thread reports what it means in its own line, and a page of traceback from another thread
+    printed over it hid that line."""
+    first = (str(args.exc_value).strip().splitlines() or [""])[0][:300]
+    name = args.thread.name if args.thread is not None else "?"
+    print(f"warning: background thread {name}: {args.exc_type.__name__}: {first}", file=sys.stderr,
+          flush=True)
+
+
 def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) -> None:
     """Runs an entry point: absl flags (clean errors), required-flag checks, then ``run_main(body)``.
 
     ``--help`` is answered without importing JAX (seconds on a busy machine); otherwise JAX's own
     flags (``--jax_...``) are registered with absl first, as ``jax.config.config_with_absl`` does.
     """
+    threading.excepthook = _thread_failed
     if not any(a in ("--help", "-h", "-?", "--helpfull", "--helpshort") for a in sys.argv[1:]):
         tpu_env.quiet_libtpu()  # before JAX starts a backend (and, where installed, libtpu)
         import jax  # noqa: PLC0415
