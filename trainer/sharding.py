@@ -7,6 +7,8 @@ change, never a model change.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +77,13 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return _on_mesh(logical_to_spec(("batch", None), rules), mesh)
 
 
+def batch_shards(batch_sh: NamedSharding) -> int:
+    """How many ways ``batch_sh`` splits the batch dimension (the mesh sizes of its batch axes)."""
+    axes = _axes(batch_sh.spec[0]) if len(batch_sh.spec) else ()
+    return int(np.prod([batch_sh.mesh.shape[a] for a in axes])) if axes else 1
+
+
+@functools.lru_cache(maxsize=64)  # called for every batch: the answer depends on the sharding only
 def process_rows(batch_sh: NamedSharding) -> tuple[int, int]:
     """``(index, count)``: this process feeds block ``index`` of ``count`` equal blocks of every global
     batch -- the rows its devices hold under ``batch_sh``.
@@ -84,8 +93,7 @@ def process_rows(batch_sh: NamedSharding) -> tuple[int, int]:
     several processes hold the same rows: they get the same block and load the same rows, so devices
     that must agree do. Raises ``ValueError`` for a layout where a process's rows are not one block.
     """
-    shards = int(np.prod([batch_sh.mesh.shape[a] for a in _axes(batch_sh.spec[0])])) \
-        if len(batch_sh.spec) else 1
+    shards = batch_shards(batch_sh)
     held = sorted({idx[0].start or 0 for idx in
                    batch_sh.addressable_devices_indices_map((shards, 1)).values()})
     lo, k = held[0], len(held)

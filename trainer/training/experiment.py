@@ -133,10 +133,7 @@ def loss_chunk_tokens(config: ml_collections.ConfigDict, batch_sh: NamedSharding
     device's tile as the slice grows: 256-way data parallelism made 64 sequential 32-token head
     matmuls, each gathering the head again). Read here only, so the training step, the eval step,
     the benchmark and the dry run use the same tile."""
-    axes = batch_sh.spec[0] if len(batch_sh.spec) else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    shards = int(np.prod([batch_sh.mesh.shape[a] for a in axes])) if axes else 1
-    return config.train.get("loss_chunk_tokens", LOSS_CHUNK_TOKENS) * shards
+    return config.train.get("loss_chunk_tokens", LOSS_CHUNK_TOKENS) * sharding_lib.batch_shards(batch_sh)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
