@@ -105,7 +105,7 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
                   f"{int(ex.loss_mask.sum())} supervised:", "", "```", mark_supervised(tok, ex), "```"]
     # train and validation are what training needs (validation ranks the checkpoints); eval.split is
     # what trainer.eval reads.
-    needed = list(dict.fromkeys(["train", "validation", config.get("eval", {}).get("split", "test")]))
+    needed = list(dict.fromkeys(["train", "validation", config.eval.split]))
     empty = [s for s in needed if not data.examples.get(s)]
     if empty:
         lines += ["", f"**Empty split(s) the run needs: {', '.join(empty)}.**"]

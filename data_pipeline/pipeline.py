@@ -211,7 +211,7 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
                             remove_columns=["messages", "loc"], new_fingerprint=key,
                             fn_kwargs=dict(tok=tok, t=t, max_length=data_cfg.max_length,
                                            policy=data_cfg.length_policy,
-                                           on_bad_row=data_cfg.get("on_bad_row", "error")))
+                                           on_bad_row=data_cfg.on_bad_row))
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"

@@ -114,7 +114,7 @@ def _synthetic(data_cfg: Any) -> dict[str, list[Row]]:
         s.num_rows, s.seed, dict(data_cfg.split_fractions), salt=data_cfg.split_salt,
         min_len=s.min_word_len, max_len=s.max_word_len, alphabet=s.alphabet,
         max_first_addend=s.max_first_addend, max_second_addend=s.max_second_addend,
-        words=s.get("words", "random"), task_weights=dict(s.task_weights))
+        words=s.words, task_weights=dict(s.task_weights))
     return {split: [{"messages": prompt_completion_messages(r["prompt"], r["completion"]),
                      "source": "synthetic", "task": r["task"], "loc": f"synthetic row {r['input']}"}
                     for r in rs] for split, rs in raw.items()}

@@ -159,7 +159,7 @@ def build_tokenizer(tok_cfg, train_conversations: Iterable[list[dict[str, str]]]
         # A bounded, seeded sample: the merges of a small BPE settle long before 20k conversations,
         # and training on every row of a 200k-row set took minutes.
         convs = list(train_conversations)
-        limit = tok_cfg.get("train_sample_rows", 20_000)
+        limit = tok_cfg.train_sample_rows
         if 0 < limit < len(convs):
             convs = random.Random(0).sample(convs, limit)
         return train_demo_tokenizer(convs, tok_cfg.vocab_size, tok_cfg.min_frequency)

@@ -2,10 +2,11 @@
 
 from tests.helpers import tiny_config
 from trainer.benchmarks.train_step import bench, flops_per_token
+from tests.helpers import resolved
 
 
 def test_bench_reports_ours_and_the_torch_reference():
-    row = bench(tiny_config(), batch=8, seq=16, steps=1, vocab=64)  # 8 virtual devices, data-parallel
+    row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64)  # 8 virtual devices, data-parallel
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0 and row["ratio_vs_torch"] > 0
     assert row["mfu"] is None  # no peak FLOP/s for CPUs
 

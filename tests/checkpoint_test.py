@@ -11,6 +11,7 @@ from trainer.io.checkpoint import Checkpointer
 from trainer.errors import UserError
 from trainer.training.step import make_train_step
 from trainer.training.loop import train
+from tests.helpers import resolved
 
 
 def test_save_restore_is_bitwise(tmp_path):
@@ -79,9 +80,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     c.train.eval_every = 100
     c.optimizer.warmup_steps = 2
 
-    whole = train(c, str(tmp_path / "whole"))
-    train(c, str(tmp_path / "split"), stop_at=3)
-    resumed = train(c, str(tmp_path / "split"))
+    whole = train(resolved(c), str(tmp_path / "whole"))
+    train(resolved(c), str(tmp_path / "split"), stop_at=3)
+    resumed = train(resolved(c), str(tmp_path / "split"))
     assert int(whole.step) == int(resumed.step) == 6
     assert helpers.tree_equal(whole.params, resumed.params)
     assert helpers.tree_equal(whole.opt_state, resumed.opt_state)

@@ -8,6 +8,7 @@ import pytest
 
 from configs import demo
 from trainer.settings import checks as config_checks
+from tests.helpers import resolved
 
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
     os.path.dirname(__file__), "..", "configs", "*.py")) if not p.endswith("__init__.py"))
@@ -30,7 +31,7 @@ def keys(d, prefix=""):
 def test_config_loads_validates_and_has_the_demo_keys(name):
     c = importlib.import_module(f"configs.{name}").get_config()
     # Away from its checkpoint and its pod: every check but files and the device count.
-    assert config_checks.problems(c, device_count=None, check_paths=False) == []
+    assert config_checks.problems(resolved(c), device_count=None, check_paths=False) == []
     assert keys(c.to_dict()) == keys(demo.get_config().to_dict())
 
 
@@ -48,7 +49,7 @@ def test_every_problem_is_reported_at_once():
     c.data.packing = "tight"
     c.model.hf_path = "/nonexistent/model"
     c.eval.max_new_tokens = 0
-    out = config_checks.problems(c, device_count=8, process_count=1)
+    out = config_checks.problems(resolved(c), device_count=8, process_count=1)
     assert out == [
         "train.batch_size must be at least 1, got 0",
         "optimizer.learning_rate must be positive, got -0.001",
@@ -65,11 +66,11 @@ def test_divisibility_by_mesh_and_processes_and_base_positions():
     c.data.max_length = 36
     c.train.batch_size, c.train.grad_accum_steps = 12, 2
     c.train.eval_batch_size = 6
-    out = config_checks.problems(c, device_count=4, process_count=2, base_positions=128)
+    out = config_checks.problems(resolved(c), device_count=4, process_count=2, base_positions=128)
     assert "train.batch_size=12 must be divisible by the data-parallel size 4 x train.grad_accum_steps=2" in out
     assert any(p.startswith("train.eval_batch_size=6 must be divisible by the data-parallel size 4") for p in out)
     assert any(p.startswith("eval prompts (144 tokens") for p in out)  # 36 x (3 + 1) + 12 > 128
-    assert config_checks.problems(c, device_count=3) == ["mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} needs 4 "
+    assert config_checks.problems(resolved(c), device_count=3) == ["mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} needs 4 "
                                                          "devices, but 3 are available"]
 
 
@@ -81,8 +82,8 @@ def test_every_attention_backend_the_model_offers_passes_the_config_check(impl):
     assert set(model.BACKENDS) | {"auto"} == {"auto", "xla", "cudnn", "flash", "splash"}
     c = demo.get_config()
     c.model.attention_impl = impl
-    assert not [p for p in config_checks.problems(c, device_count=None, check_paths=False)
+    assert not [p for p in config_checks.problems(resolved(c), device_count=None, check_paths=False)
                 if "attention" in p]
     c.model.attention_impl = "fast"
-    assert config_checks.problems(c, device_count=None, check_paths=False) == [
+    assert config_checks.problems(resolved(c), device_count=None, check_paths=False) == [
         "model.attention_impl must be one of auto, xla, cudnn, flash, splash, got 'fast'"]

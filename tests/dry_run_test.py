@@ -10,6 +10,7 @@ import pytest
 from tests import helpers
 from trainer.benchmarks import dry_run
 from trainer.errors import UserError
+from tests.helpers import resolved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -35,7 +36,7 @@ def test_every_preset_dry_runs_without_its_checkpoint(name, monkeypatch, capsys)
     # temporaries), where the H200's compiler measured 37.9 GB for the 1B step. So the verdict is
     # checked for consistency, not asserted to be "fits".
     target_gb = 95 if "tpu" in name else 80
-    r = dry_run.dry_run(config, devices, device_memory_gb=target_gb)
+    r = dry_run.dry_run(resolved(config), devices, device_memory_gb=target_gb)
     out = capsys.readouterr().out
     m, state = r["memory_per_device_bytes"], r["state_bytes_per_device"]
     assert "dry run:" in out and r["fits"] == (m["total"] <= target_gb * dry_run.GB)
@@ -49,8 +50,8 @@ def test_every_preset_dry_runs_without_its_checkpoint(name, monkeypatch, capsys)
 
 def test_verdict_and_missing_architecture():
     config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
-    r = dry_run.dry_run(config, 1, device_memory_gb=1e-6)
+    r = dry_run.dry_run(resolved(config), 1, device_memory_gb=1e-6)
     assert r["fits"] is False
     config.model.hf_path = "/nonexistent/model"
     with pytest.raises(UserError, match="arch_json"):
-        dry_run.dry_run(config, 1)
+        dry_run.dry_run(resolved(config), 1)

@@ -20,6 +20,7 @@ from trainer.io.checkpoint import Checkpointer
 from trainer.evaluation.evaluator import Evaluator, sample_rows
 from trainer.settings.options import parse_baselines
 from trainer.training.step import TrainState, make_train_step
+from tests.helpers import resolved
 
 
 def rows_and_tok():
@@ -58,7 +59,7 @@ def test_exemplars_come_from_train_and_never_from_the_evaluated_rows(setup):
     # The pool handed over also holds the evaluated rows (as if a user passed the wrong split):
     # they must still never be shown as exemplars.
     pool = conv["train"] + evaluated
-    ev = Evaluator.create(config, tok, spec, evaluated, pool)
+    ev = Evaluator.create(resolved(config), tok, spec, evaluated, pool)
     train_ids = {id(r) for r in conv["train"]}
     for exemplars in ev.exemplars(3):
         assert len(exemplars) == 3
@@ -71,9 +72,9 @@ def test_exemplars_come_from_train_and_never_from_the_evaluated_rows(setup):
 def test_teacher_forced_loss_equals_the_train_steps_loss_on_the_same_batch(setup):
     config, conv, tok, spec, tx, schedule, state_sh, batch_sh = setup
     rows = conv["test"][:10]
-    examples = experiment.tokenize(config, tok, {"test": rows}).examples["test"]
+    examples = experiment.tokenize(resolved(config), tok, {"test": rows}).examples["test"]
     params = spec.init_params(0)
-    ev = Evaluator.create(config, tok, spec, rows, conv["train"], examples=examples)
+    ev = Evaluator.create(resolved(config), tok, spec, rows, conv["train"], examples=examples)
     got = ev.loss(params)
     # The same rows as one batch through the train step: its reported loss is the same number.
     (batch,) = list(loader.eval_batches(examples, seq_len=config.data.max_length, pad_id=tok.pad_token_id,
@@ -89,7 +90,7 @@ def test_teacher_forced_loss_equals_the_train_steps_loss_on_the_same_batch(setup
 def test_generation_metrics_score_the_predictions(setup):
     config, conv, tok, spec, *_ = setup
     rows = conv["test"][:8]
-    ev = Evaluator.create(config, tok, spec, rows, conv["train"])
+    ev = Evaluator.create(resolved(config), tok, spec, rows, conv["train"])
     result = ev.run(spec.init_params(0), 0, with_loss=False)
     assert len(result.predictions) == 8 and result.loss is None
     np.testing.assert_array_equal(result.scores["exact_match"],

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.cli_test import ROOT, assert_clean_error, run
+from tests.helpers import resolved
 
 TINY = ["--config", "configs/tiny.py"]
 LONG = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=1",
@@ -54,8 +55,8 @@ def final_state(wd):
     from trainer.io.checkpoint import Checkpointer  # noqa: PLC0415
     from trainer.training.step import make_optimizer  # noqa: PLC0415
     config = experiment.load_config(wd)
-    tok = experiment.build_or_load_tokenizer(config, wd, train_rows=None)
-    spec = experiment.model_spec(config, len(tok), experiment.make_mesh(config))
+    tok = experiment.build_or_load_tokenizer(resolved(config), wd, train_rows=None)
+    spec = experiment.model_spec(resolved(config), len(tok), experiment.make_mesh(resolved(config)))
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
     ck = Checkpointer(wd, read_only=True)
     step = ck.latest_step()

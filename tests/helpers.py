@@ -10,8 +10,9 @@ from flax import nnx
 from configs import tiny
 from data_pipeline.loader import FIELDS
 from trainer import sharding as sharding_lib
-from trainer.training import experiment
 from trainer.io import hf as hf_io
+from trainer.training import experiment
+from trainer.settings.spec import RunSpec
 from trainer.training.step import make_optimizer
 
 
@@ -22,13 +23,18 @@ def tiny_config(**mesh):
     return c
 
 
+def resolved(config) -> RunSpec:
+    """A test's ConfigDict (a preset it edited) as the entry points pass it on: the typed run spec."""
+    return config if isinstance(config, RunSpec) else RunSpec.from_config(config)
+
+
 def setup(config, vocab_size: int = 64, devices=None, num_steps: int = 10):
     """Mesh, model spec, optimizer and state shardings for ``config`` on ``devices``."""
     mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
-    spec = experiment.model_spec(config, vocab_size, mesh)
+    spec = experiment.model_spec(resolved(config), vocab_size, mesh)
     tx, schedule = make_optimizer(config.optimizer, num_steps)
     state_sh = experiment.state_shardings(spec, tx)
-    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
+    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(resolved(config)))
     return mesh, spec, tx, schedule, state_sh, batch_sh
 
 

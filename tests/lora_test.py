@@ -19,6 +19,7 @@ from trainer.models import quant
 from trainer.errors import UserError
 from trainer.models.transformer import LORA_TARGETS, Transformer
 from trainer.training.step import make_forward
+from tests.helpers import resolved
 
 VOCAB, SEQ = 64, 36
 ALL = tuple(LORA_TARGETS)
@@ -134,9 +135,9 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         c.train.num_steps, c.train.checkpoint_every, c.train.eval_every = 4, 2, 2
         return c
 
-    straight = loop.train(config(), str(tmp_path / "a"))
-    loop.train(config(), str(tmp_path / "b"), stop_at=2)
-    resumed = loop.train(config(), str(tmp_path / "b"))
+    straight = loop.train(resolved(config()), str(tmp_path / "a"))
+    loop.train(resolved(config()), str(tmp_path / "b"), stop_at=2)
+    resumed = loop.train(resolved(config()), str(tmp_path / "b"))
     assert helpers.tree_equal(jax.device_get(straight.params), jax.device_get(resumed.params))
     assert helpers.tree_equal(jax.device_get(straight.opt_state), jax.device_get(resumed.opt_state))
     losses = [[json.loads(line) for line in open(tmp_path / w / "metrics.jsonl")] for w in "ab"]
@@ -204,7 +205,7 @@ def test_lora_under_remat_dots_keeps_each_projection_once(monkeypatch):
         c.model.hidden_size, c.model.intermediate_size, c.model.head_dim = 128, 512, 32
         c.model.scan_layers, c.model.remat = True, "dots"
         c.train.batch_size, c.data.max_length = 8, 256
-        return dry_run.dry_run(c, 1, quiet=True)["memory_per_device_bytes"]["temporaries"]
+        return dry_run.dry_run(resolved(c), 1, quiet=True)["memory_per_device_bytes"]["temporaries"]
 
     named = temporaries()
     monkeypatch.setattr(model, "_policy", lambda remat, lora=False: model.REMAT_POLICIES[remat])
@@ -215,7 +216,7 @@ def test_lora_under_remat_dots_keeps_each_projection_once(monkeypatch):
 def test_bad_lora_config_is_one_line_each():
     from trainer.settings import checks as config_checks  # noqa: PLC0415
     c = lora_config(targets=("q", "qkv"), dropout=1.5, base_quant="int3")
-    problems = config_checks.problems(c, 1)
+    problems = config_checks.problems(resolved(c), 1)
     assert any("unknown 'qkv'; valid: q, k, v, o, gate, up, down" in p for p in problems), problems
     assert any("lora.dropout" in p for p in problems) and any("lora.base_quant" in p for p in problems)
     c = lora_config(rank=64)  # tiny: q is 32 x 32

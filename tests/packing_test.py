@@ -13,6 +13,7 @@ from data_pipeline import loader, packing, pipeline, sources, tokenizer as token
 from tests import helpers
 from trainer.training.experiment import model_config
 from trainer.models.transformer import Transformer
+from tests.helpers import resolved
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -54,7 +55,7 @@ def test_packed_rows_restart_positions_and_number_segments():
 
 def test_packed_and_unpacked_per_example_losses_are_equal():
     """Each example's summed loss, packed with others, equals its loss alone in a padded row."""
-    model = Transformer(model_config(helpers.tiny_config(), 60), rngs=nnx.Rngs(0))
+    model = Transformer(model_config(resolved(helpers.tiny_config()), 60), rngs=nnx.Rngs(0))
     exs = examples([7, 20, 3, 11, 9, 30, 5], seed=1)
     seq = 36
     bins = packing.pack([len(e.ids) - 1 for e in exs], seq)

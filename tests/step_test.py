@@ -8,6 +8,7 @@ import pytest
 from tests import helpers
 from trainer.training import experiment
 from trainer.training.step import make_optimizer, make_train_step, token_loss
+from tests.helpers import resolved
 
 VOCAB, SEQ = 64, 16
 
@@ -229,5 +230,5 @@ def test_loss_chunk_is_per_device():
     for devices, expected in ((jax.devices()[:1], 64), (jax.devices()[:8], 64 * 8)):
         mesh = sharding_lib.make_mesh(dict(config.mesh) if len(devices) == 8 else
                                       {"data": 1, "fsdp": 1, "tensor": 1}, devices)
-        batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
-        assert experiment.loss_chunk_tokens(config, batch_sh) == expected
+        batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(resolved(config)))
+        assert experiment.loss_chunk_tokens(resolved(config), batch_sh) == expected

@@ -12,6 +12,7 @@ from tests import helpers
 from tests.conftest import reference
 from trainer.benchmarks import topology
 from trainer.errors import UserError
+from tests.helpers import resolved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +68,7 @@ def test_tiny_model_compiles_for_a_v5p_slice_with_splash():
     reference("libtpu")
     from trainer.benchmarks import dry_run  # noqa: PLC0415
     devices = topology.tpu_devices("v5p:2x2x1")
-    r = dry_run.dry_run(_tiny(), devices, quiet=True)
+    r = dry_run.dry_run(resolved(_tiny()), devices, quiet=True)
     assert (r["devices"], r["device_kind"], r["platform"]) == (4, "TPU v5", "tpu")
     # "auto" is resolved for the target chips, and the kernel is lowered natively for them (a Mosaic
     # custom call), not in the interpret mode a CPU host would pick for itself.

@@ -13,7 +13,7 @@ import json
 from absl import flags
 
 from trainer import cli
-from trainer.cli import config_flag, launch
+from trainer.cli import launch, run_spec
 
 FLAGS = flags.FLAGS
 
@@ -43,10 +43,10 @@ def run() -> None:
     def body():
         from trainer.benchmarks.train_step import bench, bench_lora  # noqa: PLC0415
         if FLAGS.lora:
-            row = bench_lora(config_flag(), FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.lora_rank,
+            row = bench_lora(run_spec(), FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.lora_rank,
                              FLAGS.dry, FLAGS.vocab, FLAGS.dry_devices or None)
         else:
-            row = bench(config_flag(), FLAGS.batch, FLAGS.seq, FLAGS.steps, use_torch=FLAGS.torch,
+            row = bench(run_spec(), FLAGS.batch, FLAGS.seq, FLAGS.steps, use_torch=FLAGS.torch,
                         vocab=FLAGS.vocab)
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:

@@ -25,6 +25,16 @@ flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds without a heartbeat befor
 flags.DEFINE_integer("shutdown_timeout", 30, "Seconds the exit barrier waits for the other processes.")
 
 
+def run_spec(config: Any = None) -> Any:
+    """The preset of ``--config`` (or ``config``, edited by the caller) resolved, once, into the typed
+    ``RunSpec`` library code reads; a key or value the spec refuses is a ``UserError``."""
+    from trainer.settings.spec import RunSpec, SpecError  # noqa: PLC0415 (--help stays quick)
+    try:
+        return RunSpec.from_config(config if config is not None else config_flag())
+    except SpecError as e:
+        raise UserError("the config does not fit the run spec: " + "; ".join(str(e).splitlines())) from e
+
+
 def run_main(fn: Callable[[], Any]) -> Any:
     """Common start of every entry point, then ``fn()``; a ``UserError`` exits with one message.
 

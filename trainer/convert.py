@@ -11,29 +11,30 @@ chunks instead of the whole checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from absl import flags
 
 from trainer import cli
-from trainer.cli import launch
+from trainer.cli import launch, run_spec
 from trainer.errors import UserError
 
 FLAGS = flags.FLAGS
 
 
 def convert(config: Any, hf_path: str, out: str) -> dict[str, Any]:
-    """Imports ``hf_path`` as ``config``'s run would, without LoRA, and writes it to ``out``."""
+    """Imports ``hf_path`` as the run of ``config`` (a ``RunSpec``) would, without LoRA, and writes
+    it to ``out``."""
     from trainer.console import log  # noqa: PLC0415
     from trainer.io import base_checkpoint, paths  # noqa: PLC0415
     from trainer.io import hf as hf_io
     from trainer.training import experiment  # noqa: PLC0415
     if paths.exists(paths.join(out, base_checkpoint.PARAMS)):
         raise UserError(f"--out {out} already holds a converted base; choose a new directory")
-    with config.unlocked():
-        config.model.hf_path, config.model.gguf_path = hf_path, ""
-        if "lora" in config:
-            config.lora.rank = 0  # the whole base, unfrozen: LoRA runs freeze it when they load it
+    # The whole base, unfrozen: LoRA runs freeze it when they load it.
+    config = config.replace(model=dataclasses.replace(config.model, hf_path=hf_path, gguf_path=""),
+                            lora=dataclasses.replace(config.lora, rank=0))
     try:
         hf_config = hf_io.read_hf_config(hf_path)
     except hf_io.HFError as e:
@@ -62,7 +63,7 @@ def _define_flags() -> None:
 def run() -> None:
     """Entry point (``python -m trainer.convert``)."""
     _define_flags()
-    launch(lambda: convert(FLAGS.config, FLAGS.hf_path, FLAGS.out), required=("hf_path", "out"))
+    launch(lambda: convert(run_spec(), FLAGS.hf_path, FLAGS.out), required=("hf_path", "out"))
 
 
 if __name__ == "__main__":

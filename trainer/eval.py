@@ -46,14 +46,13 @@ def run() -> None:
     _define_flags()
 
     def body():
-        from configs import demo  # noqa: PLC0415 (the defaults of a model evaluated without a run)
         from trainer.evaluation.compare import Request, evaluate  # noqa: PLC0415
         limit = FLAGS.limit if FLAGS.max_examples is None else FLAGS.max_examples
         return evaluate(Request(
             workdir=FLAGS.workdir or "", checkpoint=FLAGS.checkpoint, hf_path=FLAGS.hf_path,
             gguf=FLAGS.gguf, data=FLAGS.data, split=FLAGS.split, limit=limit, baselines=FLAGS.baselines,
             out=FLAGS.out, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
-            progress=FLAGS.progress, defaults=demo.get_config()))
+            progress=FLAGS.progress))
     launch(body, required=())
 
 

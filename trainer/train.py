@@ -18,7 +18,7 @@ from __future__ import annotations
 from absl import flags
 
 from trainer import cli
-from trainer.cli import config_flag, launch
+from trainer.cli import config_flag, launch, run_spec
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +58,7 @@ def run() -> None:
             config.model.hf_path = FLAGS.hf_path
         if FLAGS.gguf:
             config.model.gguf_path = FLAGS.gguf
+        config = run_spec(config)
         if FLAGS.dry_run:
             from trainer.benchmarks.dry_run import dry_run  # noqa: PLC0415
             devices = FLAGS.dry_run_devices or None

@@ -22,13 +22,13 @@ config before paying for the pod, not a guarantee to the last gigabyte.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from data_pipeline import loader
 from trainer import sharding as sharding_lib
@@ -39,13 +39,14 @@ from trainer.evaluation.generate import make_generate_fn
 from trainer.models import flops as flops_lib
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings import checks as config_checks
+from trainer.settings.spec import RunSpec
 from trainer.training import experiment
 from trainer.training.step import make_optimizer
 
 GB = 1e9
 
 
-def dry_run(config: ml_collections.ConfigDict, devices: list[Any] | int | None = None,
+def dry_run(config: RunSpec, devices: list[Any] | int | None = None,
             device_memory_gb: float | None = None, quiet: bool = False) -> dict[str, Any]:
     """Compiles the train step, the eval step and generation for ``config`` over ``devices`` (this
     machine's when None, its first N for an int; a TPU topology's from ``topology.tpu_devices``) from
@@ -58,7 +59,7 @@ def dry_run(config: ml_collections.ConfigDict, devices: list[Any] | int | None =
         raise UserError("the config has problems:\n  " + "\n  ".join(problems))
     hf_config, source = experiment.architecture(config)
     try:
-        mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
+        mesh = sharding_lib.make_mesh(dataclasses.asdict(config.mesh), devices)
     except ValueError as e:
         raise UserError(str(e)) from e
     vocab = int(hf_config["vocab_size"]) if hf_config else int(config.tokenizer.vocab_size)
@@ -132,7 +133,7 @@ def _compile(fn, *args) -> dict[str, Any]:
             "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))}
 
 
-def _compile_generate(config: ml_collections.ConfigDict, spec: experiment.ModelSpec, params: Any
+def _compile_generate(config: RunSpec, spec: experiment.ModelSpec, params: Any
                       ) -> dict[str, Any]:
     """Generation as ``trainer.eval`` runs it: ``eval.batch_size`` prompts of ``data.max_length``
     tokens (a fine-tuned model's zero-shot prompt is at most a training row), ``eval.max_new_tokens``."""

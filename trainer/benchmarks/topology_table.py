@@ -33,13 +33,14 @@ def row(config_path: str, topology: str) -> dict[str, Any]:
     from trainer.benchmarks.dry_run import dry_run  # noqa: PLC0415
     from trainer.benchmarks.topology import tpu_devices  # noqa: PLC0415
     from trainer.errors import UserError  # noqa: PLC0415
+    from trainer.settings.spec import RunSpec  # noqa: PLC0415
     spec = importlib.util.spec_from_file_location("preset", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out: dict[str, Any] = {"config": config_path, "topology": topology,
                            "slice": SLICES.get(topology, topology)}
     try:
-        r = dry_run(module.get_config(), tpu_devices(topology), quiet=True)
+        r = dry_run(RunSpec.from_config(module.get_config()), tpu_devices(topology), quiet=True)
     except UserError as e:
         return {**out, "error": str(e).replace("\n", " ")}
     train = r["programs"]["train_step"]

@@ -10,7 +10,6 @@ printed where the device's peak bf16 FLOP/s is known (GPUs, TPUs), never for CPU
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -24,6 +23,7 @@ from trainer.benchmarks.memory import compiled_memory, state_bytes
 from trainer.io import hf as hf_io
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.models.transformer import resolve_attention
+from trainer.settings.spec import RunSpec
 from trainer.training import experiment
 from trainer.training.step import make_optimizer
 
@@ -40,7 +40,7 @@ def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dic
     return out
 
 
-def bench_ours(config, vocab: int, data: list[dict[str, np.ndarray]], warmup: int) -> dict[str, Any]:
+def bench_ours(config: RunSpec, vocab: int, data: list[dict[str, np.ndarray]], warmup: int) -> dict[str, Any]:
     mesh = experiment.make_mesh(config)
     hf_config, _ = experiment.architecture(config)
     spec = experiment.model_spec(config, vocab, mesh, hf_config)
@@ -80,16 +80,12 @@ LORA_VARIANTS = (("QLoRA nf4", {"base_quant": "nf4"}), ("QLoRA int8", {"base_qua
                  ("LoRA, bf16 base", {"base_dtype": "bfloat16"}), ("LoRA", {}), ("full fine-tuning", None))
 
 
-def lora_variant(config, rank: int, extra: dict[str, Any] | None):
-    c = copy.deepcopy(config)
-    with c.unlocked():
-        c.lora.rank = 0 if extra is None else rank
-        for k, v in (extra or {}).items():
-            c.lora[k] = v
-    return c
+def lora_variant(config: RunSpec, rank: int, extra: dict[str, Any] | None) -> RunSpec:
+    return config.replace(lora=dataclasses.replace(config.lora, rank=0 if extra is None else rank,
+                                                   **(extra or {})))
 
 
-def bench_lora(config, batch: int, seq: int, steps: int, rank: int = 16, dry: bool = False,
+def bench_lora(config: RunSpec, batch: int, seq: int, steps: int, rank: int = 16, dry: bool = False,
                vocab: int = 32000, num_devices: int | None = None, warmup: int = 2) -> list[dict[str, Any]]:
     """Full fine-tuning vs LoRA vs QLoRA on one model: trainable parameters, bytes per device of the
     trainable params, optimizer state and frozen base, and (unless ``dry``) step time and peak memory.
@@ -102,8 +98,8 @@ def bench_lora(config, batch: int, seq: int, steps: int, rank: int = 16, dry: bo
         c = lora_variant(config, rank, extra)
         row: dict[str, Any] = {"variant": name, "rank": 0 if extra is None else rank}
         if dry:
-            with c.unlocked():
-                c.train.batch_size, c.data.max_length = batch, seq
+            c = c.replace(train=dataclasses.replace(c.train, batch_size=batch),
+                          data=dataclasses.replace(c.data, max_length=seq))
             r = dry_lib.dry_run(c, num_devices, quiet=True)
             row.update(trainable=r["trainable_parameters"], state_bytes=r["state_bytes_per_device"],
                        total_bytes=r["memory_per_device_bytes"]["total"])
@@ -173,7 +169,7 @@ def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], wa
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
-def bench(config, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: bool = True,
+def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: bool = True,
           vocab: int = 32000) -> dict[str, Any]:
     """Runs both sides; returns tokens/s, MFU and the ratio (also printed as a Markdown table).
 

@@ -44,6 +44,7 @@ from trainer.evaluation.scoring import HEADLINE_PAIRED, exact_match, paired_diff
 from trainer.io import paths
 from trainer.models import lora as lora_lib
 from trainer.settings import options
+from trainer.settings.spec import RunSpec, default_config
 from trainer.training import experiment
 from trainer.training.runs import open_run
 
@@ -64,9 +65,6 @@ class Request:
     max_new_tokens: int = 0  # 0 = eval.max_new_tokens
     batch_size: int = 0      # 0 = eval.batch_size
     progress: bool = True
-    # A model without a run (--hf_path/--gguf) starts from these settings; the entry point passes
-    # configs/demo.py's (library code never imports a preset).
-    defaults: ml_collections.ConfigDict | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,17 +130,15 @@ def apply_data(config: ml_collections.ConfigDict, data: str) -> str:
         return name
     config.data.sources = ml_collections.ConfigDict(
         {name: sources.source(type="files", path=data, format=guess_format(data))})
-    config.data.synthetic = config.data.get("synthetic", ml_collections.ConfigDict())
     return name
 
 
 def model_only_config(req: Request) -> ml_collections.ConfigDict:
-    """``req.defaults`` with the model, its tokenizer and the data of ``req``."""
+    """The spec's defaults with the model, its tokenizer and the data of ``req`` (editable: the
+    request's other settings go in before it is resolved)."""
     if not req.data:
         raise UserError("--hf_path/--gguf evaluate a model on --data (a configs/*.py file or a data file)")
-    if req.defaults is None:
-        raise ValueError("Request.defaults: the settings a model without a run starts from")
-    config = ml_collections.ConfigDict(req.defaults.to_dict())  # a copy: the caller's stays as it is
+    config = default_config()
     config.model.hf_path, config.model.gguf_path = req.hf_path, req.gguf
     config.data.max_length = 512  # a data file's rows; a --data config sets its own
     apply_data(config, req.data)
@@ -212,7 +208,7 @@ def _check_request(req: Request) -> str:
 class _Setup:
     """The request resolved against the run's (or the defaults') config."""
 
-    config: ml_collections.ConfigDict
+    config: RunSpec
     tok: Any
     run: Any            # trainer.training.runs.Run, or None without --workdir
     data_name: str
@@ -223,27 +219,27 @@ class _Setup:
     @classmethod
     def create(cls, req: Request, model_path: str) -> _Setup:
         if req.workdir:
-            config = experiment.load_config(req.workdir)
-            data_name = f"`{apply_data(config, req.data)}`" if req.data else "the run's data"
-            run = open_run(req.workdir, config)
-            tok = run.tok
+            editable = experiment.load_config(req.workdir).to_config()
+            data_name = f"`{apply_data(editable, req.data)}`" if req.data else "the run's data"
         else:
-            run, config = None, model_only_config(req)
+            editable = model_only_config(req)
             data_name = f"`{os.path.basename(req.data)}`"
             tok = load_model_tokenizer(model_path)
-            config.data.template = "tokenizer" if tok.chat_template else "plain"
+            editable.data.template = "tokenizer" if tok.chat_template else "plain"
             console.log(f"{os.path.basename(model_path)}: its own tokenizer, template "
-                            f"{config.data.template!r}")
-        ecfg = config.eval
+                        f"{editable.data.template!r}")
         if req.max_new_tokens:
-            ecfg.max_new_tokens = req.max_new_tokens
+            editable.eval.max_new_tokens = req.max_new_tokens
         if req.batch_size:
-            ecfg.batch_size = req.batch_size
+            editable.eval.batch_size = req.batch_size
         try:
-            shots = options.parse_baselines(req.baselines or ecfg.get("baselines", options.BASELINES),
-                                            ecfg.few_shot_k)
-        except ValueError as e:
+            config = RunSpec.from_config(editable)  # the request applied: resolved once
+            ecfg = config.eval
+            shots = options.parse_baselines(req.baselines or ecfg.baselines, ecfg.few_shot_k)
+        except ValueError as e:  # (SpecError too: a --data config with keys this version lacks)
             raise UserError(str(e)) from e
+        run = open_run(req.workdir, config) if req.workdir else None
+        tok = run.tok if run else tok
         return cls(config, tok, run, data_name, req.split or ecfg.split,
                    ecfg.max_examples if req.limit < 0 else req.limit, shots)
 
@@ -337,8 +333,8 @@ def _report(req, setup, model_path, step, rows, eval_rows, compared, results, ev
     return {"title": title, "workdir": req.workdir, "model_path": model_path,
             "checkpoint": req.checkpoint if req.workdir else None, "step": step, "data": setup.data_name,
             "split": split, "split_rows": len(rows[split]), "num_examples": len(eval_rows),
-            "max_new_tokens": ecfg.max_new_tokens, "answer_pattern": ecfg.get("answer_pattern", ""),
-            "normalize": dict(ecfg.get("normalize", {})), "rows": report_rows, "gain": gain,
+            "max_new_tokens": ecfg.max_new_tokens, "answer_pattern": ecfg.answer_pattern,
+            "normalize": dict(ecfg.normalize), "rows": report_rows, "gain": gain,
             "pattern_warning": warning, "examples": reports.examples(evaluator, results, versus)}, out
 
 

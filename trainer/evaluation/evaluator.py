@@ -27,6 +27,7 @@ from data_pipeline import pipeline, templating
 from trainer import console
 from trainer import sharding as sharding_lib
 from trainer.evaluation import scoring
+from trainer.settings import spec as spec_lib
 from trainer.evaluation.generate import (
     CompiledGenerate,
     cut_at_stop,
@@ -132,7 +133,7 @@ class Evaluator:
     """
 
     def __init__(self, *, rows: Sequence[Row], train_rows: Sequence[Row], tok, template, graphdef,
-                 mesh, eval_cfg, seed: int, max_length: int, loss_fn=None, progress: bool = False,
+                 mesh, eval_cfg: spec_lib.Eval, seed: int, max_length: int, loss_fn=None, progress: bool = False,
                  name: str = "eval"):
         if not rows:
             raise ValueError("no rows to evaluate")
@@ -140,16 +141,15 @@ class Evaluator:
         self.ecfg, self.name, self.progress = eval_cfg, name, progress
         self.references = [target_of(r) for r in self.rows]
         self.tasks = [task_of(r) for r in self.rows]
-        self.scorer = scoring.Scorer(eval_cfg.get("answer_pattern", ""),
-                                     scoring.Normalization.from_config(eval_cfg.get("normalize")))
+        self.scorer = scoring.Scorer(eval_cfg.answer_pattern,
+                                     scoring.Normalization.from_config(eval_cfg.normalize))
         self.reference_pattern_misses = self.scorer.pattern_misses(self.references)
         evaluated = {id(r) for r in self.rows}
         self._pool: dict[str, list[Row]] = defaultdict(list)
         for r in train_rows:
             if id(r) not in evaluated:
                 self._pool[task_of(r)].append(r)
-        self.budget = (eval_cfg.get("max_prompt_length", 0)
-                       or max_length * (eval_cfg.get("few_shot_k", 0) + 1))
+        self.budget = eval_cfg.prompt_budget(max_length)
         self._generate = CompiledGenerate(make_generate_fn(
             graphdef, max_new_tokens=eval_cfg.max_new_tokens, eos_ids=template.stop_ids,
             pad_id=tok.pad_token_id, mesh=mesh))
@@ -157,7 +157,7 @@ class Evaluator:
         self._prompts: dict[int, tuple[list[np.ndarray], dict[str, float], list[list[Row]]]] = {}
 
     @classmethod
-    def create(cls, config, tok, spec: experiment.ModelSpec, rows: Sequence[Row],
+    def create(cls, config: spec_lib.RunSpec, tok, spec: experiment.ModelSpec, rows: Sequence[Row],
                train_rows: Sequence[Row], *, examples=None, progress: bool = False,
                name: str = "eval") -> Evaluator:
         """From the run's config: ``examples`` (the rows tokenised by the pipeline) enable the
@@ -225,7 +225,7 @@ class Evaluator:
         seconds = time.perf_counter() - t0 - compile_s
         if bar is not None:
             bar.close()
-        stop = tuple(self.ecfg.get("stop", ()))  # e.g. "\n\n" for a base model that rambles on
+        stop = self.ecfg.stop  # e.g. "\n\n" for a base model that rambles on
         texts = [cut_at_stop(self.tok.decode(x, skip_special_tokens=True), stop) for x in ids]
         # Generated tokens include each row's EOS (computed like any other token).
         tokens = sum(min(len(x) + 1, self.ecfg.max_new_tokens) for x in ids)

@@ -105,16 +105,16 @@ class Checkpointer:
         self.mgr = _manager(workdir, keep, read_only, best_metric, best_mode)
 
     @classmethod
-    def for_run(cls, config, workdir: str, base: dict[str, str] | None = None,
+    def for_run(cls, config: Any, workdir: str, base: dict[str, str] | None = None,
                 read_only: bool = False) -> Checkpointer:
         """The run's checkpointer, with its policy read from the config in this one place: how many
         steps are kept (``train.keep_checkpoints``), which step is ``best`` (``checkpoint.best_metric``
         and ``best_mode``) and how long a save may block (``checkpoint.timeout_s``). The training loop,
         ``trainer.eval`` and ``trainer.export`` all build it here, so they agree on ``best``."""
-        ccfg = config.get("checkpoint", {})
-        return cls(workdir, keep=config.train.get("keep_checkpoints", 2), read_only=read_only,
-                   best_metric=ccfg.get("best_metric", VAL_METRIC), best_mode=ccfg.get("best_mode", "auto"),
-                   timeout_s=ccfg.get("timeout_s", 1800), base=base)
+        ccfg = config.checkpoint  # (a RunSpec: trainer.io does not import the settings above it)
+        return cls(workdir, keep=config.train.keep_checkpoints, read_only=read_only,
+                   best_metric=ccfg.best_metric, best_mode=ccfg.best_mode, timeout_s=ccfg.timeout_s,
+                   base=base)
 
     def latest_step(self) -> int | None:
         return self.mgr.latest_step()

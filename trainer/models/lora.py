@@ -46,28 +46,21 @@ class LoraError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = tuple(LORA_TARGETS)
-    init: str = "peft"
-    base_dtype: str = ""   # "" = model.param_dtype
-    base_quant: str = ""   # "" | int8 | nf4
-    init_from: str = ""    # a PEFT adapter directory
+    """The run spec's ``lora`` section (``trainer.settings.spec``): train low-rank adapters, keep the
+    base frozen."""
+
+    rank: int = 0          # 0: full fine-tuning
+    alpha: float = 16.0    # the update is (alpha / rank) A B, as in PEFT
+    dropout: float = 0.0   # on the adapters' input (PEFT's lora_dropout)
+    targets: tuple[str, ...] = tuple(LORA_TARGETS)  # projections of every block
+    init: str = "peft"     # A Kaiming-uniform, B zeros: step 0 is the base model exactly
+    base_dtype: str = ""   # the frozen base's storage dtype ("": model.param_dtype), e.g. bfloat16
+    base_quant: str = ""   # QLoRA: "int8" (per channel) or "nf4" (blockwise 4-bit), dequantised per layer
+    init_from: str = ""    # a PEFT adapter directory to start from (continue training, or evaluate)
 
     @property
     def enabled(self) -> bool:
         return self.rank > 0
-
-    @classmethod
-    def from_config(cls, config: Any) -> LoraConfig:
-        section = dict(config.get("lora", {}) or {})
-        targets = section.get("targets", cls.targets)
-        if isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        section["targets"] = tuple(targets)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in section.items() if k in names})
 
     def problems(self) -> list[str]:
         out = []

@@ -8,6 +8,7 @@ beyond counting them.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -17,6 +18,7 @@ from typing import Any
 from data_pipeline import templating
 from trainer.evaluation import scoring
 from trainer.settings import options
+from trainer.settings.spec import RunSpec
 
 DTYPES = options.DTYPES
 
@@ -45,7 +47,7 @@ def _data_parallel(sizes: dict[str, int], rules: list[tuple[str, Any]]) -> int:
     return math.prod(sizes.get(a, 1) for a in axes)
 
 
-def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
+def problems(config: RunSpec, device_count: int | None = 1, process_count: int = 1,
              base_positions: int | None = None, check_paths: bool = True) -> list[str]:
     """Everything wrong with ``config``, one line per problem (empty: fine).
 
@@ -65,13 +67,13 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     # ---- training loop ----------------------------------------------------------------------------
     for key in ("num_steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
                 "eval_batch_size", "keep_checkpoints"):
-        need(t[key] >= 1, f"train.{key} must be at least 1, got {t[key]}")
+        need(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
     # ---- optimiser --------------------------------------------------------------------------------
     need(o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
     need(o.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 <= o.end_lr_ratio <= 1, f"optimizer.end_lr_ratio must be in [0, 1], got {o.end_lr_ratio}")
     for key in ("b1", "b2"):
-        need(0 <= o[key] < 1, f"optimizer.{key} must be in [0, 1), got {o[key]}")
+        need(0 <= getattr(o, key) < 1, f"optimizer.{key} must be in [0, 1), got {getattr(o, key)}")
     need(o.eps > 0, f"optimizer.eps must be positive, got {o.eps}")
     need(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     need(o.max_grad_norm >= 0, f"optimizer.max_grad_norm must be >= 0 (0: no clipping), got {o.max_grad_norm}")
@@ -86,7 +88,8 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     for key, allowed in (("length_policy", ("drop", "truncate")), ("packing", ("none", "best_fit", "first_fit")),
                          ("on_bad_row", ("error", "skip")), ("loss_on", ("all", "last")),
                          ("template", (*templating.BUILTIN_TEMPLATES, "tokenizer"))):
-        need(d[key] in allowed, f"data.{key} must be one of {', '.join(allowed)}, got {d[key]!r}")
+        need(getattr(d, key) in allowed,
+             f"data.{key} must be one of {', '.join(allowed)}, got {getattr(d, key)!r}")
     for name, src in dict(d.sources).items() if check_paths else ():
         src = dict(src)
         if src.get("type", "files") != "files":
@@ -95,7 +98,7 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
         for p in paths:
             need(bool(glob.glob(os.path.expanduser(p))), f"data.sources.{name}: no file matches {p!r}")
     # ---- model and tokenizer ----------------------------------------------------------------------
-    hf, gg = m.get("hf_path", ""), m.get("gguf_path", "")
+    hf, gg = m.hf_path, m.gguf_path
     need(not (hf and gg), "model.hf_path and model.gguf_path are both set; set one")
     # A gs:// base is copied (or read by chunk) when the model is built: its errors name it there.
     need(not check_paths or not hf or "://" in hf or os.path.isdir(hf),
@@ -103,26 +106,22 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     need(not check_paths or not gg or "://" in gg or os.path.isfile(gg),
          f"model.gguf_path: {gg!r} is not a file")
     for key in ("dtype", "param_dtype"):
-        need(m[key] in DTYPES, f"model.{key} must be one of {', '.join(DTYPES)}, got {m[key]!r}")
+        need(getattr(m, key) in DTYPES,
+             f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(m, key)!r}")
     need(m.remat in options.REMAT, f"model.remat must be one of {', '.join(options.REMAT)}, got {m.remat!r}")
     need(m.attention_impl in options.ATTENTION_IMPLS, f"model.attention_impl must be one of "
          f"{', '.join(options.ATTENTION_IMPLS)}, got {m.attention_impl!r}")
     if not (hf or gg):  # a model trained from scratch: its shape comes from config.model
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads"):
-            need(m[key] >= 1, f"model.{key} must be at least 1, got {m[key]}")
+            need(getattr(m, key) >= 1, f"model.{key} must be at least 1, got {getattr(m, key)}")
         need(m.num_key_value_heads < 1 or m.num_attention_heads % m.num_key_value_heads == 0,
              f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
              f"model.num_key_value_heads ({m.num_key_value_heads})")
-    from trainer.models.lora import LoraConfig  # noqa: PLC0415 (jax-free callers stay jax-free)
-    try:
-        lcfg = LoraConfig.from_config(config)
-    except TypeError as err:
-        out.append(f"lora: {err}")
-    else:
-        out += lcfg.problems()
-        need(not check_paths or not lcfg.init_from or os.path.isdir(lcfg.init_from),
-             f"lora.init_from: {lcfg.init_from!r} is not a directory")
+    lcfg = config.lora
+    out += lcfg.problems()
+    need(not check_paths or not lcfg.init_from or os.path.isdir(lcfg.init_from),
+         f"lora.init_from: {lcfg.init_from!r} is not a directory")
     tk = config.tokenizer
     need(tk.kind in ("train_bpe", "hf"), f"tokenizer.kind must be train_bpe or hf, got {tk.kind!r}")
     need(tk.kind != "hf" or bool(tk.path or hf or gg),
@@ -130,42 +129,42 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     need(not check_paths or not tk.path or os.path.exists(tk.path),
          f"tokenizer.path: {tk.path!r} does not exist")
     # ---- evaluation -------------------------------------------------------------------------------
-    need(t.get("max_bad_steps", 20) >= 1, f"train.max_bad_steps must be at least 1, got {t.get('max_bad_steps')}")
+    need(t.max_bad_steps >= 1, f"train.max_bad_steps must be at least 1, got {t.max_bad_steps}")
     need(e.batch_size >= 1, f"eval.batch_size must be at least 1, got {e.batch_size}")
     need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be at least 1, got {e.max_new_tokens}")
     need(e.few_shot_k >= 0, f"eval.few_shot_k must be >= 0, got {e.few_shot_k}")
     need(e.max_examples >= 0, f"eval.max_examples must be >= 0 (0: all), got {e.max_examples}")
-    need(e.get("every_steps", 0) >= 0, f"eval.every_steps must be >= 0 (0: off), got {e.get('every_steps')}")
-    need(e.get("in_training_examples", 64) >= 1,
-         f"eval.in_training_examples must be at least 1, got {e.get('in_training_examples')}")
+    need(e.every_steps >= 0, f"eval.every_steps must be >= 0 (0: off), got {e.every_steps}")
+    need(e.in_training_examples >= 1,
+         f"eval.in_training_examples must be at least 1, got {e.in_training_examples}")
     try:
-        scoring.Normalization.from_config(e.get("normalize"))
+        scoring.Normalization.from_config(e.normalize)
     except ValueError as err:
         out.append(str(err))
     try:
-        options.parse_baselines(e.get("baselines", options.BASELINES), e.few_shot_k)
+        options.parse_baselines(e.baselines, e.few_shot_k)
     except ValueError as err:
         out.append(f"eval.baselines: {err}")
-    if pattern := e.get("answer_pattern", ""):
+    if pattern := e.answer_pattern:
         try:
             need(re.compile(pattern).groups >= 1,
                  f"eval.answer_pattern {pattern!r} needs one group: the answer it extracts")
         except re.error as err:
             out.append(f"eval.answer_pattern {pattern!r} is not a regular expression: {err}")
-    ck = config.get("checkpoint", {})
-    best = ck.get("best_metric", "val/loss")
+    ck = config.checkpoint
+    best = ck.best_metric
     known = ("val/loss", "val/token_accuracy", *(f"val/{m}" for m in scoring.METRICS))
     need(best in known, f"checkpoint.best_metric must be one of {', '.join(known)}, got {best!r}")
-    need(ck.get("best_mode", "auto") in ("auto", "min", "max"),
-         f"checkpoint.best_mode must be auto, min or max, got {ck.get('best_mode')!r}")
+    need(ck.best_mode in ("auto", "min", "max"),
+         f"checkpoint.best_mode must be auto, min or max, got {ck.best_mode!r}")
     # ---- devices and hosts ------------------------------------------------------------------------
-    sizes = _mesh_sizes(dict(config.mesh), device_count) if device_count else None
+    sizes = _mesh_sizes(dataclasses.asdict(config.mesh), device_count) if device_count else None
     if sizes is None:
         pass
     elif isinstance(sizes, str):
         out.append(sizes)
     else:
-        rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding.rules]
+        rules = list(config.sharding.rules)
         dp = _data_parallel(sizes, rules)
         if t.batch_size >= 1 and t.grad_accum_steps >= 1:
             need(t.batch_size % (dp * t.grad_accum_steps) == 0,
@@ -181,7 +180,7 @@ def problems(config: Any, device_count: int | None = 1, process_count: int = 1,
     if base_positions:
         need(d.max_length <= base_positions, f"data.max_length={d.max_length} exceeds the base model's "
              f"{base_positions} positions (max_position_embeddings)")
-        prompt = e.get("max_prompt_length", 0) or d.max_length * (e.few_shot_k + 1)
+        prompt = e.prompt_budget(d.max_length)
         need(prompt + e.max_new_tokens <= base_positions,
              f"eval prompts ({prompt} tokens: eval.max_prompt_length, or data.max_length x "
              f"(eval.few_shot_k + 1)) + eval.max_new_tokens={e.max_new_tokens} exceed the base model's "

@@ -7,7 +7,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn", "flash", "splash")  # model.attention_impl, besides "auto"
 ATTENTION_IMPLS = ("auto", *ATTENTION_BACKENDS)
 REMAT = ("none", "full", "dots")                            # model.remat
-BASELINES = "zero_shot,few_shot"  # eval.baselines, for a config.json written before the key
 
 
 def parse_baselines(spec: str, default_k: int) -> list[int]:

@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -34,11 +33,11 @@ from trainer.models import lora as lora_lib
 from trainer.models import quant
 from trainer.models.transformer import ModelConfig, Transformer, resolve_attention
 from trainer.settings import checks as config_checks
+from trainer.settings.spec import RunSpec, SpecError
 from trainer.training import metrics as metrics_lib
 from trainer.training import rundir
 from trainer.training.step import TrainState, make_eval_step, make_train_step
 
-LOSS_CHUNK_TOKENS = 8192  # configs/demo.py's train.loss_chunk_tokens: for a config.json without it
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 # Sections that define *what* is trained. A workdir may be resumed with other values elsewhere (more
@@ -51,11 +50,6 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Config
 # ---------------------------------------------------------------------------------------------
 
-def _plain(x: Any) -> Any:
-    """JSON round-trip normal form (tuples -> lists), so saved and live configs compare equal."""
-    return json.loads(json.dumps(x.to_dict() if hasattr(x, "to_dict") else x))
-
-
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out = {}
@@ -65,10 +59,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: RunSpec) -> None:
     """Every config problem at once, before any data or model work (``trainer.settings.checks``)."""
     positions, base_problems = None, []
-    path = config.model.get("hf_path", "") or config.model.get("gguf_path", "")  # both set: a problem below
+    path = config.model.hf_path or config.model.gguf_path  # both set: a problem below
     path = _local(path) if path else path
     if path and os.path.exists(path):
         try:
@@ -87,7 +81,7 @@ def has_checkpoints(workdir: str) -> bool:
     return any(name.isdigit() for name in paths.listdir(paths.join(workdir, "checkpoints")))
 
 
-def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+def save_or_check_config(config: RunSpec, workdir: str) -> int | None:
     """Writes ``workdir/config.json`` on the first run; on later runs refuses a different identity,
     and, when there is a checkpoint to resume, different batch/accumulation/optimizer settings
     (``rundir.RESUME_KEYS``) or a different ``train.num_steps`` unless
@@ -95,10 +89,8 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
     path = paths.join(workdir, CONFIG_FILE)
     old_steps = None
     if paths.exists(path):
-        saved = json.loads(paths.read_text(path))
-        live = _plain(config)
-        if "lora" not in saved and not lora_lib.LoraConfig.from_config(config).enabled:
-            saved = {**saved, "lora": live.get("lora")}  # a workdir from before LoRA: the same run
+        saved = load_config(workdir).to_dict()  # keys added since it was written: their defaults
+        live = config.to_dict()
         old, new = _flatten({k: saved.get(k) for k in IDENTITY_KEYS}), _flatten(
             {k: live.get(k) for k in IDENTITY_KEYS})
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -113,9 +105,9 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
                     f"resuming {workdir!r} with other settings than the run that wrote its checkpoints: "
                     + "; ".join(diffs) + ". The saved data position and optimizer state only mean "
                     "something under the same values: pass them, or use a new --workdir.")
-            saved_steps = saved.get("train", {}).get("num_steps")
-            if saved_steps is not None and saved_steps != config.train.num_steps:
-                if not config.train.get("allow_num_steps_change", False):
+            saved_steps = saved["train"]["num_steps"]
+            if saved_steps != config.train.num_steps:
+                if not config.train.allow_num_steps_change:
                     raise UserError(
                         f"train.num_steps: {saved_steps} in the checkpoint's run vs "
                         f"{config.train.num_steps} now. The learning-rate schedule (warmup + cosine) "
@@ -123,33 +115,38 @@ def save_or_check_config(config: ml_collections.ConfigDict, workdir: str) -> int
                         "anyway pass --config.train.allow_num_steps_change=True")
                 old_steps = saved_steps
     if jax.process_index() == 0:  # atomically: other processes never read a half-written file
-        paths.write_text(path, config.to_json(indent=2))
+        paths.write_text(path, config.to_json())
     return old_steps
 
 
-def loss_chunk_tokens(config: ml_collections.ConfigDict, batch_sh: NamedSharding) -> int:
+def loss_chunk_tokens(config: RunSpec, batch_sh: NamedSharding) -> int:
     """Tokens per tile of the chunked LM-head loss over the whole batch: ``train.loss_chunk_tokens``
     is per device, times the devices the batch is split over (a global figure would shrink each
     device's tile as the slice grows: 256-way data parallelism made 64 sequential 32-token head
     matmuls, each gathering the head again). Read here only, so the training step, the eval step,
     the benchmark and the dry run use the same tile."""
-    return config.train.get("loss_chunk_tokens", LOSS_CHUNK_TOKENS) * sharding_lib.batch_shards(batch_sh)
+    return config.train.loss_chunk_tokens * sharding_lib.batch_shards(batch_sh)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (for ``trainer.eval``)."""
+def load_config(workdir: str) -> RunSpec:
+    """The config a workdir was trained with (for ``trainer.eval``): keys added since it was written
+    take their defaults; a key this version does not know is refused in one line."""
     path = paths.join(workdir, CONFIG_FILE)
     if not paths.exists(path):
         raise UserError(f"{path} not found: {workdir!r} is not a trainer.train workdir "
                         "(run `python -m trainer.train --config ... --workdir DIR` first)")
-    return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
+    try:
+        return RunSpec.from_dict(json.loads(paths.read_text(path)), where=path)
+    except SpecError as e:
+        raise UserError(f"{path} was written by another version of flax-ift: "
+                        + "; ".join(str(e).splitlines())) from e
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and data
 # ---------------------------------------------------------------------------------------------
 
-def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+def build_or_load_tokenizer(config: RunSpec, workdir: str,
                             train_rows: list[dict[str, Any]] | None):
     """Loads ``workdir/tokenizer``; on a fresh workdir first creates it (process 0) from the config.
     (A remote workdir's tokenizer goes through a local copy: transformers reads and writes local
@@ -181,7 +178,7 @@ def build_or_load_tokenizer(config: ml_collections.ConfigDict, workdir: str,
         raise UserError(f"cannot load the run's tokenizer from {path}: {e}") from e
 
 
-def read_rows(config: ml_collections.ConfigDict):
+def read_rows(config: RunSpec):
     """``({split: [row]}, [SourceReport])`` as ``config.data`` describes; bad data is a UserError."""
     try:
         return sources.build_splits(config.data)
@@ -189,7 +186,7 @@ def read_rows(config: ml_collections.ConfigDict):
         raise UserError(str(e)) from e
 
 
-def tokenize(config: ml_collections.ConfigDict, tok, rows: dict[str, list[dict[str, Any]]],
+def tokenize(config: RunSpec, tok, rows: dict[str, list[dict[str, Any]]],
              source_reports=None) -> pipeline.Data:
     try:
         return pipeline.tokenize(config.data, tok, rows, source_reports, config.seed)
@@ -201,10 +198,10 @@ def tokenize(config: ml_collections.ConfigDict, tok, rows: dict[str, list[dict[s
 # Model and state
 # ---------------------------------------------------------------------------------------------
 
-def hf_path(config: ml_collections.ConfigDict) -> str:
+def hf_path(config: RunSpec) -> str:
     """The base model the run starts from: ``model.hf_path`` (an HF directory) or ``model.gguf_path``
     (a GGUF file); "" for a model trained from scratch."""
-    hf, gg = config.model.get("hf_path", ""), config.model.get("gguf_path", "")
+    hf, gg = config.model.hf_path, config.model.gguf_path
     if hf and gg:
         raise UserError("set model.hf_path or model.gguf_path, not both")
     return _local(hf or gg)
@@ -223,7 +220,7 @@ def _local(path: str) -> str:
                         f"{(str(e).splitlines() or [''])[0][:200]})") from e
 
 
-def architecture(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | None, str]:
+def architecture(config: RunSpec) -> tuple[dict[str, Any] | None, str]:
     """``(config.json dict, where it came from)`` of the base model; ``(None, "")`` from scratch.
 
     The checkpoint's own config when it is here, else ``model.arch_json`` (relative paths are tried
@@ -234,7 +231,7 @@ def architecture(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | No
             return hf_io.read_hf_config(path), path
         except hf_io.HFError as e:
             raise UserError(f"base model: {e}") from e
-    arch = config.model.get("arch_json", "")
+    arch = config.model.arch_json
     if arch:
         for candidate in (arch, os.path.join(_REPO, arch)):
             if os.path.isfile(candidate):
@@ -247,17 +244,16 @@ def architecture(config: ml_collections.ConfigDict) -> tuple[dict[str, Any] | No
     return None, ""
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int,
+def model_config(config: RunSpec, vocab_size: int,
                  hf_config: dict[str, Any] | None = None, platform: str | None = None) -> ModelConfig:
     """From the base model's ``config.json`` or GGUF metadata (only dtypes, remat, layer scanning and
     the attention backend are taken from ``config.model``), or from ``config.model`` with the tokenizer's vocabulary
     for a new model. ``hf_config``: the base model's config.json dict when it is already known (the
     ahead-of-time check reads a copy kept in ``configs/`` instead of the absent checkpoint)."""
-    runtime = {k: config.model.get(k, d) for k, d in (
-        ("dtype", "float32"), ("param_dtype", "float32"), ("attention_impl", "auto"), ("remat", "none"),
-        ("scan_layers", False), ("attention_block_size", 128))}
-    runtime["packed_inputs"] = config.data.get("packing", "none") != "none"
-    runtime.update(lora_lib.LoraConfig.from_config(config).model_fields())
+    runtime = {k: getattr(config.model, k) for k in (
+        "dtype", "param_dtype", "attention_impl", "remat", "scan_layers", "attention_block_size")}
+    runtime["packed_inputs"] = config.data.packing != "none"
+    runtime.update(config.lora.model_fields())
     axes = dict(rules(config))  # mesh axes of attention's batch/head dims (for kernels under shard_map)
     as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v else ())  # noqa: E731
     runtime.update(attention_batch_axes=as_tuple(axes.get("batch")),
@@ -268,7 +264,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int,
         except hf_io.HFError as e:
             raise UserError(f"base model: {e}") from e
     else:
-        cfg = ModelConfig.from_dict({**config.model.to_dict(), **runtime, "vocab_size": vocab_size,
+        cfg = ModelConfig.from_dict({**dataclasses.asdict(config.model), **runtime, "vocab_size": vocab_size,
                                      "max_position_embeddings": config.data.max_length})
     if problem := lora_lib.rank_problem(cfg):
         raise UserError(problem)
@@ -282,15 +278,15 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int,
     return dataclasses.replace(cfg, attention_impl=impl)  # "auto" resolved for the target devices
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+def make_mesh(config: RunSpec) -> Mesh:
     try:
-        return sharding_lib.make_mesh(dict(config.mesh))
+        return sharding_lib.make_mesh(dataclasses.asdict(config.mesh))
     except ValueError as e:
         raise UserError(str(e)) from e
 
 
-def rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
-    return [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding.rules]
+def rules(config: RunSpec) -> list[tuple[str, Any]]:
+    return list(config.sharding.rules)
 
 
 @dataclasses.dataclass
@@ -425,13 +421,13 @@ class ModelSpec:
                             self.split(self.param_shardings)[0])
 
 
-def model_spec(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
+def model_spec(config: RunSpec, vocab_size: int, mesh: Mesh,
                hf_config: dict[str, Any] | None = None) -> ModelSpec:
     cfg = model_config(config, vocab_size, hf_config, platform=mesh.devices.flat[0].platform)
     if cfg.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size} "
                         "embeddings")
-    lcfg = lora_lib.LoraConfig.from_config(config)
+    lcfg = config.lora
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0, lora=1)))
     graphdef, abs_params = nnx.split(abstract, nnx.Param)
     shardings = sharding_lib.state_shardings(abs_params, mesh, rules(config)).to_pure_dict()
@@ -530,7 +526,7 @@ def loader_shard(batch_sh: NamedSharding) -> dict[str, int]:
 
 
 def split_loss(eval_step, params: Any, examples: list[loader.Example],
-               config: ml_collections.ConfigDict,
+               config: RunSpec,
                pad_id: int, batch_sh: NamedSharding) -> dict[str, float]:
     """Token-weighted loss/accuracy over a whole split (sums over batches, then one division)."""
     sums = [eval_step(params, global_batch(b, batch_sh)) for b in loader.eval_batches(

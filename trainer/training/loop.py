@@ -34,14 +34,15 @@ from trainer.training import experiment
 from trainer.training import metrics as metrics_lib
 from trainer.training.preemption import Preempted, StopRequests
 from trainer.training.rundir import RunLock
+from trainer.settings.spec import RunSpec
 from trainer.training.step import TrainState, make_optimizer
 
 
-def train(config, workdir: str, stop_at: int | None = None) -> TrainState:
+def train(config: RunSpec, workdir: str, stop_at: int | None = None) -> TrainState:
     """Trains (or resumes) the run in ``workdir``; returns the final state.
 
     Args:
-      config: the resolved config (see ``configs/demo.py``).
+      config: the run spec (``RunSpec.from_config`` of a preset and its overrides).
       workdir: run directory; resumed from its latest checkpoint if it has one.
       stop_at: stop after this step, checkpointing it, as a preempted job would; the LR schedule
         still spans ``train.num_steps``, so a later call resumes the same run.
@@ -86,7 +87,7 @@ class ScheduledEval:
 class Trainer:
     """Everything one training run needs, built once by ``create``."""
 
-    config: Any
+    config: RunSpec
     workdir: str
     old_num_steps: int | None          # train.num_steps of a resumed run, when it changed
     train_iter: Any                     # grain iterator with get_state/set_state
@@ -102,7 +103,7 @@ class Trainer:
     writer: metrics_lib.MetricWriter | None = None
 
     @classmethod
-    def create(cls, config, workdir: str) -> Trainer:
+    def create(cls, config: RunSpec, workdir: str) -> Trainer:
         old_num_steps = experiment.save_or_check_config(config, workdir)
         mesh = experiment.make_mesh(config)
         batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
@@ -245,10 +246,10 @@ class TrainLog:
     ``train.log_every`` steps (one host sync per interval, not per step), summarised token-weighted,
     written as ``train/*`` with tokens/s and MFU, and checked for a run of skipped (non-finite) steps."""
 
-    def __init__(self, config, spec: experiment.ModelSpec, writer, progress, row_blocks: int = 1):
+    def __init__(self, config: RunSpec, spec: experiment.ModelSpec, writer, progress, row_blocks: int = 1):
         self.writer, self.progress = writer, progress
         self.row_blocks = row_blocks  # distinct blocks of rows the processes feed (process_rows)
-        self.max_bad = config.train.get("max_bad_steps", 20)
+        self.max_bad = config.train.max_bad_steps
         self.flops_token = flops_per_token(spec.cfg, config.data.max_length)
         self.peak = peak_flops(jax.devices()[0])
         self.pending: list[dict[str, Any]] = []
@@ -304,7 +305,7 @@ class TrainLog:
         return row
 
 
-def _data(config, workdir: str, batch_sh):
+def _data(config: RunSpec, workdir: str, batch_sh):
     """Rows, tokenizer, tokenised splits and the train iterator (this process's shard)."""
     rows, source_reports = experiment.read_rows(config)
     tok = experiment.build_or_load_tokenizer(config, workdir, rows["train"])
@@ -326,13 +327,13 @@ def _data(config, workdir: str, batch_sh):
         train_ds = loader.train_dataset(
             data.examples["train"], seq_len=config.data.max_length, pad_id=tok.pad_token_id,
             batch_size=tcfg.batch_size, seed=config.seed, packing=config.data.packing,
-            **experiment.loader_shard(batch_sh), **dict(config.data.loader))
+            **experiment.loader_shard(batch_sh), **config.data.loader)
     except ValueError as e:
         raise UserError(f"data: {e}") from e
     return rows, tok, data, iter(train_ds)
 
 
-def _evaluators(config, spec, tok, rows, data, batch_sh) -> list[ScheduledEval]:
+def _evaluators(config: RunSpec, spec, tok, rows, data, batch_sh) -> list[ScheduledEval]:
     """The validation loss on the whole split (every ``train.eval_every`` steps and at every
     checkpoint), then the generation metrics -- exact match, ROUGE, chrF: the ``trainer.eval`` code --
     on a fixed seeded sample of it (every ``eval.every_steps``, and at every checkpoint when
@@ -345,10 +346,10 @@ def _evaluators(config, spec, tok, rows, data, batch_sh) -> list[ScheduledEval]:
         "loss", loss, config.train.eval_every, at_checkpoints=True,
         describe=lambda step, v: (f"step {step}: val loss {v.get('loss', float('nan')):.4f}, "
                                   f"token accuracy {v.get('token_accuracy', float('nan')):.4f}"))]
-    best_metric = config.get("checkpoint", {}).get("best_metric", VAL_METRIC)
-    gen_every = ecfg.get("every_steps", 0)
+    best_metric = config.checkpoint.best_metric
+    gen_every = ecfg.every_steps
     if gen_every or best_metric != VAL_METRIC:
-        sample = sample_rows(rows["validation"], ecfg.get("in_training_examples", 64), config.seed)
+        sample = sample_rows(rows["validation"], ecfg.in_training_examples, config.seed)
         generation = Evaluator.create(config, tok, spec, sample, rows["train"], name="val")
         log_pattern_warning(generation)
         evals.append(ScheduledEval(

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import ml_collections
 from jax.sharding import Mesh
 
 from trainer.io.checkpoint import Checkpointer
+from trainer.settings.spec import RunSpec
 from trainer.training import experiment
 
 
@@ -23,7 +23,7 @@ class Run:
     applied), tokenizer, mesh over this process's devices, model spec and read-only checkpointer."""
 
     workdir: str
-    config: ml_collections.ConfigDict
+    config: RunSpec
     tok: Any
     mesh: Mesh
     spec: experiment.ModelSpec
@@ -40,7 +40,7 @@ class Run:
         self.checkpoints.close()
 
 
-def open_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> Run:
+def open_run(workdir: str, config: RunSpec | None = None) -> Run:
     """Opens ``workdir``; ``config`` (default: its ``config.json``) is for callers that override
     parts of it first (``trainer.eval --data``)."""
     config = config if config is not None else experiment.load_config(workdir)
