@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 from trainer import sharding as sharding_lib
-from trainer.models.transformer import ModelConfig, Transformer, resolve_attention
+from trainer.models.attention import resolve_attention
+from trainer.models.config import ModelConfig
+from trainer.models.transformer import Transformer
 from trainer.training.step import make_forward
 
 BASE = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -12,7 +12,7 @@ def test_bench_reports_ours_and_the_torch_reference():
 
 
 def test_flops_per_token_counts_matmuls_and_attention():
-    from trainer.models.transformer import ModelConfig  # noqa: PLC0415
+    from trainer.models.config import ModelConfig  # noqa: PLC0415
     cfg = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=2)
     # q, o: 4x2x2 each; k, v: 4x1x2 each; gated MLP 3 x 4x8; head 4x10 -> 184 matmul parameters;

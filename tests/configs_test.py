@@ -78,8 +78,8 @@ def test_divisibility_by_mesh_and_processes_and_base_positions():
 def test_every_attention_backend_the_model_offers_passes_the_config_check(impl):
     """``flash`` (the Pallas GPU kernel) is offered by the model, the demo config and the README; the
     config check used to refuse it, so only ``trainer.bench`` (which skips the checks) could use it."""
-    from trainer.models import transformer as model  # noqa: PLC0415
-    assert set(model.BACKENDS) | {"auto"} == {"auto", "xla", "cudnn", "flash", "splash"}
+    from trainer.models import attention  # noqa: PLC0415
+    assert set(attention.BACKENDS) | {"auto"} == {"auto", "xla", "cudnn", "flash", "splash"}
     c = demo.get_config()
     c.model.attention_impl = impl
     assert not [p for p in config_checks.problems(resolved(c), device_count=None, check_paths=False)

@@ -11,8 +11,8 @@ from configs import tiny
 from data_pipeline.loader import FIELDS
 from trainer import sharding as sharding_lib
 from trainer.io import hf as hf_io
-from trainer.training import experiment
 from trainer.settings.spec import RunSpec
+from trainer.training import experiment
 from trainer.training.step import make_optimizer
 
 

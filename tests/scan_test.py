@@ -11,7 +11,8 @@ from flax import nnx
 
 from trainer.io import hf as hf_io
 from trainer.evaluation.generate import generate_all, make_generate_fn
-from trainer.models.transformer import ModelConfig, Transformer, stack_layers, unstack_layers
+from trainer.models.config import ModelConfig
+from trainer.models.transformer import Transformer, stack_layers, unstack_layers
 from trainer.training.step import make_forward
 
 LLAMA = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,

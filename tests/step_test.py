@@ -160,7 +160,8 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
 
 def test_weight_decay_spares_biases_and_norms_whatever_their_rank():
     """Qwen2's per-head biases are 2-D ([heads, head_dim]): a rank-based mask would decay them."""
-    from trainer.models.transformer import ModelConfig, Transformer  # noqa: PLC0415
+    from trainer.models.config import ModelConfig  # noqa: PLC0415
+    from trainer.models.transformer import Transformer  # noqa: PLC0415
     from trainer.training.step import decay_mask  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
     cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

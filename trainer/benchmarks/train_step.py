@@ -21,8 +21,8 @@ import numpy as np
 from trainer import sharding as sharding_lib
 from trainer.benchmarks.memory import compiled_memory, state_bytes
 from trainer.io import hf as hf_io
+from trainer.models.attention import resolve_attention
 from trainer.models.flops import flops_per_token, peak_flops
-from trainer.models.transformer import resolve_attention
 from trainer.settings.spec import RunSpec
 from trainer.training import experiment
 from trainer.training.step import make_optimizer

@@ -27,13 +27,13 @@ from data_pipeline import pipeline, templating
 from trainer import console
 from trainer import sharding as sharding_lib
 from trainer.evaluation import scoring
-from trainer.settings import spec as spec_lib
 from trainer.evaluation.generate import (
     CompiledGenerate,
     cut_at_stop,
     generate_all,
     make_generate_fn,
 )
+from trainer.settings import spec as spec_lib
 from trainer.training import experiment
 
 Row = dict[str, Any]

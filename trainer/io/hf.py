@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from trainer.io import gguf as gguf_io
-from trainer.models.transformer import ModelConfig
+from trainer.models.config import ModelConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from trainer.io.hf import LLAMA_LIKE
+from trainer.models.config import ModelConfig
 from trainer.models.lora import (  # noqa: F401
     ADAPTER_SUFFIXES,
     PEFT_MODULES,
@@ -19,7 +20,6 @@ from trainer.models.lora import (  # noqa: F401
     _layers,
     _slice,
 )
-from trainer.models.transformer import ModelConfig
 
 
 def _check_peft_family(model_type: str) -> None:

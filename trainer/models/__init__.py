@@ -1,7 +1,9 @@
 """The model: what a decoder computes, and nothing about how it is trained or stored.
 
-``transformer`` (one Flax NNX decoder for every family: norms, RoPE, attention backends, KV cache,
-scanned blocks, remat), ``lora`` (adapters and the frozen/trainable split), ``quant`` (the int8/NF4
-frozen base), ``flops`` (model FLOPs and device peaks). May import ``trainer.settings`` and the
-shared ``trainer.sharding``; never training, evaluation, IO or entry-point code.
+``config`` (``ModelConfig``: the families' switches, no JAX), ``attention`` (one interface over the
+XLA, cuDNN, Pallas-flash and splash backends, and the choice for the target devices),
+``transformer`` (one Flax NNX decoder for every family: norms, RoPE, KV cache, scanned blocks,
+remat), ``lora`` (adapters and the frozen/trainable split), ``quant`` (the int8/NF4 frozen base),
+``flops`` (model FLOPs and device peaks). May import ``trainer.settings`` and the shared
+``trainer.sharding``; never training, evaluation, IO or entry-point code.
 """

@@ -26,7 +26,8 @@ import ml_dtypes
 import numpy as np
 
 from trainer.models import quant
-from trainer.models.transformer import LORA_TARGETS, ModelConfig
+from trainer.models.config import ModelConfig
+from trainer.models.transformer import LORA_TARGETS
 
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 # our projection -> its HF/PEFT module name (Llama-like families) and the submodule it sits in

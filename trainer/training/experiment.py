@@ -31,7 +31,9 @@ from trainer.io import paths
 from trainer.io import peft as peft_io
 from trainer.models import lora as lora_lib
 from trainer.models import quant
-from trainer.models.transformer import ModelConfig, Transformer, resolve_attention
+from trainer.models.attention import resolve_attention
+from trainer.models.config import ModelConfig
+from trainer.models.transformer import Transformer
 from trainer.settings import checks as config_checks
 from trainer.settings.spec import RunSpec, SpecError
 from trainer.training import metrics as metrics_lib

@@ -30,11 +30,11 @@ from trainer.errors import UserError
 from trainer.evaluation.evaluator import Evaluator, log_pattern_warning, sample_rows
 from trainer.io.checkpoint import VAL_METRIC, Checkpointer
 from trainer.models.flops import flops_per_token, peak_flops
+from trainer.settings.spec import RunSpec
 from trainer.training import experiment
 from trainer.training import metrics as metrics_lib
 from trainer.training.preemption import Preempted, StopRequests
 from trainer.training.rundir import RunLock
-from trainer.settings.spec import RunSpec
 from trainer.training.step import TrainState, make_optimizer
 
 

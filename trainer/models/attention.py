@@ -1,0 +1,253 @@
+"""Attention: one interface (``attention``), several backends -- XLA (blockwise), cuDNN, the Pallas
+GPU flash kernel and TPU splash -- and the choice among them for the target devices
+(``resolve_attention``). The kernels run under ``shard_map`` over the mesh axes the model config
+names for the batch and the heads (``attention_batch_axes``/``attention_head_axes``): this module
+never names a mesh axis itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from trainer.models.config import ModelConfig
+from trainer.settings import options
+
+Array = jax.Array
+
+#
+# Layers never see a mask. They pass segment ids and positions (of the queries and of the keys) and
+# the slot of their first query; each backend derives what it needs from those: the XLA path builds
+# its dense mask block by block inside, splash and the Pallas GPU kernel take segment ids, cuDNN takes
+# ``is_causal``. The rules, the same for every backend: a query attends to keys
+#   - at a slot <= its own (causal by slot: a packed row's segments and a cache's slots are in order),
+#   - of its own segment, never padding (segment id 0),
+#   - and, on a sliding-window layer, less than ``window`` positions back.
+# A padding query (segment 0) attends to nothing; its output is finite (a uniform average) and ignored.
+
+BACKENDS = options.ATTENTION_BACKENDS
+
+
+def kernel_platform() -> str:
+    """The platform the program being traced is compiled for: the current mesh's devices (a TPU
+    topology compiled ahead of time from a CPU host is "tpu"), else JAX's default backend. Pallas
+    kernels run natively there and in interpret mode anywhere else."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
+    """The attention backend ``cfg.attention_impl`` means on ``platform`` (the target devices'; the
+    run resolves it once from its mesh, so ``auto`` never reaches the traced model there).
+
+    ``auto``: splash (Pallas, segment ids) on TPU; on GPU for bf16/fp16 without soft-capping, cuDNN
+    flash attention (causal) for unpacked rows and the Pallas GPU flash kernel (segment ids) for packed
+    ones; otherwise XLA (blockwise, skipping blocks above the diagonal). An explicit choice the model
+    cannot use raises ``ValueError`` naming the reason.
+    """
+    platform = platform or kernel_platform()
+    impl = cfg.attention_impl
+    low_precision = cfg.dtype in ("bfloat16", "float16")
+    if impl == "auto":
+        if platform == "tpu":
+            return "splash"
+        if platform == "gpu" and low_precision and not cfg.attn_logit_softcap:
+            if cfg.packed_inputs:
+                return "flash" if not cfg.sliding_window else "xla"
+            return "cudnn"
+        return "xla"
+    if impl not in BACKENDS:
+        raise ValueError(f"attention_impl must be auto, {', '.join(BACKENDS)}, got {impl!r}")
+    if impl == "cudnn":
+        if not low_precision or cfg.attn_logit_softcap:
+            raise ValueError("attention_impl='cudnn' needs model.dtype bfloat16/float16 and no attention "
+                             "soft-capping (Gemma 2); use 'xla' or 'auto'")
+        if cfg.packed_inputs:
+            raise ValueError("attention_impl='cudnn' is causal only and cannot keep packed segments "
+                             "apart; use 'flash' (segment ids) or 'auto', or data.packing='none'")
+    if impl == "flash" and (cfg.attn_logit_softcap or cfg.sliding_window):
+        raise ValueError("attention_impl='flash' (the Pallas GPU kernel) has no soft-capping or sliding "
+                         "window; use 'xla' or 'auto'")
+    return impl
+
+
+def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, q_pos: Array,
+                     kv_pos: Array, q_slot: Array, kv_slot: Array, window: int | None,
+                     scale: float, softcap: float) -> Array:
+    """Reference attention with the mask built here. q: [b, s, h, d]; k/v: [b, t, kh, d];
+    *_seg/*_pos: [b, s] and [b, t]; q_slot [s], kv_slot [t]: slot indices. Softmax in float32.
+
+    Grouped-query heads are handled by a [kh, group] split of the query heads, never by copying k/v.
+    """
+    b, s, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, s, kh, h // kh, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
+    mask = ((kv_slot[None, None, :] <= q_slot[None, :, None])
+            & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0))
+    if window is not None:
+        mask = mask & (q_pos[:, :, None] - kv_pos[:, None, :] < window)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scale, softcap,
+                   block: int) -> Array:
+    """Blockwise causal attention in plain XLA: query block i only meets key blocks 0..i (and, on a
+    sliding layer with a static window, only the blocks the window reaches), so the fully masked
+    upper triangle is never computed or stored -- about half the FLOPs and memory of a dense mask.
+
+    Used when the queries start at slot 0 (training, scoring, prefill); a decode step (one query at
+    slot ``q_offset``) takes the dense path over the whole cache.
+    """
+    s, t = q.shape[1], k.shape[1]
+    slots = jnp.arange(max(s, t), dtype=jnp.int32)
+    # At most 8 query blocks: each block is its own ops in the program, and 32 blocks of 128 at 4k
+    # tokens made compiles 4x longer for little more skipping (7/16 of the square instead of 1/2).
+    block = max(block, s // 8) if block else 0
+    if isinstance(q_offset, int) and q_offset == 0 and block and s > block and s % block == 0:
+        outs = []
+        for i in range(s // block):
+            q0, q1 = i * block, (i + 1) * block
+            k0 = 0
+            if window is not None:  # keys more than ``window`` slots back are out of reach
+                k0 = max(0, (q0 - window + 1) // block * block)
+            sl = slice(k0, min(q1, t))
+            outs.append(_dense_attention(
+                q[:, q0:q1], k[:, sl], v[:, sl], q_seg[:, q0:q1], kv_seg[:, sl], q_pos[:, q0:q1],
+                kv_pos[:, sl], slots[q0:q1], slots[sl], window, scale, softcap))
+        return jnp.concatenate(outs, axis=1)
+    return _dense_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slots[:s] + q_offset, slots[:t],
+                            window, scale, softcap)
+
+
+def _head_shards(cfg: ModelConfig) -> int:
+    """How many ways the current mesh splits attention's head dimension (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in cfg.attention_head_axes if a in mesh.axis_names)
+
+
+def _shard_mapped(fn, cfg: ModelConfig, n_qkv: int, n_seg: int):
+    """``fn(q, k, v, *segs)`` run per device under ``shard_map`` over the batch/head mesh axes (a Pallas
+    kernel cannot be partitioned by GSPMD); plain ``fn`` outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+    P = jax.sharding.PartitionSpec
+    batch = tuple(a for a in cfg.attention_batch_axes if a in mesh.axis_names) or None
+    heads = tuple(a for a in cfg.attention_head_axes if a in mesh.axis_names) or None
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * n_qkv + (P(batch, None),) * n_seg,
+                         out_specs=spec, check_vma=False)
+
+
+def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: ModelConfig, scale: float,
+                      window: int | None) -> Array:
+    """Pallas splash attention (TPU): causal or sliding-window, segment ids, optional soft-capping.
+
+    q: [b, s, heads, d]; k/v: [b, s, kv_heads, d] with kv_heads dividing heads (grouped-query
+    attention: the kernel maps query head h to k/v head h // (heads // kv_heads)). Off TPU it runs in
+    Pallas interpret mode, which is how the CPU tests check it.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
+    s = q.shape[1]
+    if s % 128:
+        raise ValueError(f"splash attention needs the sequence length ({s}) to be a multiple of 128")
+    block = next(n for n in (512, 256, 128) if s % n == 0)
+
+    def local(q, k, v, seg):
+        shape = (s, s)
+        base = (sm.LocalMask(shape, window_size=(window - 1, 0), offset=0) if window
+                else sm.CausalMask(shape))
+        kernel = sk.make_splash_mha(
+            sm.MultiHeadMask([base] * q.shape[2]), head_shards=1, q_seq_shards=1,
+            block_sizes=sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                      block_q_dkv=block, block_kv_dkv=block,
+                                      block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
+            attn_logits_soft_cap=cfg.attn_logit_softcap or None,
+            interpret=kernel_platform() != "tpu")
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
+            heads_first(q * scale), heads_first(k), heads_first(v), seg)
+        return heads_first(out)
+
+    return _shard_mapped(local, cfg, 3, 1)(q, k, v, segment_ids)
+
+
+def _flash_gpu_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: ModelConfig,
+                         scale: float) -> Array:
+    """The Pallas GPU flash kernel (Triton): causal, segment ids, so packed rows stay apart.
+    q/k/v: [b, s, heads, d] (k/v repeated to all heads). Interpret mode off GPU (tests)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
+    s = q.shape[1]
+    block = next((n for n in (128, 64, 32, 16) if s % n == 0), 0)
+    if not block:
+        raise ValueError(f"the Pallas GPU attention kernel needs the sequence length ({s}) to be a "
+                         "multiple of 16")
+    sizes = pallas_gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
+                                  block_q_dq=block, block_kv_dq=block)
+
+    def local(q, k, v, seg):
+        return pallas_gpu.mha(q, k, v, seg, sm_scale=scale, causal=True, block_sizes=sizes,
+                              interpret=kernel_platform() != "gpu")
+
+    return _shard_mapped(local, cfg, 3, 1)(q, k, v, segment_ids)
+
+
+def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_ids: Array,
+              q_positions: Array, kv_positions: Array, q_offset: Array | int, sliding: Array | bool,
+              cfg: ModelConfig) -> Array:
+    """The one attention entry point (see the rules above).
+
+    Args:
+      q: [batch, s, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim].
+      q_segment_ids, q_positions: [batch, s] int32; kv_segment_ids, kv_positions: [batch, t] int32.
+      q_offset: the slot of the first query (0 without a cache; the cache index when decoding).
+      sliding: whether this is a sliding-window layer (a Python bool, or a traced bool under scan).
+
+    Returns:
+      [batch, s, heads, head_dim] in the compute dtype.
+    """
+    scale = (cfg.query_pre_attn_scalar or cfg.head_size) ** -0.5
+    softcap = cfg.attn_logit_softcap
+    W = cfg.sliding_window or None
+    full_sequence = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+    impl = resolve_attention(cfg) if full_sequence else "xla"  # decoding: dense over the cache
+
+    def run(window: int | None) -> Array:
+        if impl == "xla":
+            return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                                  q_offset, window, scale, softcap, cfg.attention_block_size)
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        if impl == "splash" and cfg.num_key_value_heads % _head_shards(cfg) == 0:
+            # GQA natively: each query head reads its group's k/v block (forward and backward), so the
+            # [b, s, heads, d] copies of k and v (and their gradients) are never made.
+            return _splash_attention(q, k, v, q_segment_ids, cfg, scale, window)
+        kr, vr = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
+        if impl == "splash":
+            return _splash_attention(q, kr, vr, q_segment_ids, cfg, scale, window)
+        if impl == "flash":
+            return _flash_gpu_attention(q, kr, vr, q_segment_ids, cfg, scale)
+        # cuDNN: causal only (unpacked, right-padded rows: padding keys come after every real query).
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, implementation="cudnn",
+            local_window_size=(window - 1, 0) if window else None)
+
+    if W is None or sliding is False:
+        return run(None)
+    if sliding is True:
+        return run(W)
+    return jax.lax.cond(sliding, lambda: run(W), lambda: run(None))  # mixed layers under scan
