@@ -9,7 +9,7 @@ from tests.cli_test import run
 from tests.hf_run_test import hf_dir  # noqa: F401 (the tiny Qwen2 checkpoint fixture)
 from trainer import sharding as sharding_lib
 from trainer.errors import UserError
-from trainer.training import experiment
+from trainer.training import modeling
 from tests.helpers import resolved
 
 
@@ -18,7 +18,7 @@ def _params(path, scan_layers, lora_rank=0):
     config.model.hf_path, config.model.scan_layers = path, scan_layers
     if lora_rank:
         config.lora.rank = lora_rank
-    spec = experiment.model_spec(resolved(config), 300, sharding_lib.make_mesh(dict(config.mesh)))
+    spec = modeling.model_spec(resolved(config), 300, sharding_lib.make_mesh(dict(config.mesh)))
     return spec, spec.init_params(0)
 
 

@@ -51,12 +51,12 @@ def wait_for_step(wd, step, proc, timeout=300):
 
 def final_state(wd):
     """Params and optimizer state of the latest checkpoint, as numpy."""
-    from trainer.training import experiment  # noqa: PLC0415
+    from trainer.training import experiment, modeling, rundir  # noqa: PLC0415
     from trainer.io.checkpoint import Checkpointer  # noqa: PLC0415
     from trainer.training.step import make_optimizer  # noqa: PLC0415
-    config = experiment.load_config(wd)
+    config = rundir.load_config(wd)
     tok = experiment.build_or_load_tokenizer(resolved(config), wd, train_rows=None)
-    spec = experiment.model_spec(resolved(config), len(tok), experiment.make_mesh(resolved(config)))
+    spec = modeling.model_spec(resolved(config), len(tok), modeling.make_mesh(resolved(config)))
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
     ck = Checkpointer(wd, read_only=True)
     step = ck.latest_step()

@@ -12,7 +12,7 @@ from data_pipeline.loader import FIELDS
 from trainer import sharding as sharding_lib
 from trainer.io import hf as hf_io
 from trainer.settings.spec import RunSpec
-from trainer.training import experiment
+from trainer.training import experiment, modeling
 from trainer.training.step import make_optimizer
 
 
@@ -31,10 +31,10 @@ def resolved(config) -> RunSpec:
 def setup(config, vocab_size: int = 64, devices=None, num_steps: int = 10):
     """Mesh, model spec, optimizer and state shardings for ``config`` on ``devices``."""
     mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
-    spec = experiment.model_spec(resolved(config), vocab_size, mesh)
+    spec = modeling.model_spec(resolved(config), vocab_size, mesh)
     tx, schedule = make_optimizer(config.optimizer, num_steps)
     state_sh = experiment.state_shardings(spec, tx)
-    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(resolved(config)))
+    batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(resolved(config)))
     return mesh, spec, tx, schedule, state_sh, batch_sh
 
 

@@ -19,7 +19,7 @@ from data_pipeline.synthetic import synthetic_splits  # noqa: E402
 from data_pipeline.templating import prompt_completion_messages  # noqa: E402
 from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: E402
 from tests.cli_test import run  # noqa: E402
-from trainer.training import experiment  # noqa: E402
+from trainer.training import experiment, modeling, rundir  # noqa: E402
 from trainer.io.checkpoint import Checkpointer  # noqa: E402
 from tests.helpers import resolved
 
@@ -44,11 +44,11 @@ def hf_dir(tmp_path_factory):
 
 
 def ours_from_checkpoint(wd):
-    config = experiment.load_config(wd)
+    config = rundir.load_config(wd)
     tok = experiment.build_or_load_tokenizer(resolved(config), wd, train_rows=None)
-    spec = experiment.model_spec(resolved(config), len(tok), experiment.make_mesh(resolved(config)))
+    spec = modeling.model_spec(resolved(config), len(tok), modeling.make_mesh(resolved(config)))
     ckpt = Checkpointer(wd, read_only=True)
-    params = ckpt.restore_params(ckpt.resolve("latest"), experiment.abstract_with_shardings(
+    params = ckpt.restore_params(ckpt.resolve("latest"), modeling.abstract_with_shardings(
         spec.init_params_fn(0), spec.param_shardings))
     ckpt.close()
     return spec, params
@@ -114,7 +114,7 @@ def test_import_places_each_shard_on_its_device_only(hf_dir):
     config = tiny_config(data=2, fsdp=2, tensor=2)
     config.model.hf_path = hf_dir
     mesh = sharding_lib.make_mesh(dict(config.mesh))
-    spec = experiment.model_spec(resolved(config), 300, mesh)
+    spec = modeling.model_spec(resolved(config), 300, mesh)
     params = spec.init_params(0)
     plain = hf_io.load_hf(hf_dir, spec.cfg, "qwen2")
     assert jax.tree.structure(params) == jax.tree.structure(plain)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from tests import helpers
 from tests.lora_test import ALL, randomize_b
-from trainer.training import experiment
+from trainer.training import experiment, modeling, rundir
 from trainer.io import hf as hf_io, peft as peft_io
 from trainer.models import lora
 from trainer.models.transformer import Transformer
@@ -151,11 +151,11 @@ def test_lora_run_exports_what_peft_and_transformers_load(hf_dir, tmp_path):  # 
     assert r.returncode == 0, r.stderr[-3000:]
 
     # ours: the run's base + its checkpoint's adapters
-    config = experiment.load_config(wd)
+    config = rundir.load_config(wd)
     config.mesh = dict(data=1, fsdp=1, tensor=1)
     tok = experiment.build_or_load_tokenizer(resolved(config), wd, train_rows=None)
     mesh = helpers.sharding_lib.make_mesh(dict(config.mesh), jax.devices()[:1])
-    spec = experiment.model_spec(resolved(config), len(tok), mesh)
+    spec = modeling.model_spec(resolved(config), len(tok), mesh)
     from trainer.io.checkpoint import Checkpointer  # noqa: PLC0415
     ckpt = Checkpointer(wd, read_only=True)
     adapters = ckpt.restore_params(2, spec.abstract_trainable())
@@ -182,7 +182,7 @@ def test_lora_run_exports_what_peft_and_transformers_load(hf_dir, tmp_path):  # 
 
     # lora.init_from: the exported adapter back in, exactly the checkpoint's
     config.lora.init_from = adapter
-    again = experiment.model_spec(resolved(config), len(tok), mesh)
+    again = modeling.model_spec(resolved(config), len(tok), mesh)
     assert helpers.tree_equal(jax.device_get(again.split(again.init_params(0))[0]), jax.device_get(adapters))
 
     # the base's weights replaced in place (same path, same config): resume refuses, in one line

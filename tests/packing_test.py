@@ -11,7 +11,7 @@ from flax import nnx
 
 from data_pipeline import loader, packing, pipeline, sources, tokenizer as tokenizer_lib
 from tests import helpers
-from trainer.training.experiment import model_config
+from trainer.training.modeling import model_config
 from trainer.models.transformer import Transformer
 from tests.helpers import resolved
 

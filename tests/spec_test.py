@@ -9,7 +9,7 @@ import pytest
 from configs import demo, tiny
 from tests.cli_test import assert_clean_error, run
 from trainer.settings.spec import RunSpec, SpecError, default_config
-from trainer.training import experiment
+from trainer.training import rundir
 
 
 def test_the_demo_preset_is_the_spec_defaults_and_every_preset_resolves():
@@ -48,7 +48,7 @@ def test_config_json_round_trip_and_an_old_workdir_takes_the_new_keys_defaults(t
     old = spec.to_dict()
     del old["train"]["loss_chunk_tokens"], old["checkpoint"], old["lora"], old["eval"]["baselines"]
     (tmp_path / "config.json").write_text(json.dumps(old))
-    loaded = experiment.load_config(str(tmp_path))
+    loaded = rundir.load_config(str(tmp_path))
     assert loaded == spec  # tiny keeps these keys at their defaults
 
 

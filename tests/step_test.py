@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from tests import helpers
-from trainer.training import experiment
+from trainer.training import experiment, modeling
 from trainer.training.step import make_optimizer, make_train_step, token_loss
 from tests.helpers import resolved
 
@@ -231,5 +231,5 @@ def test_loss_chunk_is_per_device():
     for devices, expected in ((jax.devices()[:1], 64), (jax.devices()[:8], 64 * 8)):
         mesh = sharding_lib.make_mesh(dict(config.mesh) if len(devices) == 8 else
                                       {"data": 1, "fsdp": 1, "tensor": 1}, devices)
-        batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(resolved(config)))
+        batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(resolved(config)))
         assert experiment.loss_chunk_tokens(resolved(config), batch_sh) == expected

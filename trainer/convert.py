@@ -29,7 +29,7 @@ def convert(config: Any, hf_path: str, out: str) -> dict[str, Any]:
     from trainer.console import log  # noqa: PLC0415
     from trainer.io import base_checkpoint, paths  # noqa: PLC0415
     from trainer.io import hf as hf_io
-    from trainer.training import experiment  # noqa: PLC0415
+    from trainer.training import modeling  # noqa: PLC0415
     if paths.exists(paths.join(out, base_checkpoint.PARAMS)):
         raise UserError(f"--out {out} already holds a converted base; choose a new directory")
     # The whole base, unfrozen: LoRA runs freeze it when they load it.
@@ -39,7 +39,7 @@ def convert(config: Any, hf_path: str, out: str) -> dict[str, Any]:
         hf_config = hf_io.read_hf_config(hf_path)
     except hf_io.HFError as e:
         raise UserError(f"--hf_path: {e}") from e
-    spec = experiment.model_spec(config, int(hf_config["vocab_size"]), experiment.make_mesh(config),
+    spec = modeling.model_spec(config, int(hf_config["vocab_size"]), modeling.make_mesh(config),
                                  hf_config)
     params = spec.load_base()
     layout = {"scan_layers": spec.cfg.scan_layers, "param_dtype": spec.cfg.param_dtype}

@@ -145,7 +145,7 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
     from trainer.io import hf as hf_io  # noqa: PLC0415
     from trainer.io import peft as peft_io
     from trainer.models import lora
-    from trainer.training import experiment  # noqa: PLC0415
+    from trainer.training import modeling  # noqa: PLC0415
     if not spec.hf_path:
         raise UserError(f"--adapter: {workdir} trained adapters on a model initialised from scratch, which "
                         "has no Hugging Face base for PEFT to load them onto; export the merged model "
@@ -164,7 +164,7 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
             json.dump(adapter_cfg, f, indent=2)
         with open(os.path.join(out, "flax_ift.json"), "w") as f:  # where it came from, for people
             json.dump({"workdir": workdir if "://" in workdir else os.path.abspath(workdir), "step": step,
-                       "base": experiment.base_identity(spec, config.seed)}, f, indent=2)
+                       "base": modeling.base_identity(spec, config.seed)}, f, indent=2)
         _save_tokenizer(tok, config, out)
         out = _upload(out, target)
         console.log(f"exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT, "

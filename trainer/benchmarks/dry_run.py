@@ -40,7 +40,7 @@ from trainer.models import flops as flops_lib
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings import checks as config_checks
 from trainer.settings.spec import RunSpec
-from trainer.training import experiment
+from trainer.training import experiment, modeling
 from trainer.training.step import make_optimizer
 
 GB = 1e9
@@ -57,17 +57,17 @@ def dry_run(config: RunSpec, devices: list[Any] | int | None = None,
     problems = config_checks.problems(config, len(devices), processes, check_paths=False)
     if problems:
         raise UserError("the config has problems:\n  " + "\n  ".join(problems))
-    hf_config, source = experiment.architecture(config)
+    hf_config, source = modeling.architecture(config)
     try:
         mesh = sharding_lib.make_mesh(dataclasses.asdict(config.mesh), devices)
     except ValueError as e:
         raise UserError(str(e)) from e
     vocab = int(hf_config["vocab_size"]) if hf_config else int(config.tokenizer.vocab_size)
-    spec = experiment.model_spec(config, vocab, mesh, hf_config)
+    spec = modeling.model_spec(config, vocab, mesh, hf_config)
     t, seq = config.train, config.data.max_length
     tx, schedule = make_optimizer(config.optimizer, t.num_steps)
     state_sh = experiment.state_shardings(spec, tx)
-    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
+    batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(config))
     abstract = experiment.abstract_state(spec, tx, state_sh)
     chunk = experiment.loss_chunk_tokens(config, batch_sh)
 
@@ -133,7 +133,7 @@ def _compile(fn, *args) -> dict[str, Any]:
             "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))}
 
 
-def _compile_generate(config: RunSpec, spec: experiment.ModelSpec, params: Any
+def _compile_generate(config: RunSpec, spec: modeling.ModelSpec, params: Any
                       ) -> dict[str, Any]:
     """Generation as ``trainer.eval`` runs it: ``eval.batch_size`` prompts of ``data.max_length``
     tokens (a fine-tuned model's zero-shot prompt is at most a training row), ``eval.max_new_tokens``."""

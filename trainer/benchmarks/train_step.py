@@ -24,7 +24,7 @@ from trainer.io import hf as hf_io
 from trainer.models.attention import resolve_attention
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings.spec import RunSpec
-from trainer.training import experiment
+from trainer.training import experiment, modeling
 from trainer.training.step import make_optimizer
 
 
@@ -41,14 +41,14 @@ def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dic
 
 
 def bench_ours(config: RunSpec, vocab: int, data: list[dict[str, np.ndarray]], warmup: int) -> dict[str, Any]:
-    mesh = experiment.make_mesh(config)
-    hf_config, _ = experiment.architecture(config)
-    spec = experiment.model_spec(config, vocab, mesh, hf_config)
+    mesh = modeling.make_mesh(config)
+    hf_config, _ = modeling.architecture(config)
+    spec = modeling.model_spec(config, vocab, mesh, hf_config)
     if spec.hf_path and not os.path.exists(spec.hf_path):  # a preset's architecture, random weights
         spec = dataclasses.replace(spec, hf_path="")
     tx, schedule = make_optimizer(config.optimizer, len(data))
     state_sh = experiment.state_shardings(spec, tx)
-    batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
+    batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(config))
     step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
                                      batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
     state = experiment.init_train_state(spec, tx, config.seed, state_sh)
@@ -189,7 +189,7 @@ def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, us
                   if peak else None)
     ref = None
     if use_torch and jax.default_backend() == "cpu":  # same machine, same cores: a fair comparison
-        hf_config = experiment.architecture(config)[0] or hf_io.hf_config_from_model(cfg)
+        hf_config = modeling.architecture(config)[0] or hf_io.hf_config_from_model(cfg)
         ref = bench_torch({**hf_config, "vocab_size": cfg.vocab_size}, data, warmup,
                           config.optimizer.learning_rate, cfg.dtype)
     if ref:

@@ -45,7 +45,7 @@ from trainer.io import paths
 from trainer.models import lora as lora_lib
 from trainer.settings import options
 from trainer.settings.spec import RunSpec, default_config
-from trainer.training import experiment
+from trainer.training import experiment, modeling, rundir
 from trainer.training.runs import open_run
 
 
@@ -219,7 +219,7 @@ class _Setup:
     @classmethod
     def create(cls, req: Request, model_path: str) -> _Setup:
         if req.workdir:
-            editable = experiment.load_config(req.workdir).to_config()
+            editable = rundir.load_config(req.workdir).to_config()
             data_name = f"`{apply_data(editable, req.data)}`" if req.data else "the run's data"
         else:
             editable = model_only_config(req)
@@ -277,7 +277,7 @@ def _compared_models(req: Request, setup: _Setup, model_path: str):
         step, finetuned = setup.run.restore(req.checkpoint)
         setup.run.close()
     else:
-        spec = experiment.model_spec(config, len(setup.tok), experiment.make_mesh(config))
+        spec = modeling.model_spec(config, len(setup.tok), modeling.make_mesh(config))
     base = spec.init_params(config.seed)  # the run's start: the HF/GGUF weights or the init
     if spec.lora.enabled:
         # One copy of the base serves both rows: the base row is it with zeroed adapters (exactly

@@ -34,7 +34,7 @@ from trainer.evaluation.generate import (
     make_generate_fn,
 )
 from trainer.settings import spec as spec_lib
-from trainer.training import experiment
+from trainer.training import experiment, modeling
 
 Row = dict[str, Any]
 
@@ -157,14 +157,14 @@ class Evaluator:
         self._prompts: dict[int, tuple[list[np.ndarray], dict[str, float], list[list[Row]]]] = {}
 
     @classmethod
-    def create(cls, config: spec_lib.RunSpec, tok, spec: experiment.ModelSpec, rows: Sequence[Row],
+    def create(cls, config: spec_lib.RunSpec, tok, spec: modeling.ModelSpec, rows: Sequence[Row],
                train_rows: Sequence[Row], *, examples=None, progress: bool = False,
                name: str = "eval") -> Evaluator:
         """From the run's config: ``examples`` (the rows tokenised by the pipeline) enable the
         teacher-forced loss, computed by the same eval step the training loop uses."""
         loss_fn = None
         if examples:
-            batch_sh = sharding_lib.batch_sharding(spec.mesh, experiment.rules(config))
+            batch_sh = sharding_lib.batch_sharding(spec.mesh, modeling.rules(config))
             eval_step = experiment.jit_eval_step(spec, batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
 
             def loss_fn(params):

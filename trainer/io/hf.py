@@ -395,7 +395,7 @@ def load_hf(path: str, cfg: ModelConfig, model_type: str,
 def load_model(path: str):
     """``(graphdef, params, cfg)`` of an HF directory or GGUF file through our import, on the default
     device, unsharded: for tools and tests that want the model as it is (benchmarks, parity checks);
-    training goes through ``experiment.ModelSpec`` (shardings, LoRA)."""
+    training goes through ``modeling.ModelSpec`` (shardings, LoRA)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415

@@ -1,7 +1,7 @@
 """``ModelConfig``: the switches one decoder implementation needs for every supported family.
 
 Built from a base model's ``config.json`` (``trainer.io.hf.model_config_from_hf``) or from the run
-spec's ``model`` section for a model trained from scratch (``experiment.model_config``); pure data,
+spec's ``model`` section for a model trained from scratch (``modeling.model_config``); pure data,
 no JAX, so the config checks and the HF readers can import it.
 """
 

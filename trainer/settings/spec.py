@@ -89,7 +89,7 @@ class Model:
     param_dtype: str = "float32"
     # auto: splash on TPU; cuDNN (unpacked) or the Pallas flash kernel (packed) for bf16 on GPU; else
     # xla (blockwise: query blocks of attention_block_size skip the blocks above the diagonal).
-    # Resolved for the target devices by experiment.model_config.
+    # Resolved for the target devices by modeling.model_config.
     attention_impl: str = "auto"  # auto | xla | cudnn | flash | splash
     attention_block_size: int = 128
     remat: str = "none"  # none | full | dots: recompute block activations in the backward pass

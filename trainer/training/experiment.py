@@ -1,65 +1,41 @@
-"""What ``trainer.train`` and ``trainer.eval`` share: the run's config, tokenizer, data, model and state.
+"""What ``trainer.train`` and ``trainer.eval`` share: the config check, the tokenizer, the data, the
+train state and the jitted train and eval steps. (The run's config file is ``rundir``'s, its model
+``modeling``'s.)
 
-A workdir is self-describing: ``config.json`` (the full resolved config) and ``tokenizer/`` are written
-by the first ``trainer.train`` call, so ``trainer.eval --workdir`` needs nothing else.
+A workdir is self-describing: ``config.json`` (the run spec) and ``tokenizer/`` are written by the
+first ``trainer.train`` call, so ``trainer.eval --workdir`` needs nothing else.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 
 from data_pipeline import loader, pipeline, sources
 from data_pipeline import tokenizer as tokenizer_lib
 from data_pipeline.errors import DataError
 from trainer import sharding as sharding_lib
 from trainer.errors import UserError
-from trainer.io import base_checkpoint as base_ckpt
 from trainer.io import hf as hf_io
 from trainer.io import paths
-from trainer.io import peft as peft_io
-from trainer.models import lora as lora_lib
-from trainer.models import quant
-from trainer.models.attention import resolve_attention
-from trainer.models.config import ModelConfig
-from trainer.models.transformer import Transformer
 from trainer.settings import checks as config_checks
-from trainer.settings.spec import RunSpec, SpecError
+from trainer.settings.spec import RunSpec
 from trainer.training import metrics as metrics_lib
-from trainer.training import rundir
+from trainer.training.modeling import ModelSpec, _local, abstract_with_shardings, hf_path
 from trainer.training.step import TrainState, make_eval_step, make_train_step
 
-CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
-# Sections that define *what* is trained. A workdir may be resumed with other values elsewhere (more
-# steps, other logging), but never with a different model, data or seed: that would silently mix runs.
-IDENTITY_KEYS = ("seed", "data", "tokenizer", "model", "lora")
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
 
 def validate_config(config: RunSpec) -> None:
     """Every config problem at once, before any data or model work (``trainer.settings.checks``)."""
@@ -79,48 +55,6 @@ def validate_config(config: RunSpec) -> None:
         raise UserError(f"the config has {len(problems)} problems:\n  " + "\n  ".join(problems))
 
 
-def has_checkpoints(workdir: str) -> bool:
-    return any(name.isdigit() for name in paths.listdir(paths.join(workdir, "checkpoints")))
-
-
-def save_or_check_config(config: RunSpec, workdir: str) -> int | None:
-    """Writes ``workdir/config.json`` on the first run; on later runs refuses a different identity,
-    and, when there is a checkpoint to resume, different batch/accumulation/optimizer settings
-    (``rundir.RESUME_KEYS``) or a different ``train.num_steps`` unless
-    ``train.allow_num_steps_change``. Returns the previous ``num_steps`` when it was changed."""
-    path = paths.join(workdir, CONFIG_FILE)
-    old_steps = None
-    if paths.exists(path):
-        saved = load_config(workdir).to_dict()  # keys added since it was written: their defaults
-        live = config.to_dict()
-        old, new = _flatten({k: saved.get(k) for k in IDENTITY_KEYS}), _flatten(
-            {k: live.get(k) for k in IDENTITY_KEYS})
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} in the workdir vs {new.get(k)!r} now" for k in diff[:8])
-            raise UserError(
-                f"workdir {workdir!r} was created with a different config ({shown}). "
-                "Use a new --workdir, or pass the config the workdir was made with.")
-        if has_checkpoints(workdir):
-            if diffs := rundir.resume_differences(saved, live):
-                raise UserError(
-                    f"resuming {workdir!r} with other settings than the run that wrote its checkpoints: "
-                    + "; ".join(diffs) + ". The saved data position and optimizer state only mean "
-                    "something under the same values: pass them, or use a new --workdir.")
-            saved_steps = saved["train"]["num_steps"]
-            if saved_steps != config.train.num_steps:
-                if not config.train.allow_num_steps_change:
-                    raise UserError(
-                        f"train.num_steps: {saved_steps} in the checkpoint's run vs "
-                        f"{config.train.num_steps} now. The learning-rate schedule (warmup + cosine) "
-                        "spans num_steps, so this bends the schedule of a run in progress; to do it "
-                        "anyway pass --config.train.allow_num_steps_change=True")
-                old_steps = saved_steps
-    if jax.process_index() == 0:  # atomically: other processes never read a half-written file
-        paths.write_text(path, config.to_json())
-    return old_steps
-
-
 def loss_chunk_tokens(config: RunSpec, batch_sh: NamedSharding) -> int:
     """Tokens per tile of the chunked LM-head loss over the whole batch: ``train.loss_chunk_tokens``
     is per device, times the devices the batch is split over (a global figure would shrink each
@@ -128,20 +62,6 @@ def loss_chunk_tokens(config: RunSpec, batch_sh: NamedSharding) -> int:
     matmuls, each gathering the head again). Read here only, so the training step, the eval step,
     the benchmark and the dry run use the same tile."""
     return config.train.loss_chunk_tokens * sharding_lib.batch_shards(batch_sh)
-
-
-def load_config(workdir: str) -> RunSpec:
-    """The config a workdir was trained with (for ``trainer.eval``): keys added since it was written
-    take their defaults; a key this version does not know is refused in one line."""
-    path = paths.join(workdir, CONFIG_FILE)
-    if not paths.exists(path):
-        raise UserError(f"{path} not found: {workdir!r} is not a trainer.train workdir "
-                        "(run `python -m trainer.train --config ... --workdir DIR` first)")
-    try:
-        return RunSpec.from_dict(json.loads(paths.read_text(path)), where=path)
-    except SpecError as e:
-        raise UserError(f"{path} was written by another version of flax-ift: "
-                        + "; ".join(str(e).splitlines())) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,260 +117,8 @@ def tokenize(config: RunSpec, tok, rows: dict[str, list[dict[str, Any]]],
 
 
 # ---------------------------------------------------------------------------------------------
-# Model and state
+# State and the jitted steps
 # ---------------------------------------------------------------------------------------------
-
-def hf_path(config: RunSpec) -> str:
-    """The base model the run starts from: ``model.hf_path`` (an HF directory) or ``model.gguf_path``
-    (a GGUF file); "" for a model trained from scratch."""
-    hf, gg = config.model.hf_path, config.model.gguf_path
-    if hf and gg:
-        raise UserError("set model.hf_path or model.gguf_path, not both")
-    return _local(hf or gg)
-
-
-@functools.lru_cache(maxsize=None)
-def _local(path: str) -> str:
-    """A gs:// base as a local copy (once per host): its config, tokenizer and weights where readers
-    need files; a converted base's sharded parameters stay in the bucket, read by chunk."""
-    if not paths.is_remote(path):
-        return path
-    try:
-        return paths.local_copy(path, skip=base_ckpt.SKIP_IN_LOCAL_COPY)
-    except Exception as e:  # noqa: BLE001 -- gcsfs/etils raise many types
-        raise UserError(f"base model {path}: cannot be read ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from e
-
-
-def architecture(config: RunSpec) -> tuple[dict[str, Any] | None, str]:
-    """``(config.json dict, where it came from)`` of the base model; ``(None, "")`` from scratch.
-
-    The checkpoint's own config when it is here, else ``model.arch_json`` (relative paths are tried
-    from the working directory, then from the repository root)."""
-    path = hf_path(config)
-    if path and os.path.exists(path):
-        try:
-            return hf_io.read_hf_config(path), path
-        except hf_io.HFError as e:
-            raise UserError(f"base model: {e}") from e
-    arch = config.model.arch_json
-    if arch:
-        for candidate in (arch, os.path.join(_REPO, arch)):
-            if os.path.isfile(candidate):
-                with open(candidate) as f:
-                    return json.load(f), candidate
-        raise UserError(f"model.arch_json: {arch!r} not found")
-    if path:
-        raise UserError(f"the base model {path!r} is not here and the config has no model.arch_json "
-                        "(a copy of its config.json) to dry-run from")
-    return None, ""
-
-
-def model_config(config: RunSpec, vocab_size: int,
-                 hf_config: dict[str, Any] | None = None, platform: str | None = None) -> ModelConfig:
-    """From the base model's ``config.json`` or GGUF metadata (only dtypes, remat, layer scanning and
-    the attention backend are taken from ``config.model``), or from ``config.model`` with the tokenizer's vocabulary
-    for a new model. ``hf_config``: the base model's config.json dict when it is already known (the
-    ahead-of-time check reads a copy kept in ``configs/`` instead of the absent checkpoint)."""
-    runtime = {k: getattr(config.model, k) for k in (
-        "dtype", "param_dtype", "attention_impl", "remat", "scan_layers", "attention_block_size")}
-    runtime["packed_inputs"] = config.data.packing != "none"
-    runtime.update(config.lora.model_fields())
-    axes = dict(rules(config))  # mesh axes of attention's batch/head dims (for kernels under shard_map)
-    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v else ())  # noqa: E731
-    runtime.update(attention_batch_axes=as_tuple(axes.get("batch")),
-                   attention_head_axes=as_tuple(axes.get("heads")))
-    if hf_config is not None or (path := hf_path(config)):
-        try:
-            cfg = hf_io.model_config_from_hf(hf_config or hf_io.read_hf_config(path), **runtime)
-        except hf_io.HFError as e:
-            raise UserError(f"base model: {e}") from e
-    else:
-        cfg = ModelConfig.from_dict({**dataclasses.asdict(config.model), **runtime, "vocab_size": vocab_size,
-                                     "max_position_embeddings": config.data.max_length})
-    if problem := lora_lib.rank_problem(cfg):
-        raise UserError(problem)
-    try:
-        impl = resolve_attention(cfg, platform)
-        if impl == "splash" and config.data.max_length % 128:
-            raise ValueError(f"splash attention needs data.max_length to be a multiple of 128 "
-                             f"(got {config.data.max_length}); or set model.attention_impl=xla")
-    except ValueError as e:
-        raise UserError(f"model.attention_impl: {e}") from e
-    return dataclasses.replace(cfg, attention_impl=impl)  # "auto" resolved for the target devices
-
-
-def make_mesh(config: RunSpec) -> Mesh:
-    try:
-        return sharding_lib.make_mesh(dataclasses.asdict(config.mesh))
-    except ValueError as e:
-        raise UserError(str(e)) from e
-
-
-def rules(config: RunSpec) -> list[tuple[str, Any]]:
-    return list(config.sharding.rules)
-
-
-@dataclasses.dataclass
-class ModelSpec:
-    """The model split once into a static graph and the shardings of its parameters.
-
-    ``params`` everywhere below means the model's whole param dict as the run holds it: with LoRA
-    (``lora``) the frozen base leaves are cast or quantised (``QTensor``s) and the adapters sit beside
-    them; ``split`` separates what trains from what does not.
-    """
-
-    cfg: ModelConfig
-    graphdef: nnx.GraphDef
-    param_shardings: Any  # pure dict of NamedSharding (QTensor of them where quantised), like params
-    mesh: Mesh
-    hf_path: str = ""
-    lora: lora_lib.LoraConfig = dataclasses.field(default_factory=lora_lib.LoraConfig)
-
-    def init_params_fn(self, seed: int):
-        """``() -> params`` as the model creates them: every leaf in ``param_dtype``, unquantised."""
-        cfg = self.cfg
-        return lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed, lora=seed + 1)),
-                                 nnx.Param).to_pure_dict()
-
-    def freeze(self, params: Any) -> Any:
-        """The frozen base leaves as the run stores them (``lora.base_dtype`` / ``lora.base_quant``)."""
-        if not self.lora.enabled:
-            return params
-        return lora_lib.map_frozen(params, lambda path, x: lora_lib.freeze_leaf(
-            path, x, self.lora, self.cfg.param_dtype))
-
-    def params_fn(self, seed: int):
-        """``() -> params`` as the run holds them (frozen leaves cast/quantised)."""
-        make = self.init_params_fn(seed)
-        return lambda: self.freeze(make())
-
-    def split(self, params: Any) -> tuple[Any, Any]:
-        """``(trainable, frozen)`` (``trainer.models.lora.split``)."""
-        return lora_lib.split(params, self.lora.enabled)
-
-    def abstract_params(self) -> Any:
-        return abstract_with_shardings(self.params_fn(0), self.param_shardings)
-
-    def abstract_trainable(self) -> Any:
-        """What a checkpoint's ``params`` item holds: the adapters with LoRA, else everything."""
-        return self.split(self.abstract_params())[0]
-
-    def init_params(self, seed: int) -> Any:
-        """The run's starting parameters, created or read directly in their shardings.
-
-        From scratch: a jitted init with ``out_shardings`` (never whole on one device). From an HF
-        checkpoint: each tensor is read on the host, converted (and with LoRA cast or quantised), and
-        each device receives only its shard (``jax.make_array_from_callback``); fresh adapters come
-        from a jitted init of the adapters alone. ``lora.init_from`` then replaces the adapters with a
-        PEFT adapter's.
-        """
-        if not self.hf_path:
-            params = jax.jit(self.params_fn(seed), out_shardings=self.param_shardings)()
-        else:
-            params = self.load_base()
-            if self.lora.enabled:
-                make = self.params_fn(seed)
-                adapters_sh = self.split(self.param_shardings)[0]
-                params = lora_lib.combine(params, jax.jit(lambda: self.split(make())[0],
-                                                          out_shardings=adapters_sh)())
-        if self.lora.init_from:
-            params = lora_lib.combine(params, self._read_adapter())
-        return params
-
-    def load_base(self) -> Any:
-        """The base model's parameters in their shardings (frozen as the run stores them with LoRA)."""
-        if base_ckpt.is_converted(self.hf_path):
-            return self._load_converted()
-        expected = jax.eval_shape(self.init_params_fn(0))
-        lcfg, param_dtype = self.lora, self.cfg.param_dtype
-
-        def place(path, value):
-            want = hf_io.get_path(expected, path)
-            if value.shape != want.shape:
-                raise ValueError(f"our {'/'.join(map(str, path))} would be {value.shape}, the config "
-                                 f"implies {want.shape}")
-            sh = hf_io.get_path(self.param_shardings, path)
-            if lcfg.enabled:
-                value = lora_lib.freeze_leaf(path, value, lcfg, param_dtype)
-            put = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])  # noqa: E731
-            if isinstance(value, quant.QTensor):
-                return quant.QTensor(put(value.codes, sh.codes), put(value.scale, sh.scale),
-                                     value.kind, value.in_axes, value.block)
-            return put(value, sh)
-        try:
-            model_type = hf_io.read_hf_config(self.hf_path)["model_type"]
-            params = hf_io.load_hf(self.hf_path, self.cfg, model_type, place)
-        except hf_io.HFError as e:
-            raise UserError(f"base model: {e}") from e
-        want = self.split(expected)[1] if self.lora.enabled else expected
-        is_q = lambda x: isinstance(x, quant.QTensor)  # noqa: E731
-        if jax.tree.structure(params, is_leaf=is_q) != jax.tree.structure(want):
-            raise UserError(f"base model {self.hf_path}: the checkpoint's tensors do not fill the model "
-                            f"({len(jax.tree.leaves(params, is_leaf=is_q))} of {len(jax.tree.leaves(want))})")
-        return params
-
-    def _load_converted(self) -> Any:
-        """A base converted by ``trainer.convert``: restored by Orbax straight into the parameters'
-        shardings (each process reads its devices' chunks), then frozen as the run stores it."""
-        if problem := base_ckpt.layout_problem(
-                self.hf_path, {"scan_layers": self.cfg.scan_layers, "param_dtype": self.cfg.param_dtype}):
-            raise UserError(problem)
-        if self.lora.base_quant:
-            raise UserError("lora.base_quant on a converted base is not supported yet: point "
-                            "model.hf_path at the Hugging Face directory it came from")
-        plain = abstract_with_shardings(self.init_params_fn(0), self.param_shardings)
-        target = self.split(plain)[1] if self.lora.enabled else plain
-        try:
-            params = base_ckpt.read(self.hf_path, target)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            raise UserError(f"base model {self.hf_path}: {(str(e).splitlines() or [''])[0][:300]}") from e
-        if not self.lora.enabled:
-            return params
-        frozen_sh = self.split(self.param_shardings)[1]
-        return jax.jit(self.freeze, out_shardings=frozen_sh, donate_argnums=(0,))(params)
-
-    def _read_adapter(self) -> Any:
-        """The adapters of ``lora.init_from`` (a PEFT directory), placed in their shardings."""
-        model_type = (hf_io.read_hf_config(self.hf_path)["model_type"] if self.hf_path else "llama")
-        expected = self.split(jax.eval_shape(self.init_params_fn(0)))[0]
-        try:
-            host = peft_io.read_peft(self.lora.init_from, self.cfg, model_type, expected)
-        except lora_lib.LoraError as e:
-            raise UserError(str(e)) from e
-        dtype = jnp.dtype(self.cfg.param_dtype)
-        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype), s), host,
-                            self.split(self.param_shardings)[0])
-
-
-def model_spec(config: RunSpec, vocab_size: int, mesh: Mesh,
-               hf_config: dict[str, Any] | None = None) -> ModelSpec:
-    cfg = model_config(config, vocab_size, hf_config, platform=mesh.devices.flat[0].platform)
-    if cfg.vocab_size < vocab_size:
-        raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size} "
-                        "embeddings")
-    lcfg = config.lora
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0, lora=1)))
-    graphdef, abs_params = nnx.split(abstract, nnx.Param)
-    shardings = sharding_lib.state_shardings(abs_params, mesh, rules(config)).to_pure_dict()
-    if lcfg.base_quant:  # quantised projections: codes follow the weight, scales mostly replicate
-        shapes = abs_params.to_pure_dict()
-
-        def q_sharding(path, sh):
-            in_axes = lora_lib.frozen_projection(path)
-            if in_axes is None:
-                return sh
-            return quant.sharding(lcfg.base_quant, in_axes, hf_io.get_path(shapes, path).shape, sh)
-        shardings = lora_lib.map_frozen(shardings, q_sharding)
-    return ModelSpec(cfg, graphdef, shardings, mesh, hf_path(config), lcfg)
-
-
-def base_identity(spec: ModelSpec, seed: int) -> dict[str, str] | None:
-    """What a LoRA run's checkpoints record of their frozen base (None without LoRA)."""
-    if not spec.lora.enabled:
-        return None
-    return {"path": spec.hf_path, "fingerprint": lora_lib.fingerprint(spec.hf_path, seed)}
-
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation) -> TrainState:
     """Shardings for the whole TrainState: optimizer moments follow their (trainable) parameter."""
@@ -461,12 +129,6 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation) -> TrainS
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, trainable_sh,
                                    transform_non_params=lambda _: rep)
     return TrainState(step=rep, params=trainable_sh, opt_state=opt_sh, frozen=frozen_sh)
-
-
-def abstract_with_shardings(fn, shardings: Any) -> Any:
-    """``jax.eval_shape(fn)`` with each leaf's target sharding attached: what Orbax restores into."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        jax.eval_shape(fn), shardings)
 
 
 def _step0(spec: ModelSpec, tx: optax.GradientTransformation, params: Any) -> TrainState:

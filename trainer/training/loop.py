@@ -31,7 +31,7 @@ from trainer.evaluation.evaluator import Evaluator, log_pattern_warning, sample_
 from trainer.io.checkpoint import VAL_METRIC, Checkpointer
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings.spec import RunSpec
-from trainer.training import experiment
+from trainer.training import experiment, modeling, rundir
 from trainer.training import metrics as metrics_lib
 from trainer.training.preemption import Preempted, StopRequests
 from trainer.training.rundir import RunLock
@@ -92,7 +92,7 @@ class Trainer:
     old_num_steps: int | None          # train.num_steps of a resumed run, when it changed
     train_iter: Any                     # grain iterator with get_state/set_state
     batch_sh: Any
-    spec: experiment.ModelSpec
+    spec: modeling.ModelSpec
     tx: Any
     schedule: Any
     state_sh: TrainState
@@ -104,13 +104,13 @@ class Trainer:
 
     @classmethod
     def create(cls, config: RunSpec, workdir: str) -> Trainer:
-        old_num_steps = experiment.save_or_check_config(config, workdir)
-        mesh = experiment.make_mesh(config)
-        batch_sh = sharding_lib.batch_sharding(mesh, experiment.rules(config))
+        old_num_steps = rundir.save_or_check_config(config, workdir)
+        mesh = modeling.make_mesh(config)
+        batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(config))
         console.log(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices "
                         f"({jax.process_count()} process(es))")
         rows, tok, data, train_iter = _data(config, workdir, batch_sh)
-        spec = experiment.model_spec(config, len(tok), mesh)
+        spec = modeling.model_spec(config, len(tok), mesh)
         tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
         state_sh = experiment.state_shardings(spec, tx)
         num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))
@@ -119,7 +119,7 @@ class Trainer:
         train_step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
                                                batch_sh, chunk, config.seed)
         evals = _evaluators(config, spec, tok, rows, data, batch_sh)
-        ckpt = Checkpointer.for_run(config, workdir, base=experiment.base_identity(spec, config.seed))
+        ckpt = Checkpointer.for_run(config, workdir, base=modeling.base_identity(spec, config.seed))
         return cls(config, workdir, old_num_steps, train_iter, batch_sh, spec, tx, schedule, state_sh,
                    train_step, evals, ckpt, num_params)
 
@@ -246,7 +246,7 @@ class TrainLog:
     ``train.log_every`` steps (one host sync per interval, not per step), summarised token-weighted,
     written as ``train/*`` with tokens/s and MFU, and checked for a run of skipped (non-finite) steps."""
 
-    def __init__(self, config: RunSpec, spec: experiment.ModelSpec, writer, progress, row_blocks: int = 1):
+    def __init__(self, config: RunSpec, spec: modeling.ModelSpec, writer, progress, row_blocks: int = 1):
         self.writer, self.progress = writer, progress
         self.row_blocks = row_blocks  # distinct blocks of rows the processes feed (process_rows)
         self.max_bad = config.train.max_bad_steps

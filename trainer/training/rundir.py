@@ -1,8 +1,8 @@
-"""The run directory: one run at a time (a lock), logs that hold every step once after a resume, and
-the settings a resume must not change.
+"""The run directory: its config (``save_or_check_config``, ``load_config``), one run at a time (a
+lock), logs that hold every step once after a resume, and the settings a resume must not change.
 
     workdir/
-      config.json        the resolved config (trainer.training.experiment)
+      config.json        the run spec (RunSpec.to_json), written once, checked on every later run
       run.lock           {pid, host, started, command} of the process-0 holder while a run is live
       metrics.jsonl      one row per logged step; cut back to the restored step on resume
       tensorboard/       events; a resumed writer purges the steps after the restored one
@@ -19,14 +19,21 @@ import sys
 import time
 from typing import Any
 
+import jax
+
 from trainer.errors import UserError
 from trainer.io import paths
+from trainer.settings.spec import RunSpec, SpecError
 
 LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.json"
+# Sections that define *what* is trained. A workdir may be resumed with other values elsewhere (more
+# steps, other logging), but never with a different model, data or seed: that would silently mix runs.
+IDENTITY_KEYS = ("seed", "data", "tokenizer", "model", "lora")
 
 # What a resumed run must share with the run that wrote the checkpoint: the saved data position,
 # the optimizer state and the schedule mean nothing under other values. (Model, data and tokenizer
-# identity are checked for every run of a workdir: ``experiment.IDENTITY_KEYS``.)
+# identity are checked for every run of a workdir: ``IDENTITY_KEYS``.)
 RESUME_KEYS = ("train.batch_size", "train.grad_accum_steps", "data.max_length", "data.packing",
                "optimizer")
 
@@ -155,3 +162,68 @@ def resume_differences(saved: dict[str, Any], live: dict[str, Any]) -> list[str]
         elif a != b and a is not None:
             out.append(f"{key}: {a!r} in the checkpoint's run vs {b!r} now")
     return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def has_checkpoints(workdir: str) -> bool:
+    return any(name.isdigit() for name in paths.listdir(paths.join(workdir, "checkpoints")))
+
+
+def save_or_check_config(config: RunSpec, workdir: str) -> int | None:
+    """Writes ``workdir/config.json`` on the first run; on later runs refuses a different identity,
+    and, when there is a checkpoint to resume, different batch/accumulation/optimizer settings
+    (``rundir.RESUME_KEYS``) or a different ``train.num_steps`` unless
+    ``train.allow_num_steps_change``. Returns the previous ``num_steps`` when it was changed."""
+    path = paths.join(workdir, CONFIG_FILE)
+    old_steps = None
+    if paths.exists(path):
+        saved = load_config(workdir).to_dict()  # keys added since it was written: their defaults
+        live = config.to_dict()
+        old, new = _flatten({k: saved.get(k) for k in IDENTITY_KEYS}), _flatten(
+            {k: live.get(k) for k in IDENTITY_KEYS})
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} in the workdir vs {new.get(k)!r} now" for k in diff[:8])
+            raise UserError(
+                f"workdir {workdir!r} was created with a different config ({shown}). "
+                "Use a new --workdir, or pass the config the workdir was made with.")
+        if has_checkpoints(workdir):
+            if diffs := resume_differences(saved, live):
+                raise UserError(
+                    f"resuming {workdir!r} with other settings than the run that wrote its checkpoints: "
+                    + "; ".join(diffs) + ". The saved data position and optimizer state only mean "
+                    "something under the same values: pass them, or use a new --workdir.")
+            saved_steps = saved["train"]["num_steps"]
+            if saved_steps != config.train.num_steps:
+                if not config.train.allow_num_steps_change:
+                    raise UserError(
+                        f"train.num_steps: {saved_steps} in the checkpoint's run vs "
+                        f"{config.train.num_steps} now. The learning-rate schedule (warmup + cosine) "
+                        "spans num_steps, so this bends the schedule of a run in progress; to do it "
+                        "anyway pass --config.train.allow_num_steps_change=True")
+                old_steps = saved_steps
+    if jax.process_index() == 0:  # atomically: other processes never read a half-written file
+        paths.write_text(path, config.to_json())
+    return old_steps
+
+
+def load_config(workdir: str) -> RunSpec:
+    """The config a workdir was trained with (for ``trainer.eval``): keys added since it was written
+    take their defaults; a key this version does not know is refused in one line."""
+    path = paths.join(workdir, CONFIG_FILE)
+    if not paths.exists(path):
+        raise UserError(f"{path} not found: {workdir!r} is not a trainer.train workdir "
+                        "(run `python -m trainer.train --config ... --workdir DIR` first)")
+    try:
+        return RunSpec.from_dict(json.loads(paths.read_text(path)), where=path)
+    except SpecError as e:
+        raise UserError(f"{path} was written by another version of flax-ift: "
+                        + "; ".join(str(e).splitlines())) from e

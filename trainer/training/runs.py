@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from trainer.io.checkpoint import Checkpointer
 from trainer.settings.spec import RunSpec
-from trainer.training import experiment
+from trainer.training import experiment, modeling, rundir
 
 
 @dataclasses.dataclass
@@ -26,7 +26,7 @@ class Run:
     config: RunSpec
     tok: Any
     mesh: Mesh
-    spec: experiment.ModelSpec
+    spec: modeling.ModelSpec
     checkpoints: Checkpointer
 
     def restore(self, which: str = "best") -> tuple[int, Any]:
@@ -43,10 +43,10 @@ class Run:
 def open_run(workdir: str, config: RunSpec | None = None) -> Run:
     """Opens ``workdir``; ``config`` (default: its ``config.json``) is for callers that override
     parts of it first (``trainer.eval --data``)."""
-    config = config if config is not None else experiment.load_config(workdir)
+    config = config if config is not None else rundir.load_config(workdir)
     tok = experiment.build_or_load_tokenizer(config, workdir, train_rows=None)
-    mesh = experiment.make_mesh(config)
-    spec = experiment.model_spec(config, len(tok), mesh)
+    mesh = modeling.make_mesh(config)
+    spec = modeling.model_spec(config, len(tok), mesh)
     checkpoints = Checkpointer.for_run(config, workdir, read_only=True,
-                                       base=experiment.base_identity(spec, config.seed))
+                                       base=modeling.base_identity(spec, config.seed))
     return Run(workdir, config, tok, mesh, spec, checkpoints)
