@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,11 +32,12 @@ def resolved(config) -> RunSpec:
 
 def setup(config, vocab_size: int = 64, devices=None, num_steps: int = 10):
     """Mesh, model spec, optimizer and state shardings for ``config`` on ``devices``."""
-    mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
-    spec = modeling.model_spec(resolved(config), vocab_size, mesh)
+    config = resolved(config)
+    mesh = sharding_lib.make_mesh(dataclasses.asdict(config.mesh), devices)
+    spec = modeling.model_spec(config, vocab_size, mesh)
     tx, schedule = make_optimizer(config.optimizer, num_steps)
     state_sh = experiment.state_shardings(spec, tx)
-    batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(resolved(config)))
+    batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(config))
     return mesh, spec, tx, schedule, state_sh, batch_sh
 
 

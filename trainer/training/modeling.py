@@ -272,6 +272,11 @@ def model_spec(config: RunSpec, vocab_size: int, mesh: Mesh,
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0, lora=1)))
     graphdef, abs_params = nnx.split(abstract, nnx.Param)
     shardings = sharding_lib.state_shardings(abs_params, mesh, rules(config)).to_pure_dict()
+    if problems := indivisible(abs_params.to_pure_dict(), shardings, mesh):
+        raise UserError(f"the mesh does not divide the model's parameters: {'; '.join(problems[:4])}"
+                        f"{f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''}. Choose mesh "
+                        "sizes that divide these dimensions, or map their logical axes elsewhere in "
+                        "sharding.rules")
     if lcfg.base_quant:  # quantised projections: codes follow the weight, scales mostly replicate
         shapes = abs_params.to_pure_dict()
 
@@ -282,6 +287,22 @@ def model_spec(config: RunSpec, vocab_size: int, mesh: Mesh,
             return quant.sharding(lcfg.base_quant, in_axes, hf_io.get_path(shapes, path).shape, sh)
         shardings = lora_lib.map_frozen(shardings, q_sharding)
     return ModelSpec(cfg, graphdef, shardings, mesh, hf_path(config), lcfg)
+
+
+def indivisible(shapes: Any, shardings: Any, mesh: Mesh) -> list[str]:
+    """``name [shape]: dim D (size) over axis=N`` for every parameter dimension its sharding splits
+    unevenly (JAX refuses those deep inside the first ``device_put``, naming no parameter)."""
+    out: list[str] = []
+    leaves = jax.tree_util.tree_leaves_with_path(shapes)
+    for (path, leaf), sh in zip(leaves, jax.tree.leaves(shardings)):
+        for dim, axes in enumerate(sh.spec):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+            if leaf.shape[dim] % ways:
+                name = ".".join(str(getattr(k, "key", k)) for k in path)
+                over = " x ".join(f"{a}={mesh.shape[a]}" for a in names)
+                out.append(f"{name} {list(leaf.shape)}: dim {dim} ({leaf.shape[dim]}) over {over}")
+    return out
 
 
 def base_identity(spec: ModelSpec, seed: int) -> dict[str, str] | None:
