@@ -8,7 +8,6 @@ change, never a model change.
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,23 +20,33 @@ from jax.sharding import PartitionSpec as P
 Rules = Sequence[tuple[str, Any]]
 
 
+def mesh_sizes(axes: dict[str, int], device_count: int) -> dict[str, int]:
+    """``{axis: size}`` with the one -1 resolved to the remaining devices; a ``ValueError`` saying why
+    when the sizes cannot cover ``device_count`` devices exactly. (The config check and ``make_mesh``
+    both resolve here.)"""
+    if any(not isinstance(v, int) or (v < 1 and v != -1) for v in axes.values()):
+        raise ValueError(f"mesh: axis sizes must be positive integers or -1, got {axes}")
+    if list(axes.values()).count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {axes}")
+    known = int(np.prod([v for v in axes.values() if v != -1]))
+    if -1 in axes.values():
+        if device_count % known:
+            raise ValueError(f"mesh: {axes} does not divide the {device_count} devices")
+        axes = {k: (device_count // known if v == -1 else v) for k, v in axes.items()}
+    if int(np.prod(list(axes.values()))) != device_count:
+        raise ValueError(f"mesh: {axes} needs {int(np.prod(list(axes.values())))} devices, but "
+                         f"{device_count} are available")
+    return dict(axes)
+
+
 def make_mesh(axes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a mesh from ``{axis_name: size}``; one size may be -1 (= all remaining devices).
 
     A mesh exists even on one device, so the same shardings and code run everywhere.
     """
     devices = list(devices if devices is not None else jax.devices())
-    names, sizes = list(axes), list(axes.values())
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {axes}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh {axes} does not divide {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"but {len(devices)} are available; set config.mesh accordingly")
+    sized = mesh_sizes(dict(axes), len(devices))
+    names, sizes = list(sized), list(sized.values())
     from jax.experimental import mesh_utils
     try:  # topology-aware device order on TPU/GPU; falls back for CPU and odd shapes
         dev = mesh_utils.create_device_mesh(sizes, devices)

@@ -19,25 +19,9 @@ from data_pipeline import templating
 from trainer.evaluation import scoring
 from trainer.settings import options
 from trainer.settings.spec import RunSpec
+from trainer.sharding import mesh_sizes
 
 DTYPES = options.DTYPES
-
-
-def _mesh_sizes(mesh: dict[str, int], device_count: int) -> dict[str, int] | str:
-    """Axis sizes with -1 resolved, or why they cannot be."""
-    sizes = dict(mesh)
-    if any(not isinstance(v, int) or (v < 1 and v != -1) for v in sizes.values()):
-        return f"mesh: axis sizes must be positive integers or -1, got {sizes}"
-    if list(sizes.values()).count(-1) > 1:
-        return f"mesh: at most one axis may be -1, got {sizes}"
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if -1 in sizes.values():
-        if device_count % known:
-            return f"mesh: {sizes} does not divide the {device_count} devices"
-        sizes = {k: (device_count // known if v == -1 else v) for k, v in sizes.items()}
-    if math.prod(sizes.values()) != device_count:
-        return f"mesh: {sizes} needs {math.prod(sizes.values())} devices, but {device_count} are available"
-    return sizes
 
 
 def _data_parallel(sizes: dict[str, int], rules: list[tuple[str, Any]]) -> int:
@@ -158,12 +142,12 @@ def problems(config: RunSpec, device_count: int | None = 1, process_count: int =
     need(ck.best_mode in ("auto", "min", "max"),
          f"checkpoint.best_mode must be auto, min or max, got {ck.best_mode!r}")
     # ---- devices and hosts ------------------------------------------------------------------------
-    sizes = _mesh_sizes(dataclasses.asdict(config.mesh), device_count) if device_count else None
-    if sizes is None:
-        pass
-    elif isinstance(sizes, str):
-        out.append(sizes)
-    else:
+    try:
+        sizes = mesh_sizes(dataclasses.asdict(config.mesh), device_count) if device_count else None
+    except ValueError as err:
+        sizes = None
+        out.append(str(err))
+    if sizes is not None:
         rules = list(config.sharding.rules)
         dp = _data_parallel(sizes, rules)
         if t.batch_size >= 1 and t.grad_accum_steps >= 1:
