@@ -64,6 +64,20 @@ class _ReadOnlyNotice(logging.Filter):
 _READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
+class _NoTraceback(logging.Filter):
+    """Keeps Orbax's error records to their message line: a failed async save logs its traceback
+    from the writer thread, and the loop reports the same failure as one line at the next step
+    (``Checkpointer.save_error``), so the traceback only buried that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_NO_TRACEBACK = _NoTraceback()
+
+
 def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: str = VAL_METRIC,
              mode: str = "auto") -> ocp.CheckpointManager:
     mode = best_mode_fn(best_metric, mode)
@@ -77,6 +91,7 @@ def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: 
         preservation_policy=policy, best_fn=get, best_mode=mode,
         enable_async_checkpointing=True, read_only=read_only, create=not read_only,
         save_interval_steps=0 if read_only else 1, cleanup_tmp_directories=not read_only)
+    absl_logging.get_absl_logger().addFilter(_NO_TRACEBACK)  # (a set: added once however often)
     if read_only:
         absl_logging.get_absl_logger().addFilter(_READ_ONLY_NOTICE)
     return ocp.CheckpointManager(paths.join(paths.abspath(workdir), "checkpoints"),
@@ -297,11 +312,7 @@ class Checkpointer:
             raise self.save_error(pending_step, e) from None
 
     def save_error(self, step: int | None, e: BaseException) -> UserError:
-        free = "unknown"
-        try:
-            free = f"{shutil.disk_usage(self.directory).free / 1e9:.2f} GB"
-        except OSError:
-            pass
+        free = paths.free_space(self.directory)
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:  # the OS error under it
             if isinstance(cause, OSError):

@@ -34,6 +34,14 @@ def is_remote(path: Any) -> bool:
     return "://" in str(path)
 
 
+def free_space(p: Any) -> str:
+    """The free space of ``p``'s local filesystem, for an error line ("unknown" for a bucket)."""
+    try:
+        return f"{shutil.disk_usage(p).free / 1e9:.2f} GB"
+    except OSError:
+        return "unknown"
+
+
 def abspath(path: str) -> str:
     """Local paths made absolute; remote ones as they are (``os.path.abspath`` would turn
     ``gs://b/run`` into ``./gs:/b/run``)."""

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from trainer.io import paths
+
 
 def summarize(sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Combines per-step ``{loss_sum, tokens, correct}`` into token-weighted means.
@@ -81,13 +83,15 @@ class MetricWriter:
         try:
             self._jsonl.write(json.dumps(row) + "\n")
         except OSError as e:  # a full disk, a vanished mount: one line, not a traceback
-            raise UserError(f"cannot write the metrics of step {step} to {self._jsonl.name}: {e}") from None
+            raise UserError(f"cannot write the metrics of step {step} to {self._jsonl.name}: {e} (free "
+                            f"space there: {paths.free_space(self._jsonl.name)})") from None
         if not self._tb_alive():
             # tensorboardX writes from a thread through a bounded queue: once that thread has died (a
             # full disk), add_scalar would block forever when the queue fills.
             raise UserError(f"cannot write TensorBoard events for step {step} under "
                             f"{os.path.dirname(self._jsonl.name)}/tensorboard: its writer thread "
-                            "stopped (a full disk?)")
+                            "stopped (a full disk? free space there: "
+                            f"{paths.free_space(self._jsonl.name)})")
         for k, v in finite.items():
             self._tb.add_scalar(f"{prefix}{k}", v, int(step))
 
