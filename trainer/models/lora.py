@@ -3,7 +3,7 @@
 The adapters themselves live in the model (``trainer.models.transformer``: ``<proj>_lora_a`` / ``<proj>_lora_b``
 ``nnx.LoRAParam``s beside each targeted projection). This module is everything around them:
 
-  * ``LoraConfig`` -- the ``lora`` config section, checked;
+  * ``LoraConfig`` (defined in ``trainer.settings.spec``) -- the ``lora`` section of the run spec;
   * ``split`` / ``combine`` -- a model's param dict <-> (trainable, frozen). With LoRA on only the
     adapters are trainable; the train step differentiates them alone and the optimizer holds state
     for them alone. Off, everything is trainable and the frozen part is empty: one code path;
@@ -17,7 +17,6 @@ The adapters themselves live in the model (``trainer.models.transformer``: ``<pr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from typing import Any
@@ -27,7 +26,8 @@ import numpy as np
 
 from trainer.models import quant
 from trainer.models.config import ModelConfig
-from trainer.models.transformer import LORA_TARGETS
+from trainer.settings import options
+from trainer.settings.spec import LoraConfig
 
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 # our projection -> its HF/PEFT module name (Llama-like families) and the submodule it sits in
@@ -43,58 +43,6 @@ _FROZEN_PROJECTIONS = {("attn", "q"): (-3,), ("attn", "k"): (-3,), ("attn", "v")
 
 class LoraError(ValueError):
     """A LoRA setting or adapter that cannot be used; the message is one line for the user."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """The run spec's ``lora`` section (``trainer.settings.spec``): train low-rank adapters, keep the
-    base frozen."""
-
-    rank: int = 0          # 0: full fine-tuning
-    alpha: float = 16.0    # the update is (alpha / rank) A B, as in PEFT
-    dropout: float = 0.0   # on the adapters' input (PEFT's lora_dropout)
-    targets: tuple[str, ...] = tuple(LORA_TARGETS)  # projections of every block
-    init: str = "peft"     # A Kaiming-uniform, B zeros: step 0 is the base model exactly
-    base_dtype: str = ""   # the frozen base's storage dtype ("": model.param_dtype), e.g. bfloat16
-    base_quant: str = ""   # QLoRA: "int8" (per channel) or "nf4" (blockwise 4-bit), dequantised per layer
-    init_from: str = ""    # a PEFT adapter directory to start from (continue training, or evaluate)
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.rank < 0:
-            out.append(f"lora.rank must be >= 0 (0: off), got {self.rank}")
-        if not self.enabled:
-            for key in ("base_quant", "init_from"):
-                if getattr(self, key):
-                    out.append(f"lora.{key} is set but lora.rank is 0 (LoRA off); set lora.rank")
-            return out
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad:
-            out.append(f"lora.targets: unknown {', '.join(map(repr, bad))}; valid: {', '.join(LORA_TARGETS)}")
-        if not self.targets:
-            out.append(f"lora.targets is empty; valid: {', '.join(LORA_TARGETS)}")
-        if self.alpha <= 0:
-            out.append(f"lora.alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            out.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if self.init != "peft":
-            out.append(f"lora.init must be 'peft' (A Kaiming-uniform, B zeros), got {self.init!r}")
-        if self.base_dtype not in ("", "float32", "bfloat16", "float16"):
-            out.append(f"lora.base_dtype must be float32, bfloat16 or float16 (or empty), got {self.base_dtype!r}")
-        if self.base_quant not in ("", *quant.KINDS):
-            out.append(f"lora.base_quant must be {' or '.join(quant.KINDS)} (or empty), got {self.base_quant!r}")
-        return out
-
-    def model_fields(self) -> dict[str, Any]:
-        """The ``ModelConfig`` fields this section sets."""
-        if not self.enabled:
-            return {"lora_rank": 0}
-        return {"lora_rank": self.rank, "lora_alpha": float(self.alpha), "lora_dropout": float(self.dropout),
-                "lora_targets": tuple(self.targets)}
 
 
 def rank_problem(cfg: ModelConfig) -> str | None:
@@ -205,7 +153,7 @@ def merge(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
         if not isinstance(tree, dict):
             return tree
         out = {k: walk(v) for k, v in tree.items() if not str(k).endswith(ADAPTER_SUFFIXES)}
-        for name in LORA_TARGETS:
+        for name in options.LORA_TARGETS:
             if f"{name}_lora_a" in tree:
                 w, a, b = (np.asarray(x) for x in (tree[name], tree[f"{name}_lora_a"], tree[f"{name}_lora_b"]))
                 if cfg.scan_layers:  # stacked: one delta per layer

@@ -27,7 +27,9 @@ import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-KINDS = ("int8", "nf4")
+from trainer.settings import options
+
+KINDS = options.QUANT_KINDS
 # QLoRA's NF4 levels (Dettmers et al. 2023, appendix E; bitsandbytes' table).
 NF4_LEVELS = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

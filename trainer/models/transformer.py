@@ -101,7 +101,8 @@ def rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 # The projections LoRA can adapt, with how many leading axes of each weight are its input (``o`` is
 # [heads, head_dim, embed]: two). Names follow our params; PEFT's are ``<name>_proj``.
-LORA_TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+# each target projection -> the number of its weight's input axes (o: [heads, head_dim, embed])
+LORA_TARGETS = dict(zip(options.LORA_TARGETS, (1, 1, 1, 2, 1, 1, 1)))
 _LORA_IDS = {name: i for i, name in enumerate(LORA_TARGETS)}  # folded into the dropout key
 
 

@@ -7,6 +7,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn", "flash", "splash")  # model.attention_impl, besides "auto"
 ATTENTION_IMPLS = ("auto", *ATTENTION_BACKENDS)
 REMAT = ("none", "full", "dots")                            # model.remat
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")   # lora.targets: the projections of a block
+QUANT_KINDS = ("int8", "nf4")                               # lora.base_quant, besides ""
 
 
 def parse_baselines(spec: str, default_k: int) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from ml_collections import ConfigDict, FrozenConfigDict
 
 from data_pipeline import sources
-from trainer.models.lora import LoraConfig
+from trainer.settings import options
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -105,6 +105,57 @@ class Model:
     gguf_path: str = ""
     # A copy of the base model's config.json: what --dry_run compiles when the checkpoint is not here.
     arch_json: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """The ``lora`` section: train low-rank adapters (``trainer.models.lora``), keep the base frozen."""
+
+    rank: int = 0          # 0: full fine-tuning
+    alpha: float = 16.0    # the update is (alpha / rank) A B, as in PEFT
+    dropout: float = 0.0   # on the adapters' input (PEFT's lora_dropout)
+    targets: tuple[str, ...] = options.LORA_TARGETS  # projections of every block
+    init: str = "peft"     # A Kaiming-uniform, B zeros: step 0 is the base model exactly
+    base_dtype: str = ""   # the frozen base's storage dtype ("": model.param_dtype), e.g. bfloat16
+    base_quant: str = ""   # QLoRA: "int8" (per channel) or "nf4" (blockwise 4-bit), dequantised per layer
+    init_from: str = ""    # a PEFT adapter directory to start from (continue training, or evaluate)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rank < 0:
+            out.append(f"lora.rank must be >= 0 (0: off), got {self.rank}")
+        if not self.enabled:
+            for key in ("base_quant", "init_from"):
+                if getattr(self, key):
+                    out.append(f"lora.{key} is set but lora.rank is 0 (LoRA off); set lora.rank")
+            return out
+        bad = [t for t in self.targets if t not in options.LORA_TARGETS]
+        if bad:
+            out.append(f"lora.targets: unknown {', '.join(map(repr, bad))}; valid: {', '.join(options.LORA_TARGETS)}")
+        if not self.targets:
+            out.append(f"lora.targets is empty; valid: {', '.join(options.LORA_TARGETS)}")
+        if self.alpha <= 0:
+            out.append(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            out.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.init != "peft":
+            out.append(f"lora.init must be 'peft' (A Kaiming-uniform, B zeros), got {self.init!r}")
+        if self.base_dtype not in ("", "float32", "bfloat16", "float16"):
+            out.append(f"lora.base_dtype must be float32, bfloat16 or float16 (or empty), got {self.base_dtype!r}")
+        if self.base_quant not in ("", *options.QUANT_KINDS):
+            out.append(f"lora.base_quant must be {' or '.join(options.QUANT_KINDS)} (or empty), got {self.base_quant!r}")
+        return out
+
+    def model_fields(self) -> dict[str, Any]:
+        """The ``ModelConfig`` fields this section sets."""
+        if not self.enabled:
+            return {"lora_rank": 0}
+        return {"lora_rank": self.rank, "lora_alpha": float(self.alpha), "lora_dropout": float(self.dropout),
+                "lora_targets": tuple(self.targets)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +265,7 @@ class RunSpec:
     data: Data = dataclasses.field(default_factory=Data)
     tokenizer: Tokenizer = dataclasses.field(default_factory=Tokenizer)
     model: Model = dataclasses.field(default_factory=Model)
-    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # trainer.models.lora
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     optimizer: Optimizer = dataclasses.field(default_factory=Optimizer)
     train: Train = dataclasses.field(default_factory=Train)
     mesh: Mesh = dataclasses.field(default_factory=Mesh)
