@@ -334,7 +334,7 @@ def _report(req, setup, model_path, step, rows, eval_rows, compared, results, ev
             "checkpoint": req.checkpoint if req.workdir else None, "step": step, "data": setup.data_name,
             "split": split, "split_rows": len(rows[split]), "num_examples": len(eval_rows),
             "max_new_tokens": ecfg.max_new_tokens, "answer_pattern": ecfg.answer_pattern,
-            "normalize": dict(ecfg.normalize), "rows": report_rows, "gain": gain,
+            "normalize": dataclasses.asdict(ecfg.normalize), "rows": report_rows, "gain": gain,
             "pattern_warning": warning, "examples": reports.examples(evaluator, results, versus)}, out
 
 

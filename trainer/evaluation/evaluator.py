@@ -142,7 +142,7 @@ class Evaluator:
         self.references = [target_of(r) for r in self.rows]
         self.tasks = [task_of(r) for r in self.rows]
         self.scorer = scoring.Scorer(eval_cfg.answer_pattern,
-                                     scoring.Normalization.from_config(eval_cfg.normalize))
+                                     eval_cfg.normalize)
         self.reference_pattern_misses = self.scorer.pattern_misses(self.references)
         evaluated = {id(r) for r in self.rows}
         self._pool: dict[str, list[Row]] = defaultdict(list)

@@ -12,48 +12,19 @@ intervals because both models answer the same questions.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from trainer.settings import options
+from trainer.settings.spec import Normalization
+
 CONFIDENCE = 0.95
 NUM_RESAMPLES = 2000
-METRICS = ("exact_match", "rouge1", "rouge2", "rougeL", "chrf")  # every per-example score, in order
+METRICS = options.METRICS  # every per-example score, in order
 HEADLINE_PAIRED = ("exact_match", "rougeL", "chrf")  # the model differences a report tests
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-@dataclasses.dataclass(frozen=True)
-class Normalization:
-    """How exact match compares two strings (``eval.normalize``). The default trims the ends only:
-    'ABC ' == 'ABC', 'A BC' != 'ABC', 'abc' != 'ABC'."""
-
-    strip: bool = True        # surrounding whitespace
-    lowercase: bool = False
-    whitespace: bool = False  # runs of whitespace inside the text count as one space
-    punctuation: bool = False  # ASCII punctuation removed
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> Normalization:
-        cfg = dict(cfg or {})
-        unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"eval.normalize: unknown keys {sorted(unknown)}; known: "
-                             f"{[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**{k: bool(v) for k, v in cfg.items()})
-
-    def __call__(self, text: str) -> str:
-        if self.punctuation:
-            text = text.translate(_PUNCT)
-        if self.lowercase:
-            text = text.lower()
-        if self.whitespace:
-            text = " ".join(text.split())
-        return text.strip() if self.strip else text
 
 
 def extract(text: str, pattern: str) -> str | None:

@@ -16,7 +16,6 @@ import re
 from typing import Any
 
 from data_pipeline import templating
-from trainer.evaluation import scoring
 from trainer.settings import options
 from trainer.settings.spec import RunSpec
 from trainer.sharding import mesh_sizes
@@ -122,10 +121,6 @@ def problems(config: RunSpec, device_count: int | None = 1, process_count: int =
     need(e.in_training_examples >= 1,
          f"eval.in_training_examples must be at least 1, got {e.in_training_examples}")
     try:
-        scoring.Normalization.from_config(e.normalize)
-    except ValueError as err:
-        out.append(str(err))
-    try:
         options.parse_baselines(e.baselines, e.few_shot_k)
     except ValueError as err:
         out.append(f"eval.baselines: {err}")
@@ -137,7 +132,7 @@ def problems(config: RunSpec, device_count: int | None = 1, process_count: int =
             out.append(f"eval.answer_pattern {pattern!r} is not a regular expression: {err}")
     ck = config.checkpoint
     best = ck.best_metric
-    known = ("val/loss", "val/token_accuracy", *(f"val/{m}" for m in scoring.METRICS))
+    known = ("val/loss", "val/token_accuracy", *(f"val/{m}" for m in options.METRICS))
     need(best in known, f"checkpoint.best_metric must be one of {', '.join(known)}, got {best!r}")
     need(ck.best_mode in ("auto", "min", "max"),
          f"checkpoint.best_mode must be auto, min or max, got {ck.best_mode!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from typing import Any, ClassVar
 
 from ml_collections import ConfigDict, FrozenConfigDict
@@ -24,6 +25,7 @@ from data_pipeline import sources
 from trainer.settings import options
 
 Rules = tuple[tuple[str, Any], ...]
+_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def _frozen(d: dict[str, Any]):
@@ -228,6 +230,26 @@ class Checkpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class Normalization:
+    """How exact match compares two strings (``eval.normalize``). The default trims the ends only:
+    'ABC ' == 'ABC', 'A BC' != 'ABC', 'abc' != 'ABC'."""
+
+    strip: bool = True        # surrounding whitespace
+    lowercase: bool = False
+    whitespace: bool = False  # runs of whitespace inside the text count as one space
+    punctuation: bool = False  # ASCII punctuation removed
+
+    def __call__(self, text: str) -> str:
+        if self.punctuation:
+            text = text.translate(_PUNCT)
+        if self.lowercase:
+            text = text.lower()
+        if self.whitespace:
+            text = " ".join(text.split())
+        return text.strip() if self.strip else text
+
+
+@dataclasses.dataclass(frozen=True)
 class Eval:
     """trainer.eval, and generation eval during training."""
 
@@ -241,8 +263,7 @@ class Eval:
     stop: tuple[str, ...] = ()  # stop strings: a prediction ends at the first one (EOS always ends it)
     answer_pattern: str = ""  # regex with one group: compare only the extracted answers
     # Exact match compares the texts after these (the default trims the ends only).
-    normalize: FrozenConfigDict = _frozen(dict(strip=True, lowercase=False, whitespace=False,
-                                               punctuation=False))
+    normalize: Normalization = dataclasses.field(default_factory=Normalization)
     baselines: str = "zero_shot,few_shot"  # base-model rows of trainer.eval (few_shot:K sets K)
     # Generation eval during training: every N steps on a fixed seeded sample of validation rows,
     # logged as val/exact_match, val/rougeL, val/chrf, ... (0: off).
@@ -344,6 +365,8 @@ def _section(name: str, default: Any, given: Any, problems: list[str]) -> Any:
 
 def _value(key: str, given: Any, default: Any, problems: list[str]) -> Any:
     """``given`` in the type of ``default``: lists become tuples, maps frozen, ints floats."""
+    if dataclasses.is_dataclass(default):
+        return _section(key, default, given, problems)
     if isinstance(default, FrozenConfigDict):
         if isinstance(given, (dict, ConfigDict, FrozenConfigDict)):
             return FrozenConfigDict(_plain(given))
