@@ -40,7 +40,7 @@ def convert(config: Any, hf_path: str, out: str) -> dict[str, Any]:
     except hf_io.HFError as e:
         raise UserError(f"--hf_path: {e}") from e
     spec = modeling.model_spec(config, int(hf_config["vocab_size"]), modeling.make_mesh(config),
-                                 hf_config)
+                               hf_config)
     params = spec.load_base()
     layout = {"scan_layers": spec.cfg.scan_layers, "param_dtype": spec.cfg.param_dtype}
     base_checkpoint.write(params, out, hf_path, layout)

@@ -88,7 +88,7 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
         _save_tokenizer(tok, config, out)
         out = _upload(out, target)
         console.log(f"exported step {step} of {workdir} to {out} ({len(files)} safetensors "
-                        f"file(s), {dtype}, {sum(x.nbytes for x in tensors.values()) / 1e6:.1f} MB)")
+                    f"file(s), {dtype}, {sum(x.nbytes for x in tensors.values()) / 1e6:.1f} MB)")
     return {"step": step, "out": out, "dtype": dtype, "tensors": len(tensors)}
 
 
@@ -168,8 +168,8 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
         _save_tokenizer(tok, config, out)
         out = _upload(out, target)
         console.log(f"exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT, "
-                        f"{len(tensors)} tensors, {dtype}, "
-                        f"{sum(x.nbytes for x in tensors.values()) / 1e6:.2f} MB)")
+                    f"{len(tensors)} tensors, {dtype}, "
+                    f"{sum(x.nbytes for x in tensors.values()) / 1e6:.2f} MB)")
     return {"step": step, "out": out, "dtype": dtype, "tensors": len(tensors), "adapter": True}
 
 

@@ -304,9 +304,9 @@ def _run_one(evaluator: Evaluator, name: str, params, shots: int, with_loss: boo
         raise UserError(str(e)) from e
     m = result.metrics()
     console.log(f"{name}, {result.prompting}: exact match {100 * m['exact_match']:.1f}%, "
-                    f"ROUGE-L {100 * m['rougeL']:.1f}, chrF {100 * m['chrf']:.1f} "
-                    f"({result.generation['tokens_per_s']:.0f} generated tokens/s, "
-                    f"{time.perf_counter() - t0:.0f}s)")
+                f"ROUGE-L {100 * m['rougeL']:.1f}, chrF {100 * m['chrf']:.1f} "
+                f"({result.generation['tokens_per_s']:.0f} generated tokens/s, "
+                f"{time.perf_counter() - t0:.0f}s)")
     return result
 
 

@@ -149,7 +149,8 @@ class LoraConfig:
         if self.base_dtype not in ("", "float32", "bfloat16", "float16"):
             out.append(f"lora.base_dtype must be float32, bfloat16 or float16 (or empty), got {self.base_dtype!r}")
         if self.base_quant not in ("", *options.QUANT_KINDS):
-            out.append(f"lora.base_quant must be {' or '.join(options.QUANT_KINDS)} (or empty), got {self.base_quant!r}")
+            out.append(f"lora.base_quant must be {' or '.join(options.QUANT_KINDS)} (or empty), "
+                       f"got {self.base_quant!r}")
         return out
 
     def model_fields(self) -> dict[str, Any]:

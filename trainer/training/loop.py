@@ -58,7 +58,7 @@ def train(config: RunSpec, workdir: str, stop_at: int | None = None) -> TrainSta
                 start, state = trainer.restore_or_init()
                 if start >= config.train.num_steps:
                     console.log(f"already trained to step {start} (train.num_steps="
-                                    f"{config.train.num_steps}); nothing to do")
+                                f"{config.train.num_steps}); nothing to do")
                     return state
                 last = min(config.train.num_steps, stop_at or config.train.num_steps)
                 return trainer.loop(state, start, last, stops)
@@ -108,7 +108,7 @@ class Trainer:
         mesh = modeling.make_mesh(config)
         batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(config))
         console.log(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices "
-                        f"({jax.process_count()} process(es))")
+                    f"({jax.process_count()} process(es))")
         rows, tok, data, train_iter = _data(config, workdir, batch_sh)
         spec = modeling.model_spec(config, len(tok), mesh)
         tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
@@ -134,9 +134,9 @@ class Trainer:
             abstract = abstract.replace(frozen=spec.split(params0)[1])
             n_train = sum(x.size for x in jax.tree.leaves(abstract.params))
             console.log(f"LoRA rank {spec.lora.rank} on {','.join(spec.lora.targets)}: "
-                            f"{n_train / 1e6:.3f}M trainable parameters "
-                            f"({100 * n_train / self.num_params:.2f}% of the model); base frozen in "
-                            f"{spec.lora.base_quant or spec.lora.base_dtype or spec.cfg.param_dtype}")
+                        f"{n_train / 1e6:.3f}M trainable parameters "
+                        f"({100 * n_train / self.num_params:.2f}% of the model); base frozen in "
+                        f"{spec.lora.base_quant or spec.lora.base_dtype or spec.cfg.param_dtype}")
         restored = self.ckpt.restore_latest(abstract)
         if restored is None:
             return 0, experiment.init_train_state(spec, self.tx, config.seed, self.state_sh, params0)
@@ -162,7 +162,7 @@ class Trainer:
         self.writer = metrics_lib.MetricWriter(self.workdir, resumed_at=start)
         if self.writer.dropped:
             console.log(f"metrics.jsonl: dropped {self.writer.dropped} rows logged after step {start} "
-                            "by the interrupted run (those steps are trained again)")
+                        "by the interrupted run (those steps are trained again)")
         interval = TrainLog(self.config, self.spec, self.writer,
                             metrics_lib.Progress(tcfg.num_steps, start, tcfg.progress_bar),
                             sharding_lib.process_rows(self.batch_sh)[1])
@@ -226,7 +226,7 @@ class Trainer:
             raise self.ckpt.save_error(step, e) from None
         interval.progress.close()
         console.log(f"{reason}: stopped after step {step}; its checkpoint is saved in "
-                        f"{self.ckpt.directory}/{step}. Rerun the same command to resume.")
+                    f"{self.ckpt.directory}/{step}. Rerun the same command to resume.")
         raise Preempted(reason, step)
 
     def close(self) -> None:
@@ -313,7 +313,7 @@ def _data(config: RunSpec, workdir: str, batch_sh):
     for rep in source_reports:
         if rep.bad.total:
             console.log(f"warning: data source {rep.name}: skipped {rep.bad.total} bad rows "
-                            f"({dict(rep.bad.counts)})")
+                        f"({dict(rep.bad.counts)})")
     for split, rep in data.reports.items():
         console.log(f"data {split:<10} {rep.summary()}")
     for split in ("train", "validation"):  # training needs both: validation picks the best checkpoint
