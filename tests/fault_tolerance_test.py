@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from tests.cli_test import ROOT, assert_clean_error, run
-from tests.helpers import resolved
 
 TINY = ["--config", "configs/tiny.py"]
 LONG = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=1",
@@ -51,17 +50,15 @@ def wait_for_step(wd, step, proc, timeout=300):
 
 def final_state(wd):
     """Params and optimizer state of the latest checkpoint, as numpy."""
-    from trainer.training import experiment, modeling, rundir  # noqa: PLC0415
-    from trainer.io.checkpoint import Checkpointer  # noqa: PLC0415
+    from trainer.training import experiment  # noqa: PLC0415
+    from trainer.training.runs import open_run  # noqa: PLC0415
     from trainer.training.step import make_optimizer  # noqa: PLC0415
-    config = rundir.load_config(wd)
-    tok = experiment.build_or_load_tokenizer(resolved(config), wd, train_rows=None)
-    spec = modeling.model_spec(resolved(config), len(tok), modeling.make_mesh(resolved(config)))
-    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-    ck = Checkpointer(wd, read_only=True)
-    step = ck.latest_step()
-    state, data = ck.restore(step, experiment.abstract_state(spec, tx, experiment.state_shardings(spec, tx)))
-    ck.close()
+    run = open_run(wd)
+    tx, _ = make_optimizer(run.config.optimizer, run.config.train.num_steps)
+    step = run.checkpoints.latest_step()
+    state, data = run.checkpoints.restore(step, experiment.abstract_state(
+        run.spec, tx, experiment.state_shardings(run.spec, tx)))
+    run.close()
     import jax  # noqa: PLC0415
     return step, jax.device_get((state.params, state.opt_state)), data
 

@@ -19,8 +19,8 @@ from data_pipeline.synthetic import synthetic_splits  # noqa: E402
 from data_pipeline.templating import prompt_completion_messages  # noqa: E402
 from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: E402
 from tests.cli_test import run  # noqa: E402
-from trainer.training import experiment, modeling, rundir  # noqa: E402
-from trainer.io.checkpoint import Checkpointer  # noqa: E402
+from trainer.training import modeling  # noqa: E402
+from trainer.training.runs import open_run  # noqa: E402
 from tests.helpers import resolved
 
 
@@ -44,14 +44,10 @@ def hf_dir(tmp_path_factory):
 
 
 def ours_from_checkpoint(wd):
-    config = rundir.load_config(wd)
-    tok = experiment.build_or_load_tokenizer(resolved(config), wd, train_rows=None)
-    spec = modeling.model_spec(resolved(config), len(tok), modeling.make_mesh(resolved(config)))
-    ckpt = Checkpointer(wd, read_only=True)
-    params = ckpt.restore_params(ckpt.resolve("latest"), modeling.abstract_with_shardings(
-        spec.init_params_fn(0), spec.param_shardings))
-    ckpt.close()
-    return spec, params
+    run = open_run(wd)  # a full fine-tuning run: its trainable params are the whole model
+    _, params = run.restore("latest")
+    run.close()
+    return run.spec, params
 
 
 def logits_both(spec, params, out_dir):

@@ -126,7 +126,6 @@ def test_bad_adapters_are_one_line_each(tmp_path_factory, tmp_path):
 
 from tests.cli_test import assert_clean_error, run  # noqa: E402
 from tests.hf_run_test import hf_dir  # noqa: E402,F401 (a fixture: tiny Qwen2 + tokenizer)
-from tests.helpers import resolved
 
 
 def test_lora_run_exports_what_peft_and_transformers_load(hf_dir, tmp_path):  # noqa: F811
@@ -152,10 +151,9 @@ def test_lora_run_exports_what_peft_and_transformers_load(hf_dir, tmp_path):  # 
 
     # ours: the run's base + its checkpoint's adapters
     config = rundir.load_config(wd)
-    config.mesh = dict(data=1, fsdp=1, tensor=1)
-    tok = experiment.build_or_load_tokenizer(resolved(config), wd, train_rows=None)
-    mesh = helpers.sharding_lib.make_mesh(dict(config.mesh), jax.devices()[:1])
-    spec = modeling.model_spec(resolved(config), len(tok), mesh)
+    tok = experiment.build_or_load_tokenizer(config, wd, train_rows=None)
+    mesh = helpers.sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    spec = modeling.model_spec(config, len(tok), mesh)
     from trainer.io.checkpoint import Checkpointer  # noqa: PLC0415
     ckpt = Checkpointer(wd, read_only=True)
     adapters = ckpt.restore_params(2, spec.abstract_trainable())
@@ -181,8 +179,8 @@ def test_lora_run_exports_what_peft_and_transformers_load(hf_dir, tmp_path):  # 
                                    rtol=0)
 
     # lora.init_from: the exported adapter back in, exactly the checkpoint's
-    config.lora.init_from = adapter
-    again = modeling.model_spec(resolved(config), len(tok), mesh)
+    config = config.replace(lora=dataclasses.replace(config.lora, init_from=adapter))
+    again = modeling.model_spec(config, len(tok), mesh)
     assert helpers.tree_equal(jax.device_get(again.split(again.init_params(0))[0]), jax.device_get(adapters))
 
     # the base's weights replaced in place (same path, same config): resume refuses, in one line
