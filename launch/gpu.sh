@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 CONFIG=${1:?config file}; WORKDIR=${2:?workdir}; shift 2
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q -e . "jax[cuda12]"
+python -m pip install -q -c launch/constraints.txt -e . "jax[cuda12]"  # the tested versions
 # Let XLA take what it needs instead of 75% of the GPU up front (eval + train share the device).
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 python -m trainer.train --config "$CONFIG" --workdir "$WORKDIR" "$@"

@@ -15,7 +15,7 @@
 set -uo pipefail
 CONFIG=${1:?config file}; WORKDIR=${2:?workdir}; shift 2
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-# created beforehand on shared storage: pip install -e ".[gcs]" "jax[cuda12]"
+# created beforehand on shared storage: pip install -c launch/constraints.txt -e ".[gcs]" "jax[cuda12]"
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 stopping=0
 on_term() {

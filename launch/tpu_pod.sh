@@ -4,7 +4,8 @@
 #
 # Every host runs this repository at the commit checked out here (COMMIT, default `git rev-parse
 # HEAD`: commit and push first), installed with the `gcs` extra (gs:// workdirs, base checkpoints)
-# and the `tpu-aot` extra, which pins jax[tpu] (jax and libtpu) to the version the tests ran with.
+# and the `tpu-aot` extra (jax[tpu]), every package at the version the tests last passed with
+# (launch/constraints.txt): every host runs the same stack.
 # The trainer runs detached from the ssh session (setsid + nohup: a dropped connection does not
 # stop it), logging to ~/flax-ift.log on each host. JAX's persistent compilation cache lives under
 # the workdir (gs:// works), so a restarted or requeued run does not compile again. Variables named
@@ -33,7 +34,7 @@ remote="set -e
 [ -d flax-ift ] || git clone -q $(printf %q "$REPO") flax-ift
 cd flax-ift && git fetch -q origin && git checkout -q --detach $COMMIT
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e '.[gcs,tpu-aot]'
+.venv/bin/pip install -q -c launch/constraints.txt -e '.[gcs,tpu-aot]'
 $exports
 setsid nohup .venv/bin/python -m trainer.train --config $(printf %q "$CONFIG") \
 --workdir $(printf %q "$WORKDIR") --distributed=auto$args > ~/flax-ift.log 2>&1 < /dev/null &

@@ -64,9 +64,25 @@ def test_tpu_pod_print_shows_the_pinned_detached_command():
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "git checkout -q --detach 0123abc" in out  # every host runs the same commit
-    assert "pip install -q -e '.[gcs,tpu-aot]'" in out  # gs:// support; jax[tpu] pinned
+    assert "pip install -q -c launch/constraints.txt -e '.[gcs,tpu-aot]'" in out  # gs://; the tested versions
     assert "export JAX_COMPILATION_CACHE_DIR=gs://b/runs/x/compile_cache;" in out
     assert r"export HF_MODEL=/mnt/disks/models/Llama\ 3;" in out  # the run's environment, quoted
     assert "setsid nohup .venv/bin/python -m trainer.train --config configs/llama3_8b_tpu.py " \
         "--workdir gs://b/runs/x --distributed=auto --config.train.num_steps=5 > ~/flax-ift.log" in out
     assert "< /dev/null &" in out  # detached from the ssh session
+
+
+def test_constraints_pin_every_dependency_the_project_declares():
+    """launch/constraints.txt is the lock every install uses: a dependency added to pyproject.toml
+    without a pinned version would float on the pod's hosts (torch is pinned by launch/test.sh)."""
+    import re  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    declared = [*project["dependencies"], *(d for ds in project["optional-dependencies"].values() for d in ds)]
+    norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731 (PEP 503 names)
+    names = {norm(re.match(r"[A-Za-z0-9_.-]+", d).group()) for d in declared} - {"torch"}
+    with open(os.path.join(ROOT, "launch", "constraints.txt")) as f:
+        pinned = {norm(line.split("==")[0]) for line in f if "==" in line and not line.startswith("#")}
+    assert names - pinned == set()
+    assert names <= pinned and "libtpu" in pinned and "jaxlib" in pinned
