@@ -78,6 +78,11 @@ class _NoTraceback(logging.Filter):
 _NO_TRACEBACK = _NoTraceback()
 
 
+def checkpoint_dir(workdir: str) -> str:
+    """Where a run's checkpoints live: ``WORKDIR/checkpoints/<step>``."""
+    return paths.join(paths.abspath(workdir), "checkpoints")
+
+
 def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: str = VAL_METRIC,
              mode: str = "auto") -> ocp.CheckpointManager:
     mode = best_mode_fn(best_metric, mode)
@@ -94,7 +99,7 @@ def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: 
     absl_logging.get_absl_logger().addFilter(_NO_TRACEBACK)  # (a set: added once however often)
     if read_only:
         absl_logging.get_absl_logger().addFilter(_READ_ONLY_NOTICE)
-    return ocp.CheckpointManager(paths.join(paths.abspath(workdir), "checkpoints"),
+    return ocp.CheckpointManager(checkpoint_dir(workdir),
                                  options=options, item_names=("params", "opt_state", "data", "base"))
 
 
@@ -290,7 +295,7 @@ class Checkpointer:
 
     @property
     def directory(self) -> str:
-        return paths.join(paths.abspath(self.workdir), "checkpoints")
+        return checkpoint_dir(self.workdir)
 
     def set_aside(self, step: int) -> str:
         """Renames ``<step>`` to ``<step>.corrupt-<time>`` (process 0) and forgets it."""
@@ -331,7 +336,7 @@ class Checkpointer:
     def resolve(self, which: str) -> int:
         """``latest`` | ``best`` | a step number -> a step that exists, or a UserError that says why."""
         steps = self.all_steps()
-        where = paths.join(self.workdir, "checkpoints")
+        where = self.directory
         if not steps:
             raise UserError(f"no checkpoint in {where}; train first (trainer.train --workdir ...)")
         if which == "latest":

@@ -23,6 +23,7 @@ import jax
 
 from trainer.errors import UserError
 from trainer.io import paths
+from trainer.io.checkpoint import checkpoint_dir
 from trainer.settings.spec import RunSpec, SpecError
 
 LOCK_FILE = "run.lock"
@@ -174,7 +175,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def has_checkpoints(workdir: str) -> bool:
-    return any(name.isdigit() for name in paths.listdir(paths.join(workdir, "checkpoints")))
+    return any(name.isdigit() for name in paths.listdir(checkpoint_dir(workdir)))
 
 
 def save_or_check_config(config: RunSpec, workdir: str) -> int | None:
