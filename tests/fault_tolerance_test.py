@@ -260,13 +260,12 @@ def test_disk_full_during_a_save_stops_in_one_line_and_keeps_the_previous_checkp
     while not (wd / "checkpoints" / "10" / "commit_success.txt").exists() and time.time() - t0 < 120:
         time.sleep(0.05)  # the checkpoint of step 10 is committed
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # the disk is full from here on
-        try:
+    try:  # the disk is full from here on (unbuffered: closing the file then has nothing to flush,
+        with open(filler, "wb", buffering=0) as f:  # which raised ENOSPC again from `with` under load)
             while True:
                 f.write(b"\0" * (1 << 20))
-                f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
     out, err = p.communicate(timeout=300)
     assert p.returncode == 2, err[-3000:]
 
