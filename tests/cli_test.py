@@ -211,8 +211,9 @@ def test_eval_bad_inputs_are_one_line_each(llama_dir, tmp_path, workdir):
     assert_clean_error(r, "--data")
     one = tmp_path / "one.jsonl"
     one.write_text('{"prompt": "a", "completion": "b"}\n')
-    r = run("trainer.eval", f"--hf_path={path}", f"--data={one}", "--split=validation", "--baselines=zero_shot")
-    r2 = run("trainer.eval", f"--hf_path={path}", f"--data={one}", "--split=test", "--baselines=zero_shot")
+    out = f"--out={tmp_path / 'out'}"  # (the default, ./eval/..., is the repository when run from it)
+    r = run("trainer.eval", f"--hf_path={path}", f"--data={one}", "--split=validation", "--baselines=zero_shot", out)
+    r2 = run("trainer.eval", f"--hf_path={path}", f"--data={one}", "--split=test", "--baselines=zero_shot", out)
     assert any(x.returncode == 2 and "is empty" in x.stderr and "Traceback" not in x.stderr for x in (r, r2)), \
         r.stderr[-2000:] + r2.stderr[-2000:]
 
