@@ -27,7 +27,12 @@ from trainer.io import paths
 from trainer.settings import checks as config_checks
 from trainer.settings.spec import RunSpec
 from trainer.training import metrics as metrics_lib
-from trainer.training.modeling import ModelSpec, _local, abstract_with_shardings, hf_path
+from trainer.training.modeling import (
+    ModelSpec,
+    abstract_with_shardings,
+    hf_path,
+    local_base,
+)
 from trainer.training.step import TrainState, make_eval_step, make_train_step
 
 TOKENIZER_DIR = "tokenizer"
@@ -41,7 +46,7 @@ def validate_config(config: RunSpec) -> None:
     """Every config problem at once, before any data or model work (``trainer.settings.checks``)."""
     positions, base_problems = None, []
     path = config.model.hf_path or config.model.gguf_path  # both set: a problem below
-    path = _local(path) if path else path
+    path = local_base(path) if path else path
     if path and os.path.exists(path):
         try:
             positions = hf_io.model_config_from_hf(hf_io.read_hf_config(path)).max_position_embeddings

@@ -39,11 +39,11 @@ def hf_path(config: RunSpec) -> str:
     hf, gg = config.model.hf_path, config.model.gguf_path
     if hf and gg:
         raise UserError("set model.hf_path or model.gguf_path, not both")
-    return _local(hf or gg)
+    return local_base(hf or gg)
 
 
 @functools.lru_cache(maxsize=None)
-def _local(path: str) -> str:
+def local_base(path: str) -> str:
     """A gs:// base as a local copy (once per host): its config, tokenizer and weights where readers
     need files; a converted base's sharded parameters stay in the bucket, read by chunk."""
     if not paths.is_remote(path):
