@@ -1,16 +1,23 @@
 """``trainer.convert``: a base model converted once into the run's layout (sharded Orbax) loads into
 the same parameters, bitwise, as the Hugging Face import it came from, in the target shardings."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import pytest
 
 from tests import helpers
-from tests.cli_test import run
+from tests.cli_test import ROOT, run
 from tests.hf_run_test import hf_dir  # noqa: F401 (the tiny Qwen2 checkpoint fixture)
 from trainer import sharding as sharding_lib
 from trainer.errors import UserError
 from trainer.training import modeling
 from tests.helpers import resolved
+from tests.multiprocess_test import finish, start_processes
 
 
 def _params(path, scan_layers, lora_rank=0):
@@ -50,3 +57,66 @@ def test_a_layout_mismatch_is_one_line(converted):
     with pytest.raises(UserError, match="another layout .scan_layers=True there, False in this run") as e:
         _params(converted, scan_layers=False)
     assert "\n" not in str(e.value) and "trainer.convert" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def bigger_hf_dir(tmp_path_factory):
+    """A 4M-parameter Qwen2 (15 MB in float32): big enough that a chunk is a small part of an array."""
+    from tests.conftest import reference
+    torch, transformers = reference("torch"), reference("transformers")
+    from data_pipeline.synthetic import synthetic_splits
+    from data_pipeline.templating import prompt_completion_messages
+    from data_pipeline.tokenizer import train_demo_tokenizer
+    path = str(tmp_path_factory.mktemp("qwen2_4m"))
+    rows = synthetic_splits(400, 0, {"train": 1.0})["train"]
+    tok = train_demo_tokenizer([prompt_completion_messages(r["prompt"], r["completion"]) for r in rows],
+                               vocab_size=300, min_frequency=4)
+    tok.save_pretrained(path)
+    cfg = transformers.Qwen2Config(
+        vocab_size=-(-len(tok) // 64) * 64, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _convert_on_one_device(hf_path, out, chunk_mb):
+    """As on a workstation: one device, so Orbax's write shards are whole arrays."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    r = subprocess.run([sys.executable, "-m", "trainer.convert", "--config", "configs/tiny.py",
+                        "--config.model.scan_layers=True", "--hf_path", hf_path, "--out", out,
+                        "--chunk_mb", str(chunk_mb)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return sum(f.stat().st_size for f in pathlib.Path(out, "params").rglob("*") if f.is_file())
+
+
+def test_four_processes_each_read_about_a_quarter_of_a_converted_base(bigger_hf_dir, tmp_path):
+    """A base converted on one device, restored by 4 processes x 2 devices under FSDP over all 8:
+    each process reads (TensorStore's byte counter, around the restore) about its quarter of the stored
+    bytes, rounded up to the chunks its slices touch, plus the index every process reads, and its
+    parameters equal the HF import's bitwise. The control is the same base stored the way Orbax
+    stores it by default (one chunk per write shard, here the whole array): every process reads it all.
+    The chunk is scaled to this model (64 KiB of 0.5-4 MiB arrays; 4 MiB of an 8B model's 0.1-3.8 GB
+    ones): the chunks these slices touch are 25.6% of the bytes."""
+    chunked = _convert_on_one_device(bigger_hf_dir, str(tmp_path / "chunked"), 0.0625)
+    whole = _convert_on_one_device(bigger_hf_dir, str(tmp_path / "whole"), 1024)
+    procs = start_processes(["-m", "tests.base_read_probe", bigger_hf_dir, str(tmp_path / "chunked"),
+                             str(tmp_path / "whole"), f"--chunk_bytes={64 << 10}"], [], 4,
+                            21000 + os.getpid() % 9000)
+    codes, outs = finish(procs)
+    assert codes == [0] * 4, outs[0][-3000:]
+    probes = [json.loads(next(ln for ln in out.splitlines() if ln.startswith("PROBE "))[6:])
+              for out in outs]
+    print({"stored": (chunked, whole), "read": [(p["read_0"], p["read_1"]) for p in probes],
+           "predicted": probes[0]["predicted"]})
+    for p in probes:
+        assert p["equal_0"] and p["equal_1"]
+        read, control = p["read_0"]["tensorstore"], p["read_1"]["tensorstore"]
+        assert read < 0.35 * chunked, (p, chunked)  # a quarter, rounded up to chunks, + the index
+        # what the dry run prints: the chunks' bytes (compression and the index move it a little)
+        assert abs(read - p["predicted"]) < 0.1 * chunked, p
+        assert p["read_0"]["rchar"] < 0.5 * chunked  # the kernel's count: this and every other read
+        assert control > 0.95 * whole, (p, whole)

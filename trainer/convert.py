@@ -23,13 +23,15 @@ from trainer.errors import UserError
 FLAGS = flags.FLAGS
 
 
-def convert(config: Any, hf_path: str, out: str) -> dict[str, Any]:
+def convert(config: Any, hf_path: str, out: str, chunk_mb: float | None = None) -> dict[str, Any]:
     """Imports ``hf_path`` as the run of ``config`` (a ``RunSpec``) would, without LoRA, and writes
-    it to ``out``."""
+    it to ``out`` in chunks of at most ``chunk_mb`` MiB (None: ``base_checkpoint.CHUNK_BYTES``)."""
     from trainer.console import log  # noqa: PLC0415
     from trainer.io import base_checkpoint, paths  # noqa: PLC0415
     from trainer.io import hf as hf_io
     from trainer.training import modeling  # noqa: PLC0415
+    if chunk_mb is not None and not chunk_mb > 0:
+        raise UserError(f"--chunk_mb must be positive, got {chunk_mb}")
     if paths.exists(paths.join(out, base_checkpoint.PARAMS)):
         raise UserError(f"--out {out} already holds a converted base; choose a new directory")
     # The whole base, unfrozen: LoRA runs freeze it when they load it.
@@ -43,7 +45,8 @@ def convert(config: Any, hf_path: str, out: str) -> dict[str, Any]:
                                hf_config)
     params = spec.load_base()
     layout = {"scan_layers": spec.cfg.scan_layers, "param_dtype": spec.cfg.param_dtype}
-    base_checkpoint.write(params, out, hf_path, layout)
+    chunk_bytes = base_checkpoint.CHUNK_BYTES if chunk_mb is None else max(1024, int(chunk_mb * 2**20))
+    base_checkpoint.write(params, out, hf_path, layout, chunk_bytes)
     import jax  # noqa: PLC0415
     n = sum(x.size for x in jax.tree.leaves(params))
     log(f"converted {hf_path} ({n / 1e6:,.1f}M parameters, scan_layers={layout['scan_layers']}, "
@@ -57,13 +60,18 @@ def _define_flags() -> None:
                                     "(model.scan_layers, model.param_dtype, config.mesh).", lock_config=True)
     flags.DEFINE_string("hf_path", None, "A Hugging Face model directory (config.json + *.safetensors).")
     flags.DEFINE_string("out", None, "Output directory (local or gs://).")
+    flags.DEFINE_float("chunk_mb", None, "Largest stored chunk, MiB (default: "
+                       "trainer.io.base_checkpoint.CHUNK_BYTES). A process reads the chunks its "
+                       "devices' slices touch: smaller chunks read closer to its share, larger ones "
+                       "make fewer requests to a bucket.")
     flags.adopt_module_key_flags(cli)
 
 
 def run() -> None:
     """Entry point (``python -m trainer.convert``)."""
     _define_flags()
-    launch(lambda: convert(run_spec(), FLAGS.hf_path, FLAGS.out), required=("hf_path", "out"))
+    launch(lambda: convert(run_spec(), FLAGS.hf_path, FLAGS.out, FLAGS.chunk_mb),
+           required=("hf_path", "out"))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from trainer.benchmarks.memory import compiled_memory, state_bytes
 from trainer.benchmarks.topology import collective_bytes
 from trainer.errors import UserError
 from trainer.evaluation.generate import make_generate_fn
+from trainer.io import base_checkpoint as base_ckpt
 from trainer.models import flops as flops_lib
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings import checks as config_checks
@@ -100,6 +101,9 @@ def dry_run(config: RunSpec, devices: list[Any] | int | None = None,
         "flops_per_step_xla_per_device": programs["train_step"]["flops"],
         "memory_per_device_bytes": programs["train_step"]["memory"],
     }
+    base = spec.abstract_base()
+    out["base_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
+    out["base_read_per_process_bytes"] = max(base_ckpt.bytes_read_per_process(base).values())
     if memory_gb:
         out["device_memory_gb"] = memory_gb
         out["fits"] = all(p["memory"] is not None and p["memory"]["total"] <= memory_gb * GB
@@ -166,6 +170,11 @@ def report(r: dict[str, Any]) -> str:
                   f"{m['outputs'] / GB:.2f} GB (aliased {m['aliased'] / GB:.2f}), temporaries "
                   f"{m['temporaries'] / GB:.2f} GB -> {m['total'] / GB:.2f} GB",
                   f"    collectives per device (GB): {moved or 'none'}"]
+    if "base_bytes" in r:
+        lines.append(f"  a converted base (trainer.convert, {base_ckpt.CHUNK_BYTES >> 20} MiB chunks): each "
+                     f"process reads at most {r['base_read_per_process_bytes'] / GB:.2f} GB of the base's "
+                     f"{r['base_bytes'] / GB:.2f} GB (a 1/{r['processes']} share is "
+                     f"{r['base_bytes'] / r['processes'] / GB:.2f} GB)")
     if "seconds_per_step_at_peak" in r:
         lines.append(f"  train step at the chip's peak FLOP/s: {r['seconds_per_step_at_peak']:.3f} s "
                      f"({r['seconds_per_step_at_40pct_mfu']:.3f} s at 40% MFU)")

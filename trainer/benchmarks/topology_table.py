@@ -53,24 +53,27 @@ def row(config_path: str, topology: str) -> dict[str, Any]:
             "train_tflops_per_chip_formula": r["flops_per_step_formula"] / r["devices"] / 1e12,
             "seconds_per_step_at_peak": r.get("seconds_per_step_at_peak"),
             "train_collectives_gb": {k: v / GB for k, v in train["collective_bytes"].items() if v},
+            "hosts": r["processes"], "base_gb": r["base_bytes"] / GB,
+            "base_read_per_host_gb": r["base_read_per_process_bytes"] / GB,
             "compile_s": {k: p["compile_s"] for k, p in r["programs"].items()}}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| preset | slice (chips) | mesh | train / eval / generate, GB per chip | fits | "
-             "train step at peak | train-step collectives per chip |",
-             "|---|---|---|---|---|---:|---|"]
+             "train step at peak | train-step collectives per chip | converted base read per host |",
+             "|---|---|---|---|---|---:|---|---|"]
     for r in rows:
         name = os.path.basename(r["config"])[:-3]
         if "error" in r:
-            lines.append(f"| {name} | {r['slice']} | | {r['error'][:160]} | no | | |")
+            lines.append(f"| {name} | {r['slice']} | | {r['error'][:160]} | no | | | |")
             continue
         m = {k: "refused" if v is None else f"{v:.1f}" for k, v in r["memory_gb"].items()}
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1) or "1"
         moved = ", ".join(f"{k} {v:,.1f} GB" for k, v in r["train_collectives_gb"].items())
         lines.append(f"| {name} | {r['slice']} ({r['chips']}) | {mesh} | {m['train_step']} / "
                      f"{m['eval_step']} / {m['generate']} of {r['device_memory_gb']:g} | "
-                     f"{'yes' if r['fits'] else 'no'} | {r['seconds_per_step_at_peak']:.3f} s | {moved} |")
+                     f"{'yes' if r['fits'] else 'no'} | {r['seconds_per_step_at_peak']:.3f} s | {moved} | "
+                     f"{r['base_read_per_host_gb']:.2f} of {r['base_gb']:.2f} GB ({r['hosts']} hosts) |")
     return "\n".join(lines)
 
 

@@ -13,10 +13,15 @@ like an HF directory; local paths and ``gs://`` both work (``trainer.io.paths``)
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.arrays.subchunking import choose_chunk_shape  # how Orbax cuts chunks
 
 from trainer.io import paths
 
@@ -26,19 +31,25 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".safetensors.index.j
 
 
 SKIP_IN_LOCAL_COPY = (PARAMS,)  # Orbax reads these from where they are
+# Orbax stores each written shard as one compressed chunk, read whole: a base converted on one
+# device would be one chunk per array, and every host of a pod would read all of it. Chunks of at
+# most this many bytes (Orbax splits the largest dimensions first, so every large axis is cut) let a
+# host read about its share of each array, rounded up to the chunks it touches.
+CHUNK_BYTES = 4 << 20
 
 
 def is_converted(path: str) -> bool:
     return bool(path) and not path.endswith(".gguf") and paths.exists(paths.join(path, MARKER))
 
 
-def write(params: Any, out: str, source: str, layout: dict[str, Any]) -> None:
-    """Saves ``params`` (sharded arrays, the run's layout) under ``out/params`` and copies the source
-    directory's other files (config, tokenizer, generation config) beside them. Every process calls
-    this (Orbax writes each process's shards)."""
-    import jax  # noqa: PLC0415
+def write(params: Any, out: str, source: str, layout: dict[str, Any],
+          chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Saves ``params`` (sharded arrays, the run's layout) under ``out/params`` in chunks of at most
+    ``chunk_bytes`` and copies the source directory's other files (config, tokenizer, generation
+    config) beside them. Every process calls this (Orbax writes each process's shards)."""
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(paths.abspath(paths.join(out, PARAMS)), params)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), params)
+    ckptr.save(paths.abspath(paths.join(out, PARAMS)), params, save_args=save_args)
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
         if paths.isdir(source):
@@ -67,3 +78,20 @@ def read(path: str, target: Any) -> Any:
     (``ShapeDtypeStruct``s with shardings): each process reads only its devices' chunks."""
     where = paths.join(paths.source_of(path), PARAMS)  # a local copy of a gs:// base: the bucket's
     return ocp.StandardCheckpointer().restore(paths.abspath(where), target)
+
+
+def bytes_read_per_process(abstract: Any, chunk_bytes: int = CHUNK_BYTES) -> dict[int, int]:
+    """Bytes each process reads to restore a base converted on one device with ``chunk_bytes``
+    chunks into ``abstract``'s shardings (``ShapeDtypeStruct``s): every chunk its devices' slices
+    touch, uncompressed, not counting Orbax's index. The chunk shapes are the ones Orbax picks."""
+    total: dict[int, int] = {}
+    for x in jax.tree.leaves(abstract):
+        chunk = choose_chunk_shape(x.shape, x.shape, np.dtype(x.dtype), chunk_bytes)
+        touched: dict[int, set] = {}
+        for device, index in x.sharding.devices_indices_map(x.shape).items():
+            spans = [range((s.start or 0) // c, ((n if s.stop is None else s.stop) - 1) // c + 1)
+                     for s, c, n in zip(index, chunk, x.shape)]
+            touched.setdefault(device.process_index, set()).update(itertools.product(*spans))
+        for process, chunks in touched.items():
+            total[process] = total.get(process, 0) + len(chunks) * math.prod(chunk) * x.dtype.itemsize
+    return total

@@ -229,6 +229,11 @@ class ModelSpec:
                             f"({len(jax.tree.leaves(params, is_leaf=is_q))} of {len(jax.tree.leaves(want))})")
         return params
 
+    def abstract_base(self) -> Any:
+        """The base parameters as a converted base stores them (no adapters), with shardings."""
+        plain = abstract_with_shardings(self.init_params_fn(0), self.param_shardings)
+        return self.split(plain)[1] if self.lora.enabled else plain
+
     def _load_converted(self) -> Any:
         """A base converted by ``trainer.convert``: restored by Orbax straight into the parameters'
         shardings (each process reads its devices' chunks), then frozen as the run stores it."""
@@ -238,10 +243,8 @@ class ModelSpec:
         if self.lora.base_quant:
             raise UserError("lora.base_quant on a converted base is not supported yet: point "
                             "model.hf_path at the Hugging Face directory it came from")
-        plain = abstract_with_shardings(self.init_params_fn(0), self.param_shardings)
-        target = self.split(plain)[1] if self.lora.enabled else plain
         try:
-            params = base_ckpt.read(self.hf_path, target)
+            params = base_ckpt.read(self.hf_path, self.abstract_base())
         except (ValueError, FileNotFoundError, KeyError) as e:
             raise UserError(f"base model {self.hf_path}: {(str(e).splitlines() or [''])[0][:300]}") from e
         if not self.lora.enabled:
