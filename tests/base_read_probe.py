@@ -30,6 +30,7 @@ def main(hf_dir: str, bases: list[str], chunk_bytes: int, coordinator: str, num_
          process_id: int) -> None:
     cli.init_distributed("explicit", coordinator, num_processes, process_id)
     import jax  # noqa: PLC0415
+
     from tests import helpers  # noqa: PLC0415
     from trainer import sharding  # noqa: PLC0415
     from trainer.io import base_checkpoint  # noqa: PLC0415

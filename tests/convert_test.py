@@ -12,12 +12,12 @@ import pytest
 
 from tests import helpers
 from tests.cli_test import ROOT, run
+from tests.helpers import resolved
 from tests.hf_run_test import hf_dir  # noqa: F401 (the tiny Qwen2 checkpoint fixture)
+from tests.multiprocess_test import finish, start_processes
 from trainer import sharding as sharding_lib
 from trainer.errors import UserError
 from trainer.training import modeling
-from tests.helpers import resolved
-from tests.multiprocess_test import finish, start_processes
 
 
 def _params(path, scan_layers, lora_rank=0):

@@ -21,7 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.arrays.subchunking import choose_chunk_shape  # how Orbax cuts chunks
+
+# how Orbax cuts an array into chunks (not exported; bytes_read_per_process must agree with it)
+from orbax.checkpoint._src.arrays.subchunking import choose_chunk_shape
 
 from trainer.io import paths
 
