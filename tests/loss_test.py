@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer.training.loss import chunked_token_loss, token_loss
 from trainer.models.transformer import softcap_logits
+from trainer.training.loss import chunked_token_loss, token_loss
 
 
 def _data(n_rows=3, seq=13, embed=24, vocab=53, seed=0, supervised=0.4):
@@ -66,3 +66,28 @@ def test_full_logits_are_never_materialised():
     hlo = fn.lower(hidden, head).compile().as_text()
     assert "f32[4,8,1000]" in hlo  # 32 tokens: 8 positions of each of the 4 rows
     assert "f32[256,1000]" not in hlo and "f32[4,64,1000]" not in hlo
+
+
+def _head_matmuls(jaxpr, vocab) -> int:
+    """dot_generals with a vocabulary-sized operand or result, in ``jaxpr`` and every sub-jaxpr."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and any(
+                vocab in getattr(v.aval, "shape", ()) for v in (*eqn.invars, *eqn.outvars)):
+            n += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _head_matmuls(inner, vocab)
+    return n
+
+
+@pytest.mark.parametrize("chunk", [32, 1000])
+def test_the_gradient_costs_three_head_matmuls_per_tile_not_four(chunk):
+    """The custom VJP computes the logits' gradient while it has the logits: logits, d hidden and
+    d head, where autodiff of a rematerialised tile computes the logits again in the backward."""
+    hidden, head, targets, weights = _data(n_rows=4, seq=64, vocab=1000)
+    loss = lambda h, w: chunked_token_loss(h, w, targets, weights, chunk=chunk)["loss_sum"]  # noqa: E731
+    assert _head_matmuls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, head).jaxpr, 1000) == 3
+    assert _head_matmuls(jax.make_jaxpr(loss)(hidden, head).jaxpr, 1000) == 1  # not differentiated
