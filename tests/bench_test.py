@@ -26,3 +26,13 @@ def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys):
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0
     assert row["identical_rows"] == row["rows"] == 8  # greedy tokens equal transformers.generate's
     assert "ratio" in capsys.readouterr().out
+
+
+def test_loss_benchmark_times_both_sides_and_their_gradients_agree():
+    from trainer.benchmarks import loss as loss_bench
+    r = loss_bench.run(batch=2, seq=64, embed=16, vocab=300, chunk=32, supervised=0.5, softcap=0.0,
+                       dtype="float32", repeats=1)
+    assert r["ours"]["seconds"] > 0 and r["reference"]["seconds"] > 0 and r["speedup"] > 0
+    assert r["max_grad_difference"] < 1e-5
+    # the reference holds [batch, seq, vocab] float32 logits; ours a [batch, 16, vocab] tile
+    assert r["ours"]["temporary_bytes"] < r["reference"]["temporary_bytes"]
