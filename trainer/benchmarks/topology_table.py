@@ -73,7 +73,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {name} | {r['slice']} ({r['chips']}) | {mesh} | {m['train_step']} / "
                      f"{m['eval_step']} / {m['generate']} of {r['device_memory_gb']:g} | "
                      f"{'yes' if r['fits'] else 'no'} | {r['seconds_per_step_at_peak']:.3f} s | {moved} | "
-                     f"{r['base_read_per_host_gb']:.2f} of {r['base_gb']:.2f} GB ({r['hosts']} hosts) |")
+                     f"{r['base_read_per_host_gb']:.2f} of {r['base_gb']:.2f} GB ({r['hosts']} "
+                     f"host{'s' if r['hosts'] > 1 else ''}) |")
     return "\n".join(lines)
 
 
