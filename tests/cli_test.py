@@ -13,9 +13,10 @@ from tests.conftest import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=600, env=None):
+    """``python -m args`` from the repository, with ``env`` added to this process's environment."""
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT})
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
 
 
 def assert_clean_error(r, *needles):

@@ -4,16 +4,17 @@ the same parameters, bitwise, as the Hugging Face import it came from, in the ta
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from tests import helpers
-from tests.cli_test import ROOT, run
+from tests.cli_test import run
 from tests.helpers import resolved
-from tests.hf_run_test import hf_dir  # noqa: F401 (the tiny Qwen2 checkpoint fixture)
+from tests.hf_run_test import (
+    hf_dir,  # noqa: F401 (the tiny Qwen2 checkpoint fixture)
+    qwen2_checkpoint,
+)
 from tests.multiprocess_test import finish, start_processes
 from trainer import sharding as sharding_lib
 from trainer.errors import UserError
@@ -62,33 +63,15 @@ def test_a_layout_mismatch_is_one_line(converted):
 @pytest.fixture(scope="module")
 def bigger_hf_dir(tmp_path_factory):
     """A 4M-parameter Qwen2 (15 MB in float32): big enough that a chunk is a small part of an array."""
-    from tests.conftest import reference
-    torch, transformers = reference("torch"), reference("transformers")
-    from data_pipeline.synthetic import synthetic_splits
-    from data_pipeline.templating import prompt_completion_messages
-    from data_pipeline.tokenizer import train_demo_tokenizer
-    path = str(tmp_path_factory.mktemp("qwen2_4m"))
-    rows = synthetic_splits(400, 0, {"train": 1.0})["train"]
-    tok = train_demo_tokenizer([prompt_completion_messages(r["prompt"], r["completion"]) for r in rows],
-                               vocab_size=300, min_frequency=4)
-    tok.save_pretrained(path)
-    cfg = transformers.Qwen2Config(
-        vocab_size=-(-len(tok) // 64) * 64, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return path
+    return qwen2_checkpoint(str(tmp_path_factory.mktemp("qwen2_4m")), hidden_size=256,
+                            intermediate_size=1024, num_hidden_layers=4)
 
 
 def _convert_on_one_device(hf_path, out, chunk_mb):
     """As on a workstation: one device, so Orbax's write shards are whole arrays."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    r = subprocess.run([sys.executable, "-m", "trainer.convert", "--config", "configs/tiny.py",
-                        "--config.model.scan_layers=True", "--hf_path", hf_path, "--out", out,
-                        "--chunk_mb", str(chunk_mb)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = run("trainer.convert", "--config", "configs/tiny.py", "--config.model.scan_layers=True",
+            "--hf_path", hf_path, "--out", out, "--chunk_mb", str(chunk_mb),
+            env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert r.returncode == 0, r.stderr[-3000:]
     return sum(f.stat().st_size for f in pathlib.Path(out, "params").rglob("*") if f.is_file())
 

@@ -27,17 +27,23 @@ from tests.helpers import resolved
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny random Qwen2 (qkv biases, tied embeddings) with a padded vocabulary, plus tokenizer."""
-    path = str(tmp_path_factory.mktemp("qwen2_tiny"))
+    return qwen2_checkpoint(str(tmp_path_factory.mktemp("qwen2_tiny")), hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=2,
+                            max_position_embeddings=8192)  # the GPU preset's 4-shot prompts of
+    # 1,024-token rows need 5k positions (Qwen2.5 has 32k)
+
+
+def qwen2_checkpoint(path: str, **sizes) -> str:
+    """A random Qwen2 of ``sizes`` (4 heads, 2 k/v heads, tied embeddings) saved at ``path`` with the
+    demo tokenizer trained on the synthetic rows; its vocabulary padded to a multiple of 64."""
     rows = synthetic_splits(400, 0, {"train": 1.0})["train"]
     tok = train_demo_tokenizer([prompt_completion_messages(r["prompt"], r["completion"]) for r in rows],
                                vocab_size=300, min_frequency=4)
     tok.save_pretrained(path)
     cfg = transformers.Qwen2Config(
-        vocab_size=-(-len(tok) // 64) * 64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,  # the GPU preset's
-        # 4-shot prompts of 1,024-token rows need 5k positions (Qwen2.5 has 32k)
+        vocab_size=-(-len(tok) // 64) * 64, num_attention_heads=4, num_key_value_heads=2,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id)
+        pad_token_id=tok.pad_token_id, **sizes)
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
     return path

@@ -95,7 +95,7 @@ def _sums_fwd(hidden, head, targets, w, width, softcap):
 def _sums_bwd(width, softcap, residuals, g):
     """The gradients of ``g[0] * loss_sum`` (``correct`` is a count: no gradient)."""
     d_hidden, d_head, head_dtype = residuals
-    return ((d_hidden * g[0].astype(d_hidden.dtype)), (d_head * g[0]).astype(head_dtype.dtype),
+    return (d_hidden * g[0].astype(d_hidden.dtype), (d_head * g[0]).astype(head_dtype.dtype),
             None, None)
 
 
