@@ -19,6 +19,8 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     flags.DEFINE_integer("rows", 200_000, "Synthetic short rows (when no --file).")
+    flags.DEFINE_integer("conversations", 0, "Synthetic chat rows of 200-2,000 words instead (messages format).")
+    flags.DEFINE_string("format", "prompt_completion", "The --file's format: prompt_completion | alpaca | messages.")
     flags.DEFINE_string("file", "", "A real data file instead (JSONL/JSON/CSV/Parquet).")
     flags.DEFINE_list("fields", [], "Field mapping for --file, e.g. prompt=question,completion=answer.")
     flags.DEFINE_string("tokenizer", "", "An HF tokenizer directory or GGUF file (default: the demo BPE).")
@@ -33,7 +35,7 @@ def main(argv: list[str]) -> None:
     from data_pipeline.errors import DataError  # noqa: PLC0415
     try:
         result = run(demo.get_config(), FLAGS.rows, FLAGS.file, dict(kv.split("=", 1) for kv in FLAGS.fields),
-                     FLAGS.tokenizer, FLAGS.max_length)
+                     FLAGS.tokenizer, FLAGS.max_length, conversations=FLAGS.conversations, fmt=FLAGS.format)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -7,16 +7,23 @@
 Tokenisation runs through ``datasets.Dataset.map`` (batched: one fast-tokenizer call per batch;
 ``data.num_proc`` processes) and is cached on disk under a key made of the rows' content, the
 tokenizer, the template and the length settings: a second run with the same inputs loads it.
+
+Nothing here holds a split's tokens in RAM: the rows go to disk as Arrow in 10k-row pieces, the map
+writes Arrow files, and those become three flat arrays (``ids.npy`` int32, ``loss_mask.npy`` int8,
+``offsets.npy``) that are memory-mapped; every example is a view into them. A million-row mix of
+~1,000-token conversations is ~5.5 GB of tokens, read from the page cache as batches need them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from typing import Any
 
@@ -34,7 +41,7 @@ from data_pipeline.templating import (
     tokenize_plans,
 )
 
-CACHE_VERSION = "1"  # bump when tokenisation changes meaning
+CACHE_VERSION = "2"  # bump when tokenisation or the cache's files change meaning
 LENGTH_POLICIES = ("drop", "truncate")
 
 
@@ -148,18 +155,21 @@ def _encode_batch(batch: dict[str, list], tok, t: Template, max_length: int, pol
     out: dict[str, list] = {"ids": [], "loss_mask": [], "status": []}
     for i, (msgs, (ids, mask)) in enumerate(zip(convs, tokenize_plans(tok, t, plans))):
         if i in failed:
-            out["ids"].append([])
-            out["loss_mask"].append([])
+            out["ids"].append(_EMPTY)
+            out["loss_mask"].append(_EMPTY)
             out["status"].append("dropped: " + failed[i])
             continue
         ids, mask, why = fit_length(tok, t, msgs, ids, mask, max_length, policy)
         if ids is not None and mask[1:].sum() == 0:
             ids, mask, why = None, None, "no supervised token"
         status = ("dropped: " if ids is None else "truncated: " if why else "") + why
-        out["ids"].append([] if ids is None else ids.tolist())
-        out["loss_mask"].append([] if mask is None else mask.tolist())
+        out["ids"].append(_EMPTY if ids is None else ids)
+        out["loss_mask"].append(_EMPTY if mask is None else mask)
         out["status"].append(status)
     return out
+
+
+_EMPTY = np.zeros(0, np.int32)
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
@@ -186,7 +196,6 @@ def _cache_dir(data_cfg: Any) -> str:
 def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
                    ) -> tuple[list[Example], TokenizeReport]:
     """Encodes one split's rows (see module docstring); drops and counts what cannot be used."""
-    import datasets  # noqa: PLC0415 (slow import)
     if data_cfg.length_policy not in LENGTH_POLICIES:
         raise DataError(f"data.length_policy must be one of {LENGTH_POLICIES}, got "
                         f"{data_cfg.length_policy!r}")
@@ -196,50 +205,116 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
         return [], report
     key = cache_key(rows, tok, t, data_cfg)
     path = os.path.join(_cache_dir(data_cfg), key) if data_cfg.cache else ""
-    if path and os.path.exists(os.path.join(path, "dataset_info.json")):
-        encoded = datasets.load_from_disk(path)
+    if path and os.path.exists(os.path.join(path, "offsets.npy")):
         report.cached = True
-    else:
-        table = datasets.Dataset.from_dict({
-            "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in rows],
-            "loc": [r["loc"] for r in rows]})
-        num_proc = data_cfg.num_proc or _auto_num_proc(len(rows))
-        # A progress bar (rows/s) for the splits that take more than a few seconds.
-        (datasets.enable_progress_bars if len(rows) >= 20_000 else datasets.disable_progress_bars)()
-        encoded = table.map(_encode_batch, batched=True, batch_size=256, desc="templating + tokenising",
-                            num_proc=num_proc if num_proc > 1 else None,
-                            remove_columns=["messages", "loc"], new_fingerprint=key,
-                            fn_kwargs=dict(tok=tok, t=t, max_length=data_cfg.max_length,
-                                           policy=data_cfg.length_policy,
-                                           on_bad_row=data_cfg.on_bad_row))
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            encoded.save_to_disk(tmp)  # then rename: a crash never leaves a half-written cache
-            if os.path.exists(path):  # another process got there first
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, path)
+        ids_all, mask_all, offsets, statuses = _load_flat(path)
+    elif path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        _encode_to_disk(data_cfg, tok, t, rows, key, tmp)
+        if os.path.exists(path):  # another process got there first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, path)  # a crash never leaves a half-written cache
+        ids_all, mask_all, offsets, statuses = _load_flat(path)
+    else:  # no cache: the same files in a temporary directory, removed once mapped (POSIX keeps them)
+        tmp = tempfile.mkdtemp(prefix="flax_ift_tokens_")
+        try:
+            _encode_to_disk(data_cfg, tok, t, rows, key, tmp)
+            ids_all, mask_all, offsets, statuses = _load_flat(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     examples = []
-    # Every split's tokens as two flat int32 arrays (ids, mask) read straight from the Arrow table
-    # with the row offsets; each example is a view into them. No per-token Python objects, so the
-    # memory is ~8 bytes per token however many rows there are.
-    ids_all, offsets = _flat(encoded.data.table.column("ids"))
-    mask_all, _ = _flat(encoded.data.table.column("loss_mask"))
-    statuses = encoded.data.table.column("status").to_pylist()
-    for i, (r, status) in enumerate(zip(rows, statuses)):
+    for i, r in enumerate(rows):
+        status = statuses.get(i, "")
         if status.startswith("dropped: "):
             report.dropped[status[len("dropped: "):]] += 1
             continue
         if status:
             report.truncated[status[len("truncated: "):]] += 1
-        a, b = offsets[i], offsets[i + 1]
-        ex = Example(ids_all[a:b], mask_all[a:b], {"source": r["source"], "task": r["task"]})
-        report.kept += 1
-        report.supervised_tokens += int(ex.loss_mask[1:].sum())
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        examples.append(Example(ids_all[a:b], mask_all[a:b], {"source": r["source"], "task": r["task"]}))
         report.lengths.append(b - a - 1)
-        examples.append(ex)
+    report.kept = len(examples)
+    # Supervised tokens: every mask value but each example's first (targets are ids[1:]); a dropped
+    # row has no tokens, so the whole array is the kept examples'.
+    firsts = np.array([int(offsets[i]) for i in range(len(rows)) if offsets[i + 1] > offsets[i]], np.int64)
+    report.supervised_tokens = int(mask_all.sum(dtype=np.int64) - mask_all[firsts].sum(dtype=np.int64))
     return examples, report
+
+
+def _features():
+    import datasets  # noqa: PLC0415 (slow import)
+    return datasets.Features({"ids": datasets.List(datasets.Value("int32")),
+                              "loss_mask": datasets.List(datasets.Value("int8")),
+                              "status": datasets.Value("string")})
+
+
+def _encode_to_disk(data_cfg: Any, tok, t: Template, rows: list[dict[str, Any]], key: str, out: str
+                    ) -> None:
+    """Tokenises ``rows`` into ``out``/{ids,loss_mask,offsets}.npy + statuses.json (see module doc)."""
+    import datasets  # noqa: PLC0415 (slow import)
+    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415
+    os.makedirs(out, exist_ok=True)
+    source = os.path.join(out, "rows.arrow")
+    with ArrowWriter(path=source, features=datasets.Features(
+            {"messages": datasets.Value("string"), "loc": datasets.Value("string")})) as writer:
+        for a in range(0, len(rows), 10_000):
+            piece = rows[a:a + 10_000]
+            writer.write_batch({"messages": [json.dumps(r["messages"], ensure_ascii=False) for r in piece],
+                                "loc": [r["loc"] for r in piece]})
+        writer.finalize()
+    table = datasets.Dataset.from_file(source)
+    num_proc = data_cfg.num_proc or _auto_num_proc(len(rows))
+    # A progress bar (rows/s) for the splits that take more than a few seconds.
+    (datasets.enable_progress_bars if len(rows) >= 20_000 else datasets.disable_progress_bars)()
+    # The workers are forked from this process, which holds every row as Python objects (~10 GB for
+    # a million long conversations). Frozen, the cyclic GC of a worker never walks them: walking
+    # them halved the workers' speed and copied the pages it touched (~0.4 GB a minute per worker).
+    gc.freeze()
+    try:
+        encoded = table.map(_encode_batch, batched=True, batch_size=256, desc="templating + tokenising",
+                            num_proc=num_proc if num_proc > 1 else None, features=_features(),
+                            remove_columns=["messages", "loc"], new_fingerprint=key,
+                            cache_file_name=os.path.join(out, "encoded.arrow"),
+                            fn_kwargs=dict(tok=tok, t=t, max_length=data_cfg.max_length,
+                                           policy=data_cfg.length_policy, on_bad_row=data_cfg.on_bad_row))
+    finally:
+        gc.unfreeze()
+    _write_flat(encoded.data.table, out)
+    del table, encoded
+    for name in os.listdir(out):
+        if name.endswith(".arrow"):
+            os.remove(os.path.join(out, name))
+
+
+def _write_flat(table, out: str) -> None:
+    """The Arrow ``ids``/``loss_mask`` list columns -> flat .npy files, one record batch at a time."""
+    ids, mask = table.column("ids"), table.column("loss_mask")
+    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in ids.chunks] or [np.zeros(0, np.int64)])
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.save(os.path.join(out, "offsets.npy"), offsets)
+    for name, column, dtype in (("ids", ids, np.int32), ("loss_mask", mask, np.int8)):
+        flat = np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", dtype, (int(offsets[-1]),))
+        at = 0
+        for chunk in column.chunks:
+            values = chunk.flatten().to_numpy(zero_copy_only=False)  # (flatten honours slices)
+            flat[at:at + len(values)] = values
+            at += len(values)
+        flat.flush()
+        del flat
+    statuses = {i: s for i, s in enumerate(table.column("status").to_pylist()) if s}
+    with open(os.path.join(out, "statuses.json"), "w") as f:
+        json.dump(statuses, f)
+
+
+def _load_flat(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+    with open(os.path.join(path, "statuses.json")) as f:
+        statuses = {int(i): s for i, s in json.load(f).items()}
+    return (np.load(os.path.join(path, "ids.npy"), mmap_mode="r"),
+            np.load(os.path.join(path, "loss_mask.npy"), mmap_mode="r"),
+            np.load(os.path.join(path, "offsets.npy")), statuses)
 
 
 def _auto_num_proc(rows: int) -> int:
@@ -251,14 +326,6 @@ def _auto_num_proc(rows: int) -> int:
     if bridge is not None and getattr(bridge, "_backends", True):  # unknown layout: do not fork
         return 1
     return min(os.cpu_count() or 1, 1 + rows // 50_000)
-
-
-def _flat(column) -> tuple[np.ndarray, np.ndarray]:
-    """A pyarrow list<int> column -> (all values as one int32 array, row offsets [rows + 1])."""
-    arr = column.combine_chunks()
-    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-    offsets = (arr.offsets.to_numpy() - arr.offsets[0].as_py()).astype(np.int64)
-    return values, offsets
 
 
 def tokenize(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: dict[str, list[dict[str, Any]]],

@@ -36,3 +36,24 @@ def test_loss_benchmark_times_both_sides_and_their_gradients_agree():
     assert r["max_grad_difference"] < 1e-5
     # the reference holds [batch, seq, vocab] float32 logits; ours a [batch, 16, vocab] tile
     assert r["ours"]["temporary_bytes"] < r["reference"]["temporary_bytes"]
+
+
+def test_the_tunix_comparison_refuses_a_model_that_is_not_llama_shaped():
+    import dataclasses  # noqa: PLC0415
+
+    from trainer.benchmarks.tunix_step import llama_shaped  # noqa: PLC0415 (imports no Tunix)
+    from trainer.models.config import ModelConfig  # noqa: PLC0415
+    base = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
+    assert llama_shaped(base) == ""
+    assert llama_shaped(dataclasses.replace(base, qkv_bias=True)) == "biases"
+    assert llama_shaped(dataclasses.replace(base, final_logit_softcap=30.0, norm="layer")) == "LayerNorm, softcapping"
+
+
+def test_bench_times_tunix_beside_ours_when_the_bench_extra_is_installed():
+    """A smoke run of ``trainer.bench --tunix`` (``launch/tunix_bench.sh`` installs Tunix; CI does not)."""
+    import pytest  # noqa: PLC0415
+    pytest.importorskip("tunix.sft.peft_trainer", reason="the bench-only extra (launch/tunix_bench.sh)")
+    row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64, use_torch=False, tunix=True)
+    assert row["tunix_tokens_per_s"] > 0 and row["ratio_vs_tunix"] > 0
+    assert row["tunix_build_s"] > 0 and row["ours_first_step_s"] > 0

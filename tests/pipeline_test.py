@@ -1,10 +1,14 @@
 """Tokenising splits: the length policy, drop counts, the cache and parallel tokenisation."""
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 
 from configs import tiny
 from data_pipeline import pipeline
+from data_pipeline.templating import encode_messages
 from tests.templating_test import TEMPLATE_WITH_BOS, word_tokenizer
 
 
@@ -104,3 +108,36 @@ def test_data_benchmark_smoke(tmp_path, capsys):
     assert result["rows"] == 3000 and result["batches"] > 0
     assert set(result["rows_per_s"]) == {"read", "tokenizer", "template+tokenise", "pack+batches"}
     assert "rows/s" in capsys.readouterr().out
+    assert not os.path.exists(result["file"])  # the generated data is removed afterwards
+    long = run(demo.get_config(), conversations=60, max_length=2048)  # ~200-2,000-token chat rows
+    assert long["rows"] == 60 and long["train_tokens"] > 60 * 150
+    assert "peak memory" in capsys.readouterr().out
+    if os.path.exists("/proc/self/smaps_rollup"):
+        assert long["peak_anon_gb"] > 0
+
+
+def test_a_split_is_three_flat_memory_mapped_arrays_equal_to_encoding_each_row_alone(tok, tmp_path):
+    """A million-row split must not sit in RAM: its tokens are views into memory-mapped files (int32
+    ids, int8 mask), and nothing else of the tokenisation (the Arrow copies) stays on disk."""
+    rows = [row("reverse abc", "cba"), row("reverse abc abc abc abc", "cba"), row("sort bca", "abc")]
+    c = cfg(max_length=7, length_policy="drop", cache=True, cache_dir=str(tmp_path))
+    exs, rep = pipeline.tokenize_split(c, tok, rows)
+    (entry,) = os.listdir(tmp_path)
+    assert sorted(os.listdir(tmp_path / entry)) == ["ids.npy", "loss_mask.npy", "offsets.npy", "statuses.json"]
+    assert all(isinstance(e.ids, np.memmap) and isinstance(e.loss_mask, np.memmap) for e in exs)
+    assert {e.ids.dtype for e in exs} == {np.dtype(np.int32)}
+    assert {e.loss_mask.dtype for e in exs} == {np.dtype(np.int8)}
+    t = pipeline.template_for(c, tok)
+    for r, e in zip([rows[0], rows[2]], exs, strict=True):
+        ids, mask = encode_messages(tok, r["messages"], template=t)
+        assert e.ids.tolist() == ids.tolist() and e.loss_mask.tolist() == mask.tolist()
+    assert rep.dropped == {"longer than data.max_length=7": 1}
+    assert rep.supervised_tokens == sum(int(e.loss_mask[1:].sum()) for e in exs) == 4
+    assert rep.lengths == [len(e.ids) - 1 for e in exs]
+
+
+def test_without_the_cache_the_mapped_files_leave_nothing_behind(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    exs, _ = pipeline.tokenize_split(cfg(max_length=8, cache=False), tok, [row("reverse abc", "cba")])
+    assert os.listdir(tmp_path) == []
+    assert exs[0].ids.tolist() == [1, 3, 5, 6, 2, 4, 7, 2]  # still readable: the mapping keeps the file

@@ -27,6 +27,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
     flags.DEFINE_integer("vocab", 32000, "Vocabulary of a from-scratch model (no model.hf_path).")
     flags.DEFINE_bool("torch", True, "Also time the PyTorch reference (CPU only).")
+    flags.DEFINE_bool("tunix", False, "Also time Tunix's PeftTrainer step on the same model shape and batches, "
+                      "and both sides' model build + first step (needs the bench extra: pip install -e '.[bench]').")
     flags.DEFINE_string("json", "", "Write the numbers as JSON here.")
     flags.DEFINE_bool("lora", False, "Full fine-tuning vs LoRA vs QLoRA (int8, nf4) on the same model: "
                       "step time and per-device bytes of params, optimizer state and frozen base.")
@@ -47,7 +49,7 @@ def run() -> None:
                              FLAGS.dry, FLAGS.vocab, FLAGS.dry_devices or None)
         else:
             row = bench(run_spec(), FLAGS.batch, FLAGS.seq, FLAGS.steps, use_torch=FLAGS.torch,
-                        vocab=FLAGS.vocab)
+                        vocab=FLAGS.vocab, tunix=FLAGS.tunix)
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:
                 json.dump(row, f, indent=2)

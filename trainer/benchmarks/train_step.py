@@ -41,6 +41,7 @@ def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dic
 
 
 def bench_ours(config: RunSpec, vocab: int, data: list[dict[str, np.ndarray]], warmup: int) -> dict[str, Any]:
+    t_build = time.perf_counter()
     mesh = modeling.make_mesh(config)
     hf_config, _ = modeling.architecture(config)
     spec = modeling.model_spec(config, vocab, mesh, hf_config)
@@ -52,8 +53,14 @@ def bench_ours(config: RunSpec, vocab: int, data: list[dict[str, np.ndarray]], w
     step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
                                      batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
     state = experiment.init_train_state(spec, tx, config.seed, state_sh)
+    jax.block_until_ready(state)
+    build_s = time.perf_counter() - t_build
     device_data = [experiment.global_batch(b, batch_sh) for b in data]
-    for b in device_data[:warmup]:  # compile + warm up
+    t0 = time.perf_counter()
+    state, m = step(state, device_data[0])  # compile + the first step
+    jax.block_until_ready(m)
+    first_step_s = time.perf_counter() - t0
+    for b in device_data[1:warmup]:  # warm up
         state, m = step(state, b)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
@@ -67,6 +74,7 @@ def bench_ours(config: RunSpec, vocab: int, data: list[dict[str, np.ndarray]], w
     mem = compiled_memory(step.lower(state, device_data[0]).compile())
     step_bytes = mem["total"] if mem is not None else None
     return {"seconds": seconds, "cfg": spec.cfg, "loss": float(m["loss"]), "step_bytes": step_bytes,
+            "build_s": build_s, "first_step_s": first_step_s,
             "peak_bytes": stats.get("peak_bytes_in_use"), "state_bytes": state_bytes(state),
             "trainable": sum(x.size for x in jax.tree.leaves(state.params))}
 
@@ -170,15 +178,18 @@ def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], wa
 
 
 def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: bool = True,
-          vocab: int = 32000) -> dict[str, Any]:
+          vocab: int = 32000, tunix: bool = False) -> dict[str, Any]:
     """Runs both sides; returns tokens/s, MFU and the ratio (also printed as a Markdown table).
 
-    ``vocab`` is used for a model trained from scratch (an imported model keeps its own)."""
+    ``vocab`` is used for a model trained from scratch (an imported model keeps its own). ``tunix``:
+    also Tunix's ``PeftTrainer`` step (``trainer.benchmarks.tunix_step``), and both sides' model build
+    and first step (compile)."""
     data = batches(steps + warmup, batch, seq, vocab)
     ours = bench_ours(config, vocab, data, warmup)
     cfg = ours["cfg"]
     tokens = batch * seq * steps
     row = {"batch": batch, "seq": seq, "steps": steps, "devices": jax.device_count(),
+           "ours_build_s": ours["build_s"], "ours_first_step_s": ours["first_step_s"],
            "device": jax.devices()[0].device_kind, "dtype": cfg.dtype,
            "ours_tokens_per_s": tokens / ours["seconds"], "attention": resolve_attention(cfg),
            "scan_layers": cfg.scan_layers, "remat": cfg.remat}
@@ -197,12 +208,34 @@ def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, us
         row["ratio_vs_torch"] = row["ours_tokens_per_s"] / row["torch_tokens_per_s"]
         row["torch_threads"] = ref["threads"]
         row["torch_dtype"] = ref["dtype"]
+    if tunix:
+        row.update(_tunix_row(config, cfg, data, warmup, tokens, row["ours_tokens_per_s"]))
+    print("\n".join(_table(row, batch, seq)), flush=True)
+    return row
+
+
+def _tunix_row(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], warmup: int, tokens: int,
+               ours_tokens_per_s: float) -> dict[str, Any]:
+    from trainer.benchmarks.tunix_step import bench_tunix, llama_shaped  # noqa: PLC0415 (bench-only extra)
+    if why := llama_shaped(cfg):
+        raise ValueError(f"--tunix compares with Tunix's Llama 3, and this model is not Llama-shaped ({why})")
+    t = bench_tunix(cfg, data, warmup, make_optimizer(config.optimizer, len(data))[0])
+    return {"tunix_tokens_per_s": tokens / t["seconds"], "ratio_vs_tunix": ours_tokens_per_s * t["seconds"] / tokens,
+            "tunix_build_s": t["build_s"], "tunix_first_step_s": t["first_step_s"]}
+
+
+def _table(row: dict[str, Any], batch: int, seq: int) -> list[str]:
     lines = ["| device | batch x seq | ours tokens/s (dtype) | MFU | PyTorch tokens/s (dtype) | ratio |",
              "|---|---|---:|---:|---:|---:|",
              f"| {row['devices']} x {row['device']} | {batch} x {seq} | "
              f"{row['ours_tokens_per_s']:,.0f} ({row['dtype']}) | "
              + (f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a") + " | "
              + (f"{row['torch_tokens_per_s']:,.0f} ({row['torch_dtype']}) | {row['ratio_vs_torch']:.2f}x |"
-                if ref else "- | - |")]
-    print("\n".join(lines), flush=True)
-    return row
+                if "torch_tokens_per_s" in row else "- | - |")]
+    if "tunix_tokens_per_s" in row:
+        lines += ["", "| Tunix PeftTrainer tokens/s | ours / Tunix | build + first step: ours | Tunix |",
+                  "|---:|---:|---:|---:|",
+                  f"| {row['tunix_tokens_per_s']:,.0f} | {row['ratio_vs_tunix']:.2f}x | "
+                  f"{row['ours_build_s']:.1f} + {row['ours_first_step_s']:.1f} s | "
+                  f"{row['tunix_build_s']:.1f} + {row['tunix_first_step_s']:.1f} s |"]
+    return lines
