@@ -55,12 +55,14 @@ def write_conversations(path: str, n: int, min_words: int = 145, max_words: int 
 
 
 class MemoryPeak:
-    """Samples, every ``every`` s while it is open, this process tree's anonymous memory (its own and
-    its tokenising workers' ``Pss_Anon``: RAM that cannot be paged out, shared pages counted once) and
-    the machine's used memory (``MemTotal - MemAvailable``, so the page cache of memory-mapped files
-    does not count). Linux only; elsewhere both stay 0."""
+    """Samples, every ``every`` s while it is open, this process tree's anonymous memory (``RssAnon``
+    of this process and any tokenising workers: RAM that cannot be paged out; a page a forked worker
+    still shares is counted in each) and the machine's used memory (``MemTotal - MemAvailable``, so
+    the page cache of memory-mapped files does not count). ``/proc/PID/status``, not ``smaps_rollup``:
+    reading the latter walks the page tables, 0.3 s for a 13 GB process, and sampling it twice a
+    second slowed the tokenising it measured from 528 to 325 rows/s. Linux only; elsewhere both stay 0."""
 
-    def __init__(self, every: float = 0.5):
+    def __init__(self, every: float = 1.0):
         self.every, self.anon_gb, self.used_gb, self._stop = every, 0.0, 0.0, threading.Event()
 
     @staticmethod
@@ -83,7 +85,7 @@ class MemoryPeak:
         anon = 0
         for pid in self._tree(os.getpid()):
             try:
-                anon += self._kb(f"/proc/{pid}/smaps_rollup", "Pss_Anon:")
+                anon += self._kb(f"/proc/{pid}/status", "RssAnon:")
             except (OSError, StopIteration):  # a worker that just exited
                 pass
         used = self._kb("/proc/meminfo", "MemTotal:") - self._kb("/proc/meminfo", "MemAvailable:")
@@ -95,7 +97,7 @@ class MemoryPeak:
             self._sample()
 
     def __enter__(self) -> MemoryPeak:
-        if os.path.exists("/proc/self/smaps_rollup"):
+        if os.path.exists("/proc/self/status"):
             self._base = self._kb("/proc/meminfo", "MemTotal:") - self._kb("/proc/meminfo", "MemAvailable:")
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()

@@ -1,8 +1,7 @@
 """The benchmark runs and reports both sides (a smoke test: speed is reported, never asserted)."""
 
-from tests.helpers import tiny_config
+from tests.helpers import resolved, tiny_config
 from trainer.benchmarks.train_step import bench, flops_per_token
-from tests.helpers import resolved
 
 
 def test_bench_reports_ours_and_the_torch_reference():

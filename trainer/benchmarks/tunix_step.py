@@ -88,3 +88,30 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
     jax.block_until_ready(loss)
     return {"seconds": time.perf_counter() - t0, "loss": float(loss), "build_s": build_s,
             "first_step_s": first_step_s}
+
+
+def median_table(outdir: str) -> str:
+    """The README's table from ``launch/tunix_bench.sh``'s JSON rows: medians over the repeats."""
+    import glob  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    shapes: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(glob.glob(os.path.join(outdir, "*_*.json"))):
+        with open(path) as f:
+            shapes.setdefault(os.path.basename(path).rsplit("_", 1)[0], []).append(json.load(f))
+    lines = ["| shape | batch x seq | ours tokens/s | Tunix tokens/s | ours / Tunix | build + first step: ours | Tunix | repeats |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in shapes.items():
+        med = {k: float(np.median([r[k] for r in rows])) for k in (
+            "ours_tokens_per_s", "tunix_tokens_per_s", "ratio_vs_tunix", "ours_build_s", "ours_first_step_s",
+            "tunix_build_s", "tunix_first_step_s")}
+        lines.append(f"| {name} | {rows[0]['batch']} x {rows[0]['seq']} | {med['ours_tokens_per_s']:,.0f} | "
+                     f"{med['tunix_tokens_per_s']:,.0f} | {med['ratio_vs_tunix']:.2f}x | "
+                     f"{med['ours_build_s']:.1f} + {med['ours_first_step_s']:.1f} s | "
+                     f"{med['tunix_build_s']:.1f} + {med['tunix_first_step_s']:.1f} s | {len(rows)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys  # noqa: PLC0415
+    print(median_table(sys.argv[1] if len(sys.argv) > 1 else "runs/tunix_bench"))
