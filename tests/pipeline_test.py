@@ -141,3 +141,18 @@ def test_without_the_cache_the_mapped_files_leave_nothing_behind(tok, tmp_path, 
     exs, _ = pipeline.tokenize_split(cfg(max_length=8, cache=False), tok, [row("reverse abc", "cba")])
     assert os.listdir(tmp_path) == []
     assert exs[0].ids.tolist() == [1, 3, 5, 6, 2, 4, 7, 2]  # still readable: the mapping keeps the file
+
+
+def test_automatic_workers_are_forked_only_from_a_small_process_without_jax(monkeypatch):
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+    monkeypatch.delitem(sys.modules, "jax._src.xla_bridge", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(pipeline, "_anon_gb", lambda: 0.5)
+    assert pipeline._auto_num_proc(200_000) == 5 and pipeline._auto_num_proc(10_000) == 1
+    monkeypatch.setattr(pipeline, "_anon_gb", lambda: 13.0)  # a million long rows held: in-process
+    assert pipeline._auto_num_proc(1_000_000) == 1
+    monkeypatch.setattr(pipeline, "_anon_gb", lambda: 0.5)
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", types.SimpleNamespace(_backends={"cpu": 0}))
+    assert pipeline._auto_num_proc(1_000_000) == 1
+    assert 0 < pipeline._anon_gb() < 64  # this test process, read from /proc (Linux)
