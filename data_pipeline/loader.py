@@ -21,7 +21,8 @@ FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
 @dataclasses.dataclass
 class Example:
-    """One tokenised row. ``ids``/``loss_mask``: [n] int32 (see ``templating.encode_messages``)."""
+    """One tokenised row: ``ids`` [n] int32, ``loss_mask`` [n] 0/1 (see ``templating.encode_messages``);
+    from the pipeline, both are views into a split's memory-mapped arrays, the mask int8."""
 
     ids: np.ndarray
     loss_mask: np.ndarray
