@@ -19,7 +19,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     flags.DEFINE_integer("rows", 200_000, "Synthetic short rows (when no --file).")
-    flags.DEFINE_integer("conversations", 0, "Synthetic chat rows of 200-2,000 words instead (messages format).")
+    flags.DEFINE_integer("conversations", 0, "Synthetic chat rows of ~200-2,000 tokens instead (messages format).")
     flags.DEFINE_string("format", "prompt_completion", "The --file's format: prompt_completion | alpaca | messages.")
     flags.DEFINE_string("file", "", "A real data file instead (JSONL/JSON/CSV/Parquet).")
     flags.DEFINE_list("fields", [], "Field mapping for --file, e.g. prompt=question,completion=answer.")

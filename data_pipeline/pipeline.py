@@ -238,7 +238,7 @@ def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[
     report.kept = len(examples)
     # Supervised tokens: every mask value but each example's first (targets are ids[1:]); a dropped
     # row has no tokens, so the whole array is the kept examples'.
-    firsts = np.array([int(offsets[i]) for i in range(len(rows)) if offsets[i + 1] > offsets[i]], np.int64)
+    firsts = offsets[:-1][np.diff(offsets) > 0]
     report.supervised_tokens = int(mask_all.sum(dtype=np.int64) - mask_all[firsts].sum(dtype=np.int64))
     return examples, report
 
@@ -288,7 +288,7 @@ def _encode_to_disk(data_cfg: Any, tok, t: Template, rows: list[dict[str, Any]],
 
 
 def _write_flat(table, out: str) -> None:
-    """The Arrow ``ids``/``loss_mask`` list columns -> flat .npy files, one record batch at a time."""
+    """The Arrow ``ids``/``loss_mask`` list columns -> flat .npy files, one Arrow chunk at a time."""
     ids, mask = table.column("ids"), table.column("loss_mask")
     lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in ids.chunks] or [np.zeros(0, np.int64)])
     offsets = np.zeros(len(lengths) + 1, np.int64)
@@ -329,15 +329,15 @@ def _auto_num_proc(rows: int) -> int:
     bridge = sys.modules.get("jax._src.xla_bridge")  # (grain imports jax; a backend means threads)
     if bridge is not None and getattr(bridge, "_backends", True):  # unknown layout: do not fork
         return 1
-    if _anon_gb() > 2.0:
+    if anon_gb() > 2.0:
         return 1
     return min(os.cpu_count() or 1, 1 + rows // 50_000)
 
 
-def _anon_gb() -> float:
-    """This process's anonymous memory (what a forked worker inherits); 0 where /proc is missing."""
+def anon_gb(pid: int | str = "self") -> float:
+    """A process's anonymous memory (what a forked worker inherits); 0 where /proc is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 2**20
     except (OSError, StopIteration):
         return 0.0

@@ -148,11 +148,11 @@ def test_automatic_workers_are_forked_only_from_a_small_process_without_jax(monk
     import types  # noqa: PLC0415
     monkeypatch.delitem(sys.modules, "jax._src.xla_bridge", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(pipeline, "_anon_gb", lambda: 0.5)
+    monkeypatch.setattr(pipeline, "anon_gb", lambda: 0.5)
     assert pipeline._auto_num_proc(200_000) == 5 and pipeline._auto_num_proc(10_000) == 1
-    monkeypatch.setattr(pipeline, "_anon_gb", lambda: 13.0)  # a million long rows held: in-process
+    monkeypatch.setattr(pipeline, "anon_gb", lambda: 13.0)  # a million long rows held: in-process
     assert pipeline._auto_num_proc(1_000_000) == 1
-    monkeypatch.setattr(pipeline, "_anon_gb", lambda: 0.5)
+    monkeypatch.setattr(pipeline, "anon_gb", lambda: 0.5)
     monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", types.SimpleNamespace(_backends={"cpu": 0}))
     assert pipeline._auto_num_proc(1_000_000) == 1
-    assert 0 < pipeline._anon_gb() < 64  # this test process, read from /proc (Linux)
+    assert 0 < pipeline.anon_gb() < 64  # this test process, read from /proc (Linux)

@@ -28,7 +28,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("vocab", 32000, "Vocabulary of a from-scratch model (no model.hf_path).")
     flags.DEFINE_bool("torch", True, "Also time the PyTorch reference (CPU only).")
     flags.DEFINE_bool("tunix", False, "Also time Tunix's PeftTrainer step on the same model shape and batches, "
-                      "and both sides' model build + first step (needs the bench extra: pip install -e '.[bench]').")
+                      "and both sides' model build + first step (Tunix is installed by launch/tunix_bench.sh).")
     flags.DEFINE_string("json", "", "Write the numbers as JSON here.")
     flags.DEFINE_bool("lora", False, "Full fine-tuning vs LoRA vs QLoRA (int8, nf4) on the same model: "
                       "step time and per-device bytes of params, optimizer state and frozen base.")

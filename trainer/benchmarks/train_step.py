@@ -220,7 +220,8 @@ def _tunix_row(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], war
     if why := llama_shaped(cfg):
         raise ValueError(f"--tunix compares with Tunix's Llama 3, and this model is not Llama-shaped ({why})")
     t = bench_tunix(cfg, data, warmup, make_optimizer(config.optimizer, len(data))[0])
-    return {"tunix_tokens_per_s": tokens / t["seconds"], "ratio_vs_tunix": ours_tokens_per_s * t["seconds"] / tokens,
+    tunix_tokens_per_s = tokens / t["seconds"]
+    return {"tunix_tokens_per_s": tunix_tokens_per_s, "ratio_vs_tunix": ours_tokens_per_s / tunix_tokens_per_s,
             "tunix_build_s": t["build_s"], "tunix_first_step_s": t["first_step_s"]}
 
 

@@ -1,12 +1,12 @@
 """Tunix's ``PeftTrainer`` train step on the same model shape and batches as ours (``trainer.bench --tunix``).
 
-Tunix (``google-tunix``, the bench-only extra ``pip install -e ".[bench]"``) is the JAX fine-tuning
+Tunix (``google-tunix``, bench-only: ``launch/tunix_bench.sh`` installs it) is the JAX fine-tuning
 library this project is measured against: same JAX, same XLA, same machine, same process. Its Llama 3
 model is built at our model's dimensions with random weights, and its own jitted step
 (``PeftTrainer.jit_train_and_eval_step``: ``nnx.value_and_grad`` of its default loss, the global norm,
 ``optimizer.update``, the optimizer donated) is timed on the same token batches with our optimizer
-(``make_optimizer``: global-norm clip, AdamW, the schedule, weight decay by parameter name). Tunix computes dense attention with a
-``[batch, seq, seq]`` mask and the full ``[batch, seq, vocab]`` logits with a one-hot; that is what it
+(``make_optimizer``: global-norm clip, AdamW, the schedule, weight decay by parameter name). Tunix
+computes dense attention with a ``[batch, seq, seq]`` mask and the full ``[batch, seq, vocab]`` logits with a one-hot; that is what it
 does, so that is what is timed.
 
 Only Llama-shaped models compare like for like (no biases, RMSNorm, gated SiLU MLP, RoPE); the
