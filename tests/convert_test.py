@@ -102,4 +102,7 @@ def test_four_processes_each_read_about_a_quarter_of_a_converted_base(bigger_hf_
         # what the dry run prints: the chunks' bytes (compression and the index move it a little)
         assert abs(read - p["predicted"]) < 0.1 * chunked, p
         assert p["read_0"]["rchar"] < 0.5 * chunked  # the kernel's count: this and every other read
-        assert control > 0.95 * whole, (p, whole)
+        # each process reads the whole control once: without the restore's chunk cache, a chunk two of
+        # its devices' slices touch was read twice when the reads did not overlap (1.15x, and a CI run
+        # whose chunked read came to 37.5%, not 25%)
+        assert 0.95 * whole < control < 1.03 * whole, (p, whole)

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 # how Orbax cuts an array into chunks (not exported; bytes_read_per_process must agree with it)
 from orbax.checkpoint._src.arrays.subchunking import choose_chunk_shape
@@ -75,17 +76,40 @@ def layout_problem(path: str, layout: dict[str, Any]) -> str:
             "--config C")
 
 
+# Orbax reads each distinct slice of a process's devices on its own, and TensorStore keeps no array
+# chunks by default, so a chunk two of its slices touch (one that straddles a shard boundary) was read
+# twice unless the two reads overlapped in time. A chunk cache for the length of the restore makes
+# it once; it is freed with the restore's context.
+CHUNK_CACHE_BYTES = 1 << 30
+
+
+class _ChunkCachedArrays(ocp.type_handlers.ArrayHandler):
+    """Orbax's array handler, restoring through one TensorStore context that caches chunks."""
+
+    async def deserialize(self, infos, args=None):
+        context = ts.Context({"file_io_concurrency": {"limit": 128},
+                              "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
+                              "cache_pool": {"total_bytes_limit": CHUNK_CACHE_BYTES}})
+        for info in infos:
+            info.ts_context = context
+        return await super().deserialize(infos, args)
+
+
 def read(path: str, target: Any) -> Any:
     """The parameters at ``path``, restored straight into ``target``'s shardings
-    (``ShapeDtypeStruct``s with shardings): each process reads only its devices' chunks."""
+    (``ShapeDtypeStruct``s with shardings): each process reads only its devices' chunks, once."""
     where = paths.join(paths.source_of(path), PARAMS)  # a local copy of a gs:// base: the bucket's
-    return ocp.StandardCheckpointer().restore(paths.abspath(where), target)
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, _ChunkCachedArrays()))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+        return ckptr.restore(paths.abspath(where), args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
 
 
 def bytes_read_per_process(abstract: Any, chunk_bytes: int = CHUNK_BYTES) -> dict[int, int]:
     """Bytes each process reads to restore a base converted on one device with ``chunk_bytes``
     chunks into ``abstract``'s shardings (``ShapeDtypeStruct``s): every chunk its devices' slices
-    touch, uncompressed, not counting Orbax's index. The chunk shapes are the ones Orbax picks."""
+    touch, once (``read``'s chunk cache), uncompressed, not counting Orbax's index. The chunk shapes
+    are the ones Orbax picks."""
     total: dict[int, int] = {}
     for x in jax.tree.leaves(abstract):
         chunk = choose_chunk_shape(x.shape, x.shape, np.dtype(x.dtype), chunk_bytes)
