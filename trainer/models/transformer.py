@@ -16,6 +16,7 @@ logits are float32.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -32,6 +33,23 @@ from trainer.settings import options
 Array = jax.Array
 
 
+# open tallies of the keys drawn per stream (``keys_per_block``): under tracing a count is a tracer
+_TALLIES: list[collections.Counter] = []
+
+
+def keys_per_block(cfg: ModelConfig, streams: tuple[str, ...]) -> dict[str, int]:
+    """How many keys one ``Block(cfg, rngs)`` draws from each of ``rngs``' streams (named
+    ``streams``): every block draws the same, so layer ``i`` of a model starts ``i`` times this
+    after layer 0 (``ModelSpec``'s layer-by-layer init)."""
+    drawn: collections.Counter = collections.Counter()
+    _TALLIES.append(drawn)
+    try:
+        nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(**{n: i for i, n in enumerate(streams)})))
+    finally:
+        _TALLIES.remove(drawn)
+    return {n: drawn[n] for n in streams}
+
+
 def _next_key(rngs: nnx.Rngs, name: str) -> jax.Array:
     """``rngs.<name>()``: the same key (``fold_in(stream key, count)``, the ``default`` stream when
     there is no ``name``) and the count advanced, but the count is replaced whole. nnx's
@@ -39,6 +57,8 @@ def _next_key(rngs: nnx.Rngs, name: str) -> jax.Array:
     then asks the tracer for its sharding and JAX formats an error message to say it has none: about
     10 ms a key, 12 s of building a 30-layer model (measured with cProfile, ``trainer.bench``)."""
     stream = getattr(rngs, name)
+    for drawn in _TALLIES:
+        drawn[stream.tag] += 1
     stream.count._check_can_update()
     count = stream.count[...]
     stream.count.set_value(count + 1)
