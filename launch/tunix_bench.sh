@@ -10,7 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/tunix_bench}; mkdir -p "$out"
-PY=${PYTHON:-python}
+# the project's venv (launch/test.sh makes it) unless PYTHON says otherwise: a bare `python` may be
+# the system one, and the pip install below would go there
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 $PY -m pip install -q --no-deps google-tunix==0.1.7 google-metrax==0.2.4 clu==0.0.12 wrapt==2.5.2 \
   jaxtyping==0.3.11 wadler-lindig==0.1.8 sentencepiece==0.2.3 perfetto==0.59.1
 L7="--config.model.hidden_size=256 --config.model.intermediate_size=688 --config.model.num_hidden_layers=4 --config.model.num_attention_heads=8 --config.model.num_key_value_heads=8 --config.model.head_dim=32 --config.model.tie_word_embeddings=False"
