@@ -1,5 +1,7 @@
 """The run's model as the spec describes it, wherever the command runs from."""
 
+import pytest
+
 from configs import llama3_8b_tpu
 from trainer.settings.spec import RunSpec
 from trainer.training import modeling
@@ -17,8 +19,6 @@ def test_arch_json_is_found_from_any_working_directory(tmp_path, monkeypatch):
 def test_a_mesh_that_does_not_divide_the_model_is_one_line_naming_the_parameters():
     """Tensor parallelism of 8 over a 60-token vocabulary: JAX's IndivisibleError came from deep inside
     the first device_put and named no parameter."""
-    import pytest  # noqa: PLC0415
-
     from tests import helpers  # noqa: PLC0415
     from trainer.errors import UserError  # noqa: PLC0415
     with pytest.raises(UserError) as e:
@@ -28,14 +28,8 @@ def test_a_mesh_that_does_not_divide_the_model_is_one_line_naming_the_parameters
     helpers.setup(helpers.tiny_config(data=2, fsdp=2, tensor=2), vocab_size=64)  # divides: no error
 
 
-def _layer_by_layer_cases():
-    import pytest  # noqa: PLC0415
-    return pytest.mark.parametrize("lora", [{}, {"rank": 4, "targets": ("q", "v", "down")},
-                                            {"rank": 4, "base_quant": "nf4"}],
-                                   ids=["full", "lora", "qlora_nf4"])
-
-
-@_layer_by_layer_cases()
+@pytest.mark.parametrize("lora", [{}, {"rank": 4, "targets": ("q", "v", "down")},
+                                  {"rank": 4, "base_quant": "nf4"}], ids=["full", "lora", "qlora_nf4"])
 def test_an_unscanned_model_made_layer_by_layer_equals_one_program(lora):
     """``ModelSpec.init_params`` (from scratch) and the fresh adapters of a run from a base make an
     unscanned model's layers with one program called per layer (one per parameter per layer compiled

@@ -84,14 +84,15 @@ CHUNK_CACHE_BYTES = 1 << 30
 
 
 class _ChunkCachedArrays(ocp.type_handlers.ArrayHandler):
-    """Orbax's array handler, restoring through one TensorStore context that caches chunks."""
+    """Orbax's array handler, restoring through Orbax's own TensorStore context with a chunk cache
+    added (a child context: everything else is Orbax's)."""
 
     async def deserialize(self, infos, args=None):
-        context = ts.Context({"file_io_concurrency": {"limit": 128},
-                              "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
-                              "cache_pool": {"total_bytes_limit": CHUNK_CACHE_BYTES}})
-        for info in infos:
-            info.ts_context = context
+        if infos:
+            context = ts.Context(ts.Context.Spec({"cache_pool": {"total_bytes_limit": CHUNK_CACHE_BYTES}}),
+                                 parent=infos[0].ts_context)
+            for info in infos:
+                info.ts_context = context
         return await super().deserialize(infos, args)
 
 

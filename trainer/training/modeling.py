@@ -31,7 +31,7 @@ from trainer.models.config import ModelConfig
 from trainer.models.transformer import Transformer, keys_per_block
 from trainer.settings.spec import RunSpec
 
-# the key streams of the model's init (``nnx.Rngs(seed, lora=seed + 1)``): the base, the adapters
+# the key streams of the model's init, seeded seed, seed + 1: the base, the adapters
 STREAMS = ("default", "lora")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -155,7 +155,7 @@ class ModelSpec:
         cfg = self.cfg
 
         def make():
-            rngs = nnx.Rngs(seed, lora=seed + 1)
+            rngs = nnx.Rngs(**{name: seed + i for i, name in enumerate(STREAMS)})
             for name, count in (counts or {}).items():
                 getattr(rngs, name).count.set_value(count)
             return nnx.state(Transformer(cfg, rngs=rngs), nnx.Param).to_pure_dict()
