@@ -27,7 +27,7 @@ from tokenizers import (
     processors,
     trainers,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BOS, EOS, PAD, IM_START = "<|begin_of_text|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
 
@@ -129,6 +129,18 @@ def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
                                    model_max_length=1 << 30, **special)
 
 
+_GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")  # the class a saved run's tokenizer has
+
+
+def _tokenizer_class(path: str) -> str | None:
+    """``tokenizer_class`` of a tokenizer directory's ``tokenizer_config.json`` (None if unreadable)."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Loads a tokenizer directory (or a GGUF file's tokenizer) offline, never downloading, with a
     clear error if it is unusable."""
@@ -136,7 +148,12 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         tok = gguf_tokenizer(path)
     elif not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+    elif _tokenizer_class(path) in _GENERIC_FAST:
+        # What AutoTokenizer returns for this class, without importing its model registry, which
+        # imports PyTorch wherever it is installed (seconds at every start of a run or an eval)
+        tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:
+        from transformers import AutoTokenizer  # noqa: PLC0415 (imports torch where it is installed)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not tok.is_fast:
         raise ValueError(f"tokenizer in {path!r} is not a fast (Rust) tokenizer")
