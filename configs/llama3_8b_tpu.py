@@ -30,10 +30,12 @@ def get_config():
     c.model.hf_path = MODEL
     c.model.arch_json = "configs/hf/llama3_1_8b.json"
     c.data.template = "alpaca"
-    # dots: keep matmul outputs, recompute the rest. The TPU compiler says it fits on a v5p-64
-    # (66.9 of 95 GB per chip) and a v6e-256 (16.6 of 32 GB); "full" needs 23.1 / 6.9 GB but
-    # recomputes every block (about 25% more FLOPs). On 8 chips or fewer, see the module docstring.
-    c.model.remat = "dots"
+    # dots_with_context: keep the matmul outputs and splash's output and log-sum-exp, recompute the
+    # rest (not attention's forward). The TPU compiler says the train step fits on a v5p-64 (68.8 of
+    # 95 GB per chip; "dots", which runs splash's forward again in the backward, 64.4) and a v6e-256
+    # (17.2 of 32 GB); "full" needs 23.1 / 6.9 GB but recomputes every block (about 25% more FLOPs).
+    # On 8 chips or fewer, see the module docstring.
+    c.model.remat = "dots_with_context"
     c.data.max_length = 2048
     c.optimizer.learning_rate = 1e-5
     # 256 rows of 2,048 tokens divide over every slice from v5p-8 to v6e-256 (1 row per chip there);

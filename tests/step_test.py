@@ -135,7 +135,7 @@ def test_schedule_first_update_is_not_zero_and_last_reaches_end():
     assert float(schedule(9)) == pytest.approx(cfg.learning_rate * cfg.end_lr_ratio)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_with_context"])
 def test_remat_gives_the_same_loss_and_gradients(remat):
     import jax.numpy as jnp  # noqa: PLC0415
     from trainer.training.step import make_forward  # noqa: PLC0415
@@ -156,6 +156,27 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
     del grads["none_remats"], grads[remat + "_remats"]
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_remat_dots_with_context_recomputes_only_the_attention_scores():
+    """On the XLA path the backward pass of remat="dots" recomputes both attention matmuls (scores and
+    probabilities x values); "dots_with_context" keeps attention's output, so only the scores (whose
+    probabilities the backward needs) are computed again: one matmul fewer a layer."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    from trainer.training.step import make_forward  # noqa: PLC0415
+    config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
+    config.model.attention_impl = "xla"
+    matmuls = {}
+    for mode in ("none", "dots", "dots_with_context"):
+        config.model.remat = mode
+        _, spec, *_ = helpers.setup(config, devices=jax.devices()[:1])
+        fwd = make_forward(spec.graphdef)
+        batch = {k: jnp.asarray(v) for k, v in helpers.random_batch(2, 16, 64).items()}
+        _, backward = jax.vjp(lambda p: fwd(p, batch)["loss_sum"], spec.init_params(0))
+        matmuls[mode] = str(jax.make_jaxpr(backward)(jnp.float32(1))).count("dot_general")
+    layers = config.model.num_hidden_layers
+    assert matmuls["dots"] - matmuls["none"] == 2 * layers, matmuls
+    assert matmuls["dots_with_context"] - matmuls["none"] == layers, matmuls
 
 
 def test_weight_decay_spares_biases_and_norms_whatever_their_rank():

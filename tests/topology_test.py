@@ -97,3 +97,20 @@ def test_cli_dry_run_on_a_topology_is_quiet():
     # libtpu's VM-metadata warnings (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES) are kept quiet.
     assert "TPU_ACCELERATOR_TYPE" not in out.stderr and "TPU_WORKER_HOSTNAMES" not in out.stderr, \
         out.stderr[-3000:]
+
+
+def test_remat_dots_with_context_runs_splash_forward_once():
+    """remat="dots_with_context" keeps attention's output and log-sum-exp (splash names its residuals
+    "context"), so the TPU program runs each layer's splash kernels as often as without remat --
+    forward, dK/dV, dQ -- where "dots" runs the forward a second time in the backward pass."""
+    reference("libtpu")
+    from trainer.benchmarks import dry_run  # noqa: PLC0415
+    devices = topology.tpu_devices("v5p:2x2x1")
+    kernels = {}
+    for remat in ("none", "dots", "dots_with_context"):
+        config = _tiny()
+        config.model.remat = remat
+        r = dry_run.dry_run(resolved(config), devices, quiet=True)
+        kernels[remat] = r["programs"]["train_step"]["custom_calls"].get("tpu_custom_call", 0)
+    layers = _tiny().model.num_hidden_layers
+    assert kernels == {"none": 3 * layers, "dots": 4 * layers, "dots_with_context": 3 * layers}, kernels

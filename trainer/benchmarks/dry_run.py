@@ -22,6 +22,7 @@ config before paying for the pod, not a guarantee to the last gigabyte.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import time
@@ -126,7 +127,7 @@ def _compile(fn, *args) -> dict[str, Any]:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return {"compile_s": time.perf_counter() - t0, "memory": None, "flops": 0.0,
-                "collective_bytes": {}, "custom_calls": [],
+                "collective_bytes": {}, "custom_calls": {},
                 "error": (str(e).strip().splitlines() or [""])[0][:300]}
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
@@ -134,7 +135,10 @@ def _compile(fn, *args) -> dict[str, Any]:
     return {"compile_s": compile_s, "memory": compiled_memory(compiled),
             "flops": float((cost or {}).get("flops", 0.0)),
             "collective_bytes": collective_bytes(compiled.as_text()),
-            "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))}
+            # each target's call count: kernels (a Mosaic TPU kernel is "tpu_custom_call") and how
+            # often the step runs them -- a remat policy that recomputes attention runs its forward twice
+            "custom_calls": dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"',
+                                                                 compiled.as_text())))}
 
 
 def _compile_generate(config: RunSpec, spec: modeling.ModelSpec, params: Any

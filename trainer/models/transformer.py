@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
-from trainer.models.attention import attention
+from trainer.models.attention import CONTEXT, attention
 from trainer.models.config import SLIDING, ModelConfig
 from trainer.settings import options
 
@@ -342,23 +342,35 @@ def _layer_rng(rng: Array | None, layer: Array | int) -> Array | None:
     return None if rng is None else jax.random.fold_in(rng, layer)
 
 
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_cp = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "full": None,
+    "dots": _cp.dots_with_no_batch_dims_saveable,
+    "dots_with_context": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable,
+                                                     _cp.save_only_these_names(CONTEXT)),
+}
 
 
 def _policy(remat: str, lora: bool = False):
     """The checkpoint policy of ``remat``. ``dots`` keeps the outputs of the block's projections
     (matmuls without batch dims); with LoRA each adapted projection is two such matmuls plus a
     low-rank one, so there the policy keeps each projection's summed output by name instead -- the
-    same tensors full fine-tuning keeps, not twice as many."""
+    same tensors full fine-tuning keeps, not twice as many.
+
+    ``dots_with_context`` (MaxText's ``minimal_with_context``) keeps what attention's backward needs
+    of its forward as well (``attention.CONTEXT``: one ``[b, s, heads, head_dim]`` tensor a layer, and
+    splash's log-sum-exp), so splash goes straight to its backward kernels and the XLA path
+    recomputes only the scores (its probabilities are too big to keep).
+    """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat must be one of {', '.join(options.REMAT)}, got {remat!r}")
-    if remat == "dots" and lora:
-        return jax.checkpoint_policies.save_only_these_names("projection")
+    if remat != "full" and lora:
+        return _cp.save_only_these_names("projection", *((CONTEXT,) if remat == "dots_with_context" else ()))
     return REMAT_POLICIES[remat]
 
 
 def _remat(fn, remat: str, lora: bool = False):
-    """``fn`` rematerialised in the backward pass as ``remat`` asks (none | full | dots)."""
+    """``fn`` rematerialised in the backward pass as ``remat`` asks (``options.REMAT``)."""
     if remat == "none":
         return fn
     return jax.checkpoint(fn, policy=_policy(remat, lora), prevent_cse=False)

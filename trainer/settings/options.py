@@ -6,7 +6,7 @@ accepts is never refused by the other."""
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn", "flash", "splash")  # model.attention_impl, besides "auto"
 ATTENTION_IMPLS = ("auto", *ATTENTION_BACKENDS)
-REMAT = ("none", "full", "dots")                            # model.remat
+REMAT = ("none", "full", "dots", "dots_with_context")       # model.remat
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")   # lora.targets: the projections of a block
 QUANT_KINDS = ("int8", "nf4")                               # lora.base_quant, besides ""
 METRICS = ("exact_match", "rouge1", "rouge2", "rougeL", "chrf")  # generation scores, as val/NAME

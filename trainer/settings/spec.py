@@ -94,7 +94,9 @@ class Model:
     # Resolved for the target devices by modeling.model_config.
     attention_impl: str = "auto"  # auto | xla | cudnn | flash | splash
     attention_block_size: int = 128
-    remat: str = "none"  # none | full | dots: recompute block activations in the backward pass
+    # none | full | dots | dots_with_context: recompute block activations in the backward pass
+    # (dots keeps the projections' outputs; dots_with_context keeps attention's output as well).
+    remat: str = "none"
     # Layers under lax.scan with stacked params: compile time independent of depth (accelerator
     # presets set it); the checkpoint keeps the run's layout, HF import/export converts.
     scan_layers: bool = False
