@@ -124,8 +124,10 @@ def test_when_one_process_dies_the_other_ends_within_60_s(tmp_path, killed):
         assert mark not in log, log[-3000:]
     errors = [x for x in log.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1, log[-3000:]
-    if killed == 1:
-        assert "did not reach an agreed stop" in errors[0], log[-3000:]
+    if killed == 1:  # the grace timer (15 s after the launcher's SIGTERM) or, if the SIGTERM came
+        # late, JAX's heartbeat timeout (30 s after the kill) ends process 0: either is one true line
+        assert "did not reach an agreed stop" in errors[0] or \
+            "coordination service stopped hearing from another process" in errors[0], log[-3000:]
     else:  # the coordination service went with process 0; JAX aborted the survivor natively
         assert "process 0, which hosts JAX's coordination service, is gone" in errors[0], log[-3000:]
         assert "resumes" in errors[0] and native in errors[0]

@@ -74,6 +74,11 @@ def diagnosis(native_log: str) -> str | None:
     if not any(m in text for m in FATAL_MARKS):
         return None
     if "detected fatal errors" in text or "coordination service" in text.lower():
+        # The service itself (alive, in process 0) saying a task went quiet: another process died.
+        # Checked first: its message also says UNAVAILABLE.
+        if "stopped sending heartbeats" in text or "heartbeat timeout" in text:
+            return ("JAX's coordination service stopped hearing from another process (it died or "
+                    "hangs)")
         if "Socket closed" in text or "UNAVAILABLE" in text or "Connection refused" in text:
             return ("process 0, which hosts JAX's coordination service, is gone (it died or was "
                     "stopped)")

@@ -1,0 +1,33 @@
+"""What the exit watcher says of a native abort (``trainer.exit_watch.diagnosis``), from the lines
+JAX's runtime wrote in runs of tests/multiprocess_test.py."""
+
+from trainer.exit_watch import diagnosis
+
+# Process 0 of 2 after process 1 was SIGKILLed: the coordination service (in process 0) saw process 1
+# go quiet. It says UNAVAILABLE too, and it used to be read as "process 0 is gone" -- by process 0.
+HEARTBEAT = """\
+E1203 18:10:06.595127    4425 coordination_service.cc:1549] [2981722173301566602] Use error polling to \
+propagate the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped \
+sending heartbeats):
+F1203 18:10:06.595797    4436 client.h:80] Terminating process because the JAX distributed service \
+detected fatal errors. This most likely indicates that another task died; see the other task logs for \
+more details.
+E1203 18:10:06.596033    4732 preemption_sync_manager.cc:251] Preemption sync barrier failed: INTERNAL: \
+Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 heartbeat timeout.
+"""
+# Process 1 after process 0 (and the service with it) was SIGKILLed.
+SERVICE_GONE = """\
+E1203 17:05:01.000000    4436 coordination_service_agent.cc:289] Polled an error from coordination \
+service (this can be an error from this or another task).
+F1203 17:05:01.000100    4436 client.h:80] Terminating process because the JAX distributed service \
+detected fatal errors. absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. Socket closed
+"""
+
+
+def test_a_peer_gone_quiet_is_not_read_as_process_0_gone(tmp_path):
+    (tmp_path / "a.log").write_text(HEARTBEAT)
+    (tmp_path / "b.log").write_text(SERVICE_GONE)
+    assert "stopped hearing from another process" in diagnosis(str(tmp_path / "a.log"))
+    assert "process 0, which hosts JAX's coordination service, is gone" in diagnosis(str(tmp_path / "b.log"))
+    (tmp_path / "c.log").write_text("I1203 nothing fatal\n")
+    assert diagnosis(str(tmp_path / "c.log")) is None
