@@ -88,7 +88,7 @@ def report(config: Any, tokenizer_dir: str = "", preview: int = 3) -> tuple[str,
     if train:
         padded = packing.efficiency(lengths, [[i] for i in range(len(train))], dcfg.max_length)
         method = dcfg.packing if dcfg.packing != "none" else "best_fit"
-        bins = packing.pack(lengths, dcfg.max_length, method)
+        bins = packing.pack(lengths, dcfg.max_length, method, dcfg.max_segments_per_row)
         packed = packing.efficiency(lengths, bins, dcfg.max_length)
         pack_json = {"padded_efficiency": padded, "packed_efficiency": packed, "method": method,
                      "packed_rows": len(bins), "padded_rows": len(train)}

@@ -55,15 +55,18 @@ def pack_examples(exs: Sequence[Example], seq_len: int, pad_id: int) -> dict[str
     return out
 
 
-def train_rows(examples: Sequence[Example], seq_len: int, packing: str) -> list[list[int]]:
-    """Example indices per training row: one each (``packing="none"``) or packed bins."""
+def train_rows(examples: Sequence[Example], seq_len: int, packing: str, max_segments: int = 0
+               ) -> list[list[int]]:
+    """Example indices per training row: one each (``packing="none"``) or packed bins (of at most
+    ``max_segments`` examples when > 0)."""
     if packing == "none":
         return [[i] for i in range(len(examples))]
-    return pack([len(ex.ids) - 1 for ex in examples], seq_len, packing)
+    return pack([len(ex.ids) - 1 for ex in examples], seq_len, packing, max_segments)
 
 
 def train_dataset(examples: Sequence[Example], *, seq_len: int, pad_id: int, batch_size: int,
-                  seed: int, packing: str = "none", process_index: int = 0, process_count: int = 1,
+                  seed: int, packing: str = "none", max_segments: int = 0, process_index: int = 0,
+                  process_count: int = 1,
                   read_threads: int = 2, prefetch: int = 8, worker_count: int = 0
                   ) -> grain.IterDataset:
     """An endless, shuffled stream of this process's share of the global batch.
@@ -76,6 +79,7 @@ def train_dataset(examples: Sequence[Example], *, seq_len: int, pad_id: int, bat
     Args:
       batch_size: the *global* batch size in rows; each process yields ``batch_size // process_count``.
       packing: ``none`` | ``best_fit`` | ``first_fit`` (see ``packing.pack``).
+      max_segments: > 0: at most this many examples in a packed row.
       worker_count: > 0 runs the row assembly in that many background processes (grain
         ``mp_prefetch``); 0 uses ``read_threads`` threads.
     """
@@ -83,7 +87,7 @@ def train_dataset(examples: Sequence[Example], *, seq_len: int, pad_id: int, bat
         raise ValueError(f"global batch size {batch_size} is not divisible by {process_count} processes")
     if not examples:
         raise ValueError("the training split is empty after tokenisation; see the data report")
-    bins = train_rows(examples, seq_len, packing)
+    bins = train_rows(examples, seq_len, packing, max_segments)
     exs = list(examples)
     ds = grain.MapDataset.source(bins).shuffle(seed=seed).repeat(None)
     ds = ds[process_index::process_count]

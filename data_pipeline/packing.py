@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def pack(lengths: Sequence[int], capacity: int, method: str = "best_fit") -> list[list[int]]:
+def pack(lengths: Sequence[int], capacity: int, method: str = "best_fit", max_segments: int = 0
+         ) -> list[list[int]]:
     """Groups example indices into bins of at most ``capacity`` tokens.
 
     Args:
@@ -23,6 +24,8 @@ def pack(lengths: Sequence[int], capacity: int, method: str = "best_fit") -> lis
       capacity: tokens per packed row.
       method: ``best_fit`` (decreasing; the fullest bin that still fits) or ``first_fit`` (decreasing;
         the oldest bin that fits).
+      max_segments: > 0 closes a bin once it holds this many examples (cuDNN's packed attention
+        needs a bound on a row's segments).
 
     Returns:
       Bins of example indices; every index appears exactly once. Deterministic.
@@ -51,6 +54,8 @@ def pack(lengths: Sequence[int], capacity: int, method: str = "best_fit") -> lis
                 bins.append([])
             bins[b].append(i)
             left = free - n
+            if len(bins[b]) == max_segments:  # full by count: no longer a candidate
+                continue
             if left not in by_cap:
                 by_cap[left] = []
                 bisect.insort(caps, left)
@@ -67,7 +72,7 @@ def pack(lengths: Sequence[int], capacity: int, method: str = "best_fit") -> lis
                 bins.append([])
                 free_space.append(capacity)
             bins[b].append(i)
-            free_space[b] -= n
+            free_space[b] = -1 if len(bins[b]) == max_segments else free_space[b] - n
     return bins
 
 

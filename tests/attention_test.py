@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from trainer import sharding as sharding_lib
+from trainer.models import attention as attention_lib
 from trainer.models.attention import resolve_attention
 from trainer.models.config import ModelConfig
 from trainer.models.transformer import Transformer
@@ -95,23 +96,82 @@ def _loss_and_grads(cfg, b):
     return jax.value_and_grad(lambda p: fwd(p, batch)["loss_sum"])(params.to_pure_dict())
 
 
-def test_flash_kernel_matches_xla_in_interpret_mode():
+@pytest.mark.parametrize("remat", ["none", "dots_with_context"])
+def test_flash_kernel_matches_xla_in_interpret_mode(remat):
     """The Pallas GPU kernel (segment ids, causal), run by Pallas' interpreter on the CPU: packed rows
-    give the loss and gradients of the XLA path."""
+    give the loss and gradients of the XLA path -- also through our custom VJP that names the kernel's
+    residuals for remat="dots_with_context"."""
     b = batch(b=2, s=64)
     cfg = dataclasses.replace(BASE, packed_inputs=True)
     ref_loss, ref_g = _loss_and_grads(dataclasses.replace(cfg, attention_impl="xla"), b)
-    loss, g = _loss_and_grads(dataclasses.replace(cfg, attention_impl="flash"), b)
+    loss, g = _loss_and_grads(dataclasses.replace(cfg, attention_impl="flash", remat=remat), b)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("impl,packed", [("flash", True), ("cudnn", False)])
+def _calls(jaxpr, primitive: str, name: str | None = None) -> int:
+    """How many ``primitive`` equations (named ``name``, for a Pallas kernel) run in ``jaxpr``, counting
+    the jaxprs nested in its equations (a scan's body once)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == primitive and (name is None or str(eqn.params.get("name")) == name)
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                sub = getattr(sub, "jaxpr", sub)
+                n += _calls(sub, primitive, name) if hasattr(sub, "eqns") else 0
+    return n
+
+
+@pytest.mark.parametrize("impl,packed", [("flash", True), ("cudnn", False), ("cudnn", True)])
+def test_dots_with_context_runs_the_gpu_kernels_forward_once(impl, packed, monkeypatch):
+    """remat="dots_with_context" keeps what the GPU kernels' backward needs of their forward, so the
+    forward kernel runs once a layer, not again in the backward pass as under "dots" -- counted in the
+    traced train step (2 layers, unrolled). The Pallas kernel's residuals are named by our custom VJP
+    (without it: 4 calls); cuDNN's are kept by their primitive, traced here with JAX's cuDNN version
+    checks stubbed (it is never compiled on a CPU)."""
+    if impl == "cudnn":
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+        monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+        monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    primitive, name = (("pallas_call", "mha_forward") if impl == "flash"
+                       else (attention_lib.CUDNN_FORWARD, None))
+    b = {k: jnp.asarray(v) for k, v in batch(b=2, s=64).items()}
+    calls = {}
+    for remat in ("none", "dots", "dots_with_context"):
+        cfg = dataclasses.replace(BASE, attention_impl=impl, remat=remat, scan_layers=False, head_dim=64,
+                                  packed_inputs=packed, max_segments=4, dtype="bfloat16")
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        fwd = make_forward(graphdef)
+        step = jax.make_jaxpr(jax.grad(lambda p: fwd(p, b)["loss_sum"]))(params.to_pure_dict())  # noqa: B023
+        calls[remat] = _calls(step.jaxpr, primitive, name)
+    assert calls == {"none": 2, "dots": 4, "dots_with_context": 2}, calls
+
+
+def test_segment_layout_is_cudnns_packed_layout():
+    """Lengths and offsets of each row's segments, -1 past the last (JAX's documented example: rows
+    of 3 and 2 segments of one token give offsets [[0, 1, 2, -1], [0, 1, -1, -1]])."""
+    seg = jnp.asarray([[1, 2, 3, 0], [1, 2, 0, 0], [1, 1, 2, 2], [0, 0, 0, 0]], jnp.int32)
+    lengths, offsets = attention_lib.segment_layout(seg, 3)
+    np.testing.assert_array_equal(lengths, [[1, 1, 1], [1, 1, -1], [2, 2, -1], [-1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 1, 2, -1], [0, 1, -1, -1], [0, 2, -1, -1], [-1, -1, -1, -1]])
+
+
+def test_auto_takes_cudnn_for_packed_rows_only_with_a_segment_bound_on_hopper(monkeypatch):
+    packed = dataclasses.replace(BASE, dtype="bfloat16", packed_inputs=True)
+    monkeypatch.setattr(attention_lib, "_hopper_or_later", lambda: True)
+    assert resolve_attention(packed, "gpu") == "flash"  # no bound: cuDNN cannot take the rows
+    assert resolve_attention(dataclasses.replace(packed, max_segments=64), "gpu") == "cudnn"
+    assert resolve_attention(dataclasses.replace(packed, max_segments=64, attention_impl="cudnn"), "gpu") == "cudnn"
+    monkeypatch.setattr(attention_lib, "_hopper_or_later", lambda: False)
+    assert resolve_attention(dataclasses.replace(packed, max_segments=64), "gpu") == "flash"
+
+
+@pytest.mark.parametrize("impl,packed", [("flash", True), ("cudnn", False), ("cudnn", True)])
 def test_gpu_kernels_match_xla(impl, packed):
     """On a GPU (skipped elsewhere; run by hand on the device): loss and gradients of the fused
-    kernels equal the XLA path's in bf16 -- packed rows for the segment-id kernel, padded rows for
-    cuDNN's causal one."""
+    kernels equal the XLA path's in bf16 -- packed rows for the segment-id kernel and cuDNN's packed
+    layout, padded rows for cuDNN's causal one."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
     b = batch() if packed else {**batch(), "segment_ids": (batch()["segment_ids"] > 0).astype(np.int32)}
@@ -121,7 +181,7 @@ def test_gpu_kernels_match_xla(impl, packed):
             seg[i, :n] = 1
         b["segment_ids"], b["positions"] = seg, np.where(seg > 0, np.arange(128)[None], 0)
         b["weights"] = (seg > 0).astype(np.float32)
-    cfg = dataclasses.replace(BASE, dtype="bfloat16", packed_inputs=packed, head_dim=64)
+    cfg = dataclasses.replace(BASE, dtype="bfloat16", packed_inputs=packed, head_dim=64, max_segments=4)
     ref_loss, ref_g = _loss_and_grads(dataclasses.replace(cfg, attention_impl="xla"), b)
     loss, g = _loss_and_grads(dataclasses.replace(cfg, attention_impl=impl), b)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=2e-2)

@@ -56,3 +56,13 @@ def test_bench_times_tunix_beside_ours_when_the_bench_extra_is_installed():
     row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64, use_torch=False, tunix=True)
     assert row["tunix_tokens_per_s"] > 0 and row["ratio_vs_tunix"] > 0
     assert row["tunix_build_s"] > 0 and row["ours_first_step_s"] > 0
+
+
+def test_attention_kernel_benchmark_counts_the_pairs_within_segments():
+    """Useful FLOPs: two 2-token segments hold 2 x 2 causal pairs, one 4-token segment 8 -- 14 matmul
+    FLOPs a pair per head dimension (2 x (2 forward + 5 backward passes)); the XLA row runs on CPU."""
+    from trainer.benchmarks import attention_kernels  # noqa: PLC0415
+    assert attention_kernels.useful_flops([[1, 1, 2, 2]], heads=1, head_dim=1) == 14 * 4
+    assert attention_kernels.useful_flops([[1, 1, 1, 1]], heads=1, head_dim=1) == 14 * 8
+    rows = attention_kernels.run(batch=1, seq=128, heads=2, kv_heads=1, head_dim=16, repeats=1)
+    assert [r["variant"] for r in rows] == ["xla"] and rows[0]["ms"] > 0

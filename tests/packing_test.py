@@ -42,6 +42,18 @@ def test_pack_places_every_example_once_within_capacity(method):
         packing.pack([129], 128, method)
 
 
+@pytest.mark.parametrize("method", ["best_fit", "first_fit"])
+def test_pack_holds_at_most_max_segments_a_row(method):
+    """cuDNN's packed attention reads a row's first ``max_segments`` segments only, so the packer
+    never makes more: short examples (1-8 tokens) would put ~28 in a 128-token row."""
+    lengths = np.random.default_rng(0).integers(1, 9, 500).tolist()
+    assert max(len(b) for b in packing.pack(lengths, 128, method)) > 8
+    bins = packing.pack(lengths, 128, method, max_segments=8)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert max(len(b) for b in bins) == 8 and all(sum(lengths[i] for i in b) <= 128 for b in bins)
+    assert len(bins) == 63  # ceil(500 / 8): the count, not the tokens, closes every row
+
+
 def test_packed_rows_restart_positions_and_number_segments():
     exs = examples([3, 5, 2])
     row = loader.pack_examples(exs, 12, pad_id=0)

@@ -7,6 +7,7 @@ never names a mesh axis itself.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -29,14 +30,14 @@ Array = jax.Array
 # A padding query (segment 0) attends to nothing; its output is finite (a uniform average) and ignored.
 
 BACKENDS = options.ATTENTION_BACKENDS
-# The name remat="dots_with_context" keeps: what a backend's backward pass needs of its forward, so
-# the forward is not run again. The XLA path's output (its backward recomputes only the scores), and
-# splash's residuals -- output and log-sum-exp, named by the kernel itself (naming the output again
-# after the kernel's transpose kept it twice: the 8B preset's train step on a v5p-64 needed 73.1 GB
-# per chip that way, 68.8 named once, 64.4 under "dots").
-# cuDNN's and the Pallas GPU kernel's residuals cannot be named: their forward runs again either way,
-# so nothing of theirs is kept.
+# The name remat="dots_with_context" keeps (``context_saveable``): what a backend's backward pass needs
+# of its forward, so the forward is not run again. The XLA path's output (its backward recomputes only
+# the scores), and the kernels' residuals -- output and log-sum-exp -- named by splash itself and by
+# our wrapper of the Pallas GPU kernel (naming splash's output again after the kernel's transpose kept
+# it twice: the 8B preset's train step on a v5p-64 needed 73.1 GB per chip that way, 68.8 named once,
+# 64.4 under "dots"). cuDNN's residuals are kept by their primitive (``CUDNN_FORWARD``).
 CONTEXT = "context"
+CUDNN_FORWARD = "dot_product_attention_fwd_wrapper"  # the primitive of cuDNN's forward call (jax 0.10, 0.11)
 
 
 def kernel_platform() -> str:
@@ -52,9 +53,10 @@ def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
     run resolves it once from its mesh, so ``auto`` never reaches the traced model there).
 
     ``auto``: splash (Pallas, segment ids) on TPU; on GPU for bf16/fp16 without soft-capping, cuDNN
-    flash attention (causal) for unpacked rows and the Pallas GPU flash kernel (segment ids) for packed
-    ones; otherwise XLA (blockwise, skipping blocks above the diagonal). An explicit choice the model
-    cannot use raises ``ValueError`` naming the reason.
+    flash attention -- causal for unpacked rows, and for packed rows with a bound on their segments
+    (``max_segments``) on Hopper or later -- else the Pallas GPU flash kernel (segment ids) for
+    packed ones; otherwise XLA (blockwise, skipping blocks above the diagonal). An explicit choice the
+    model cannot use raises ``ValueError`` naming the reason.
     """
     platform = platform or kernel_platform()
     impl = cfg.attention_impl
@@ -63,9 +65,11 @@ def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
         if platform == "tpu":
             return "splash"
         if platform == "gpu" and low_precision and not cfg.attn_logit_softcap:
-            if cfg.packed_inputs:
-                return "flash" if not cfg.sliding_window else "xla"
-            return "cudnn"
+            if not cfg.packed_inputs:
+                return "cudnn"
+            if cfg.sliding_window:
+                return "xla"
+            return "cudnn" if cfg.max_segments > 0 and _hopper_or_later() else "flash"
         return "xla"
     if impl not in BACKENDS:
         raise ValueError(f"attention_impl must be auto, {', '.join(BACKENDS)}, got {impl!r}")
@@ -73,13 +77,53 @@ def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
         if not low_precision or cfg.attn_logit_softcap:
             raise ValueError("attention_impl='cudnn' needs model.dtype bfloat16/float16 and no attention "
                              "soft-capping (Gemma 2); use 'xla' or 'auto'")
-        if cfg.packed_inputs:
-            raise ValueError("attention_impl='cudnn' is causal only and cannot keep packed segments "
-                             "apart; use 'flash' (segment ids) or 'auto', or data.packing='none'")
+        if cfg.packed_inputs and (cfg.max_segments <= 0 or cfg.sliding_window):
+            raise ValueError("attention_impl='cudnn' keeps packed segments apart only with a bound on "
+                             "a row's segments (data.max_segments_per_row > 0) and no sliding window; "
+                             "use 'flash' (segment ids) or 'auto', or data.packing='none'")
     if impl == "flash" and (cfg.attn_logit_softcap or cfg.sliding_window):
         raise ValueError("attention_impl='flash' (the Pallas GPU kernel) has no soft-capping or sliding "
                          "window; use 'xla' or 'auto'")
     return impl
+
+
+def _hopper_or_later() -> bool:
+    """Whether this host's GPUs are Hopper or later (compute capability 9.0): cuDNN takes packed rows
+    from there on."""
+    try:
+        return float(jax.devices("gpu")[0].compute_capability) >= 9.0
+    except (RuntimeError, AttributeError, ValueError, IndexError):
+        return False
+
+
+def segment_layout(segment_ids: Array, max_segments: int) -> tuple[Array, Array]:
+    """cuDNN's packed layout of rows whose segments are contiguous and numbered 1, 2, ... from the
+    row's start (padding, id 0, last): each segment's length and first slot, -1 past a row's last one.
+
+    segment_ids: [b, s] int32. Returns lengths [b, max_segments] and offsets [b, max_segments + 1].
+    """
+    ids = jnp.arange(1, max_segments + 1, dtype=segment_ids.dtype)
+    lengths = jnp.sum(segment_ids[:, :, None] == ids, axis=1, dtype=jnp.int32)
+    starts = jnp.cumsum(lengths, axis=1) - lengths
+    present = lengths > 0
+    offsets = jnp.concatenate([jnp.where(present, starts, -1),
+                               jnp.full((segment_ids.shape[0], 1), -1, jnp.int32)], axis=1)
+    return jnp.where(present, lengths, -1), offsets
+
+
+def _cudnn_packed_attention(q: Array, k: Array, v: Array, segment_ids: Array, max_segments: int,
+                            scale: float) -> Array:
+    """cuDNN flash attention over packed rows (Hopper or later), causal within each segment, through
+    JAX's cuDNN module (``jax.nn.dot_product_attention`` does not take segment offsets). GQA natively.
+    q: [b, s, heads, d]; k/v: [b, s, kv_heads, d]; segment_ids: [b, s] with at most ``max_segments``
+    segments a row (the packer's bound: more would be dropped, so the loader never makes them)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+    lengths, offsets = segment_layout(segment_ids, max_segments)
+    out = cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                      kv_offsets=offsets, scale=scale,
+                                      mask_type=cudnn.MaskType.PADDING_CAUSAL)
+    # padding slots belong to no segment: cuDNN leaves their outputs unwritten, and 0 x NaN is NaN
+    return jnp.where((segment_ids > 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
 def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, q_pos: Array,
@@ -207,14 +251,62 @@ def _flash_gpu_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: 
     if not block:
         raise ValueError(f"the Pallas GPU attention kernel needs the sequence length ({s}) to be a "
                          "multiple of 16")
-    sizes = pallas_gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
-                                  block_q_dq=block, block_kv_dq=block)
+    # Halving the backward's inner blocks (dK/dV's queries, dQ's keys) ran forward + backward in
+    # 10.2-10.4 ms against 11.0-11.2 with 128 everywhere, and 18.5-18.8 with the library's default of
+    # 32 (H200, 8 x 4,096, 32 heads of 64; trainer.benchmarks.attention_kernels, four runs)
+    half = max(block // 2, 16)
+    sizes = pallas_gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=half, block_kv_dkv=block,
+                                  block_q_dq=block, block_kv_dq=half)
 
     def local(q, k, v, seg):
-        return pallas_gpu.mha(q, k, v, seg, sm_scale=scale, causal=True, block_sizes=sizes,
-                              interpret=kernel_platform() != "gpu")
+        return pallas_gpu_mha(q, k, v, seg, scale, sizes, kernel_platform() != "gpu")
 
     return _shard_mapped(local, cfg, 3, 1)(q, k, v, segment_ids)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def pallas_gpu_mha(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, sizes,
+                   interpret: bool) -> Array:
+    """``pallas_gpu.mha`` (causal), whose forward residuals -- its output and log-sum-exp -- carry the
+    name ``CONTEXT``, as splash names its own: the library's forward passes them on from a nested call
+    of the kernel, where no remat policy can pick them out, so without the names remat reruns the
+    forward kernel in the backward pass. The forward and backward rules are the library's own
+    (``_mha_forward``/``_mha_backward``, the same signature in jax 0.10 and 0.11;
+    ``tests/attention_test.py`` runs them against the XLA path)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
+    return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=scale, causal=True, block_sizes=sizes,
+                          interpret=interpret)
+
+
+def _mha_static(scale, sizes, interpret) -> tuple:
+    # _mha_forward/_mha_backward's static arguments, in their order: sm_scale, causal, block_sizes,
+    # backward_pass_impl, num_warps, num_stages, grid, interpret, debug, return_residuals -- mha's
+    # defaults but for ours
+    return scale, True, sizes, "triton", None, 2, None, interpret, False, False
+
+
+def _pallas_gpu_mha_fwd(q, k, v, segment_ids, scale, sizes, interpret):
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
+    _, (q, k, v, segment_ids, out, lse) = pallas_gpu._mha_forward(
+        q, k, v, segment_ids, *_mha_static(scale, sizes, interpret))
+    out, lse = checkpoint_name(out, CONTEXT), checkpoint_name(lse, CONTEXT)  # the output is both
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _pallas_gpu_mha_bwd(scale, sizes, interpret, residuals, d_out):
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
+    return pallas_gpu._mha_backward(*_mha_static(scale, sizes, interpret), residuals, d_out)
+
+
+pallas_gpu_mha.defvjp(_pallas_gpu_mha_fwd, _pallas_gpu_mha_bwd)
+
+
+def context_saveable(prim, *_, **params) -> bool:
+    """The remat policy piece that keeps what attention's backward needs of its forward: whatever
+    carries the name ``CONTEXT`` (the XLA path's output; splash's and the Pallas GPU kernel's output
+    and log-sum-exp), and the outputs of cuDNN's forward call (output and softmax statistics: JAX's
+    rule passes them on unnamed, straight from this primitive)."""
+    return (prim.name == CUDNN_FORWARD or (prim.name == "name" and params.get("name") == CONTEXT))
 
 
 def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_ids: Array,
@@ -247,15 +339,16 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
             # GQA natively: each query head reads its group's k/v block (forward and backward), so the
             # [b, s, heads, d] copies of k and v (and their gradients) are never made.
             return _splash_attention(q, k, v, q_segment_ids, cfg, scale, window)
+        if impl == "cudnn" and cfg.packed_inputs:
+            return _cudnn_packed_attention(q, k, v, q_segment_ids, cfg.max_segments, scale)
+        if impl == "cudnn":  # unpacked rows: causal (right-padded: padding keys follow every real query)
+            return jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=True, implementation="cudnn",
+                local_window_size=(window - 1, 0) if window else None)
         kr, vr = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
         if impl == "splash":
             return _splash_attention(q, kr, vr, q_segment_ids, cfg, scale, window)
-        if impl == "flash":
-            return _flash_gpu_attention(q, kr, vr, q_segment_ids, cfg, scale)
-        # cuDNN: causal only (unpacked, right-padded rows: padding keys come after every real query).
-        return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, implementation="cudnn",
-            local_window_size=(window - 1, 0) if window else None)
+        return _flash_gpu_attention(q, kr, vr, q_segment_ids, cfg, scale)
 
     if W is None or sliding is False:
         return run(None)

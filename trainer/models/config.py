@@ -33,6 +33,9 @@ class ModelConfig:
     attention_impl: str = "auto"  # auto | xla | cudnn | flash | splash (see ``resolve_attention``)
     # Whether rows pack several segments (data.packing): picks the GPU kernel that takes segment ids.
     packed_inputs: bool = False
+    # The most segments a packed row holds (data.max_segments_per_row; 0: no bound): cuDNN's attention
+    # over packed rows needs one.
+    max_segments: int = 0
     # Query block of the XLA attention path: blocks above the causal diagonal are skipped (0: dense).
     attention_block_size: int = 128
     # Mesh axes that attention's batch and head dimensions are split over (from the sharding rules),

@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
-from trainer.models.attention import CONTEXT, attention
+from trainer.models import remat as remat_lib
+from trainer.models.attention import attention
 from trainer.models.config import SLIDING, ModelConfig
 from trainer.settings import options
 
@@ -174,7 +175,7 @@ def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | No
     cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
     out = jnp.einsum(spec, x, getattr(module, name)[...].astype(dt))
     if not hasattr(module, f"{name}_lora_a"):
-        return checkpoint_name(out, "projection")
+        return checkpoint_name(out, remat_lib.PROJECTION)
     n_in = LORA_TARGETS[name]
     if cfg.lora_dropout and rng is not None:
         keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - cfg.lora_dropout,
@@ -186,7 +187,7 @@ def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | No
     out = out + jnp.tensordot(low, b, axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
     # Named for remat="dots" with LoRA: keep this sum, as full fine-tuning keeps the projection's
     # output, and not each of its two matmuls' outputs (which doubled the saved activations).
-    return checkpoint_name(out, "projection")
+    return checkpoint_name(out, remat_lib.PROJECTION)
 
 
 def _activation(name: str):
@@ -342,40 +343,6 @@ def _layer_rng(rng: Array | None, layer: Array | int) -> Array | None:
     return None if rng is None else jax.random.fold_in(rng, layer)
 
 
-_cp = jax.checkpoint_policies
-REMAT_POLICIES = {
-    "full": None,
-    "dots": _cp.dots_with_no_batch_dims_saveable,
-    "dots_with_context": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable,
-                                                     _cp.save_only_these_names(CONTEXT)),
-}
-
-
-def _policy(remat: str, lora: bool = False):
-    """The checkpoint policy of ``remat``. ``dots`` keeps the outputs of the block's projections
-    (matmuls without batch dims); with LoRA each adapted projection is two such matmuls plus a
-    low-rank one, so there the policy keeps each projection's summed output by name instead -- the
-    same tensors full fine-tuning keeps, not twice as many.
-
-    ``dots_with_context`` (MaxText's ``minimal_with_context``) keeps what attention's backward needs
-    of its forward as well (``attention.CONTEXT``: one ``[b, s, heads, head_dim]`` tensor a layer, and
-    splash's log-sum-exp), so splash goes straight to its backward kernels and the XLA path
-    recomputes only the scores (its probabilities are too big to keep).
-    """
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"model.remat must be one of {', '.join(options.REMAT)}, got {remat!r}")
-    if remat != "full" and lora:
-        return _cp.save_only_these_names("projection", *((CONTEXT,) if remat == "dots_with_context" else ()))
-    return REMAT_POLICIES[remat]
-
-
-def _remat(fn, remat: str, lora: bool = False):
-    """``fn`` rematerialised in the backward pass as ``remat`` asks (``options.REMAT``)."""
-    if remat == "none":
-        return fn
-    return jax.checkpoint(fn, policy=_policy(remat, lora), prevent_cse=False)
-
-
 class Transformer(nnx.Module):
     """Decoder-only LM. ``__call__`` returns the final (normed) hidden states; ``logits`` applies the
     head. The training loss applies the head itself, in chunks (``trainer.training.loss``)."""
@@ -445,7 +412,8 @@ class Transformer(nnx.Module):
             if meta is None:
                 def call(blk, x_, sliding=kinds[i], rng_i=_layer_rng(rng, i)):
                     return blk(x_, positions, segment_ids, sliding, None, rng_i)[0]
-                x = (call if remat == "none" else nnx.remat(call, policy=_policy(remat, bool(self.cfg.lora_rank))))(layer, x)
+                lora = bool(self.cfg.lora_rank)
+                x = (call if remat == "none" else nnx.remat(call, policy=remat_lib.policy(remat, lora)))(layer, x)
                 continue
             x, kv = layer(x, positions, segment_ids, kinds[i], (*kv, i, meta))
         return x, kv
@@ -465,7 +433,7 @@ class Transformer(nnx.Module):
             x, kv = block(x, positions, segment_ids, sliding, (*kv, i, meta))
             return (x, kv), None
 
-        body = _remat(body, remat, bool(self.cfg.lora_rank))
+        body = remat_lib.remat(body, remat, bool(self.cfg.lora_rank))
         kv = None if meta is None else (meta.k, meta.v)
         xs = (state, jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32), flags)
         (x, kv), _ = jax.lax.scan(body, (x, kv), xs)

@@ -88,6 +88,8 @@ def _data(d, check_paths: bool, out: _Problems) -> None:
                          ("template", (*templating.BUILTIN_TEMPLATES, "tokenizer"))):
         out.need(getattr(d, key) in allowed,
                  f"data.{key} must be one of {', '.join(allowed)}, got {getattr(d, key)!r}")
+    out.need(d.max_segments_per_row >= 0, f"data.max_segments_per_row must be >= 0 (0: no limit), got "
+             f"{d.max_segments_per_row}")
     for name, src in dict(d.sources).items() if check_paths else ():
         src = dict(src)
         if src.get("type", "files") != "files":

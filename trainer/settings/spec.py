@@ -57,6 +57,9 @@ class Data:
     max_length: int = 72  # model sequence length
     length_policy: str = "drop"  # drop | truncate (oldest turns, then the prompt from the left)
     packing: str = "best_fit"  # none (one example per row, padded) | best_fit | first_fit
+    # > 0: a packed row holds at most this many examples (0: no limit). cuDNN's attention over packed
+    # rows needs it (its statistics are [rows x this, heads, seq] float32): the GPU presets set it.
+    max_segments_per_row: int = 0
     on_bad_row: str = "error"  # error (file:line) | skip (counted in the report)
     max_row_bytes: int = 1_000_000  # a longer line is a bad row
     cache: bool = True  # cache tokenised splits (keyed by data, tokenizer, template, lengths)

@@ -327,6 +327,7 @@ def _data(config: RunSpec, workdir: str, batch_sh):
         train_ds = loader.train_dataset(
             data.examples["train"], seq_len=config.data.max_length, pad_id=tok.pad_token_id,
             batch_size=tcfg.batch_size, seed=config.seed, packing=config.data.packing,
+            max_segments=config.data.max_segments_per_row,
             **experiment.loader_shard(batch_sh), **config.data.loader)
     except ValueError as e:
         raise UserError(f"data: {e}") from e

@@ -91,6 +91,7 @@ def model_config(config: RunSpec, vocab_size: int,
     runtime = {k: getattr(config.model, k) for k in (
         "dtype", "param_dtype", "attention_impl", "remat", "scan_layers", "attention_block_size")}
     runtime["packed_inputs"] = config.data.packing != "none"
+    runtime["max_segments"] = config.data.max_segments_per_row if runtime["packed_inputs"] else 1
     runtime.update(config.lora.model_fields())
     axes = dict(rules(config))  # mesh axes of attention's batch/head dims (for kernels under shard_map)
     as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v else ())  # noqa: E731
