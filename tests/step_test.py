@@ -135,25 +135,29 @@ def test_schedule_first_update_is_not_zero_and_last_reaches_end():
     assert float(schedule(9)) == pytest.approx(cfg.learning_rate * cfg.end_lr_ratio)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_with_context"])
-def test_remat_gives_the_same_loss_and_gradients(remat):
+def _loss_under_remat(mode: str, rows: int, attention_impl: str = "auto"):
+    """The tiny model's loss_sum as a function of its parameters under ``model.remat=mode``, on one
+    device and a fixed random batch; and the initial parameters."""
     import jax.numpy as jnp  # noqa: PLC0415
     from trainer.training.step import make_forward  # noqa: PLC0415
     config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
-    grads = {}
+    config.model.remat, config.model.attention_impl = mode, attention_impl
+    _, spec, *_ = helpers.setup(config, devices=jax.devices()[:1])
+    fwd = make_forward(spec.graphdef)
+    batch = {k: jnp.asarray(v) for k, v in helpers.random_batch(rows, 16, 64).items()}
+    return (lambda p: fwd(p, batch)["loss_sum"]), spec.init_params(0)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_with_context"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
+    grads, checkpoints = {}, {}
     for mode in ("none", remat):
-        config.model.remat = mode
-        _, spec, *_ = helpers.setup(config, devices=jax.devices()[:1])
-        fwd = make_forward(spec.graphdef)
-        batch = {k: jnp.asarray(v) for k, v in helpers.random_batch(4, 16, 64).items()}
-        params = spec.init_params(0)
-        g = jax.grad(lambda p: fwd(p, batch)["loss_sum"])(params)
-        grads[mode] = g
-        jaxpr = str(jax.make_jaxpr(lambda p: fwd(p, batch)["loss_sum"])(params))
-        grads[mode + "_remats"] = jaxpr.count("checkpoint") + jaxpr.count("remat")
+        loss, params = _loss_under_remat(mode, rows=4)
+        grads[mode] = jax.grad(loss)(params)
+        jaxpr = str(jax.make_jaxpr(loss)(params))
+        checkpoints[mode] = jaxpr.count("checkpoint") + jaxpr.count("remat")
     # it is really on: the blocks add checkpoints (to the loss tiles' own, when the loss is tiled)
-    assert grads[remat + "_remats"] > grads["none_remats"]
-    del grads["none_remats"], grads[remat + "_remats"]
+    assert checkpoints[remat] > checkpoints["none"]
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
@@ -163,18 +167,12 @@ def test_remat_dots_with_context_recomputes_only_the_attention_scores():
     probabilities x values); "dots_with_context" keeps attention's output, so only the scores (whose
     probabilities the backward needs) are computed again: one matmul fewer a layer."""
     import jax.numpy as jnp  # noqa: PLC0415
-    from trainer.training.step import make_forward  # noqa: PLC0415
-    config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
-    config.model.attention_impl = "xla"
     matmuls = {}
     for mode in ("none", "dots", "dots_with_context"):
-        config.model.remat = mode
-        _, spec, *_ = helpers.setup(config, devices=jax.devices()[:1])
-        fwd = make_forward(spec.graphdef)
-        batch = {k: jnp.asarray(v) for k, v in helpers.random_batch(2, 16, 64).items()}
-        _, backward = jax.vjp(lambda p: fwd(p, batch)["loss_sum"], spec.init_params(0))
+        loss, params = _loss_under_remat(mode, rows=2, attention_impl="xla")
+        _, backward = jax.vjp(loss, params)
         matmuls[mode] = str(jax.make_jaxpr(backward)(jnp.float32(1))).count("dot_general")
-    layers = config.model.num_hidden_layers
+    layers = helpers.tiny_config(data=1, fsdp=1, tensor=1).model.num_hidden_layers
     assert matmuls["dots"] - matmuls["none"] == 2 * layers, matmuls
     assert matmuls["dots_with_context"] - matmuls["none"] == layers, matmuls
 
