@@ -22,4 +22,6 @@ for r in $(seq 1 "${REPEATS:-3}"); do
   $PY -m trainer.bench --config configs/demo.py $L7 --config.data.max_length=256 --batch 8 --seq 256 --steps 3 --vocab 8000 --tunix --notorch --json "$out/l7m_$r.json"
   $PY -m trainer.bench --config configs/demo.py $L27 --config.data.max_length=512 --batch 4 --seq 512 --steps 3 --vocab 8000 --tunix --notorch --json "$out/l27m_$r.json"
   $PY -m trainer.bench --config configs/demo.py $SMOL --config.data.max_length=128 --batch 4 --seq 128 --steps 3 --vocab 49152 --tunix --notorch --json "$out/smollm2_$r.json"
+  # the same with our layers scanned (one layer compiled, not 30)
+  $PY -m trainer.bench --config configs/demo.py $SMOL --config.model.scan_layers=True --config.data.max_length=128 --batch 4 --seq 128 --steps 3 --vocab 49152 --tunix --notorch --json "$out/smollm2-scanned_$r.json"
 done
