@@ -27,13 +27,6 @@ from absl import app, flags
 from trainer.models import attention as attention_lib
 from trainer.models.config import ModelConfig
 
-flags.DEFINE_integer("batch", 8, "Rows.")
-flags.DEFINE_integer("seq", 4096, "Tokens per row.")
-flags.DEFINE_integer("heads", 32, "Query heads.")
-flags.DEFINE_integer("kv_heads", 8, "Key/value heads.")
-flags.DEFINE_integer("head_dim", 64, "Head size.")
-flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
-flags.DEFINE_string("json", "", "Write the rows here too.")
 
 # (block_q, block_k, block_q_dkv, block_kv_dkv, block_q_dq, block_kv_dq) of the Pallas GPU kernel;
 # the first is ours (``_flash_gpu_attention`` at 128), the second the library's default
@@ -123,5 +116,18 @@ def main(argv) -> None:
                        "head_dim": F.head_dim, "rows": rows}, f, indent=1)
 
 
+def _define_flags() -> None:
+    """At run time only: the other benchmarks' modules (imported in one test process) define some of
+    the same flag names."""
+    flags.DEFINE_integer("batch", 8, "Rows.")
+    flags.DEFINE_integer("seq", 4096, "Tokens per row.")
+    flags.DEFINE_integer("heads", 32, "Query heads.")
+    flags.DEFINE_integer("kv_heads", 8, "Key/value heads.")
+    flags.DEFINE_integer("head_dim", 64, "Head size.")
+    flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
+    flags.DEFINE_string("json", "", "Write the rows here too.")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
