@@ -122,7 +122,8 @@ def _cudnn_packed_attention(q: Array, k: Array, v: Array, segment_ids: Array, ma
     out = cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
                                       kv_offsets=offsets, scale=scale,
                                       mask_type=cudnn.MaskType.PADDING_CAUSAL)
-    # padding slots belong to no segment: cuDNN leaves their outputs unwritten, and 0 x NaN is NaN
+    # padding slots belong to no segment, so the packed layout does not define their outputs, and a
+    # NaN there would survive the loss's zero weight (0 x NaN is NaN): they are set to 0
     return jnp.where((segment_ids > 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
