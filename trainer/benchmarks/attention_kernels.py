@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from trainer.benchmarks.timing import median_seconds
 from trainer.models import attention as attention_lib
 from trainer.models.config import ModelConfig
-
 
 # (block_q, block_k, block_q_dkv, block_kv_dkv, block_q_dq, block_kv_dq) of the Pallas GPU kernel;
 # the first is ours (``_flash_gpu_attention`` at 128), the second the library's default
@@ -43,16 +42,6 @@ def _inputs(b: int, s: int, h: int, kv: int, d: int):
     seg[:, s // 2:] = 2  # two packed segments a row
     pos = np.concatenate([np.arange(s // 2), np.arange(s - s // 2)])[None].repeat(b, 0).astype(np.int32)
     return q, k, v, jnp.asarray(seg), jnp.asarray(pos)
-
-
-def _timed(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def _grad_fn(impl: str, cfg: ModelConfig, seg, pos, blocks=None):
@@ -89,7 +78,7 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, repeats:
     print("| variant | ms (forward + backward) | useful TFLOP/s |\n|---|---:|---:|")
     for name, impl, blocks, segment_ids in variants:
         try:
-            ms = 1e3 * _timed(_grad_fn(impl, cfg, segment_ids, pos, blocks), (q, k, v), repeats)
+            ms = 1e3 * median_seconds(_grad_fn(impl, cfg, segment_ids, pos, blocks), q, k, v, repeats=repeats)[0]
         except Exception as e:  # noqa: BLE001 -- a block size the kernel refuses is a row, not the end
             print(f"| {name} | failed: {str(e).splitlines()[0][:100]} | |")
             continue

@@ -14,7 +14,6 @@ difference between the two gradients.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from trainer.benchmarks.timing import median_seconds
 from trainer.models.transformer import softcap_logits
 from trainer.training.loss import chunked_token_loss, token_loss
 
@@ -34,16 +34,6 @@ flags.DEFINE_float("supervised", 0.5, "Share of supervised tokens (the rest carr
 flags.DEFINE_float("softcap", 0.0, "Final-logit soft-capping.")
 flags.DEFINE_string("dtype", "float32", "Hidden states' and head's dtype.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per side.")
-
-
-def _timed(fn, *args, repeats: int) -> tuple[float, Any]:
-    out = jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), out
 
 
 def run(batch: int, seq: int, embed: int, vocab: int, chunk: int, supervised: float, softcap: float,
@@ -68,7 +58,7 @@ def run(batch: int, seq: int, embed: int, vocab: int, chunk: int, supervised: fl
     for name, fn in (("ours", ours), ("reference", reference)):
         step = jax.jit(jax.grad(fn, argnums=(0, 1)))
         memory = step.lower(hidden, head).compile().memory_analysis()
-        seconds, grads[name] = _timed(step, hidden, head, repeats=repeats)
+        seconds, grads[name] = median_seconds(step, hidden, head, repeats=repeats)
         out[name] = {"seconds": seconds, "tokens_per_s": batch * seq / seconds,
                      "temporary_bytes": getattr(memory, "temp_size_in_bytes", None)}
     out["speedup"] = out["reference"]["seconds"] / out["ours"]["seconds"]
