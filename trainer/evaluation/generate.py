@@ -79,8 +79,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
                      else None)
         prompts = shard(prompts, batch_axes, None)
         cache = KVCache.empty(cfg, b, p + n)
-        cache = cache.replace(k=shard(cache.k, None, batch_axes, None, head_axes, None),
-                              v=shard(cache.v, None, batch_axes, None, head_axes, None))
+        names = ((None,) if cfg.scan_layers else ()) + (batch_axes, head_axes, None, None)  # [layers, ]b, kh, ..
+        cache = cache.replace(k=jax.tree.map(lambda a: shard(a, *names), cache.k),
+                              v=jax.tree.map(lambda a: shard(a, *names), cache.v))
         positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
         hidden, cache = model(prompts, positions, prompt_valid.astype(jnp.int32), cache)
         rng, sub = jax.random.split(rng)
@@ -149,10 +150,13 @@ def left_pad(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[n
 
 
 def bucket_length(n: int, multiple: int = 16) -> int:
-    """The padded prompt length for a prompt of ``n`` tokens: ``multiple`` times a power of two, so a
-    whole eval compiles at most log2(longest / multiple) + 1 shapes."""
+    """The padded prompt length for a prompt of ``n`` tokens: ``multiple`` times 1, 2, 3, 4, 6, 8,
+    12, 16, ... (a power of two, or 1.5 times one), so a whole eval compiles at most
+    2 log2(longest / multiple) + 1 shapes and pads a batch's longest prompt by under a third (plain
+    powers of two padded 33 tokens to 64 and made a prefill of short prompts up to 2x the work)."""
     units = -(-max(n, 1) // multiple)
-    return multiple * (1 << (units - 1).bit_length())
+    power = 1 << (units - 1).bit_length()
+    return multiple * (power * 3 // 4 if power >= 4 and units <= power * 3 // 4 else power)
 
 
 def generate_all(generate, params, prompts: Sequence[np.ndarray], *, batch_size: int, pad_id: int,

@@ -206,20 +206,44 @@ class KVCache:
     Rows are left-padded to a common prompt length so that all rows write the same slot each step.
     """
 
-    k: Array            # [layers, batch, slots, kv_heads, head_dim]
-    v: Array            # [layers, batch, slots, kv_heads, head_dim]
+    # Heads before slots: a decode step's attention is a dot batched over (batch, kv_heads), which XLA
+    # wants as leading dimensions; stored [.., slots, kv_heads, ..] every step copied each layer's whole
+    # cache into that order first. An unrolled model keeps one array per layer: reading layer i out of
+    # a stack is a copy of it on XLA:CPU (a slice is not a view), a third of a small model's decode
+    # step; a scanned model's loop over the layers needs the stack.
+    k: Array | tuple[Array, ...]  # [layers, batch, kv_heads, slots, head_dim] or per layer [batch, ...]
+    v: Array | tuple[Array, ...]
     segment_ids: Array  # [batch, slots] int32: 1 where a real token's key was written, else 0
     positions: Array    # [batch, slots] int32
     index: Array        # int32 scalar: the slot the next call's first token is written to
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_size)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_size)
         zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        if not cfg.scan_layers:
+            zeros = tuple(zeros[i] for i in range(cfg.num_hidden_layers))
         # index 0 as a Python int: the prefill then knows statically that its queries start at slot 0
         # (and takes the blockwise attention path); it becomes an array after the first call.
         return cls(zeros, zeros, jnp.zeros((batch, slots), jnp.int32),
                    jnp.zeros((batch, slots), jnp.int32), 0)
+
+
+def _heads_first(x: Array) -> Array:
+    """[b, s, heads, d] <-> [b, heads, s, d] (its own inverse): the cache's order <-> attention's."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _cache_write(stored: Array, layer: Array | None, index: Array | int, new: Array
+                 ) -> tuple[Array, Array]:
+    """Writes ``new`` [b, s, kv_heads, d] at slot ``index`` of this layer's cache; returns the cache
+    as stored (the stack when ``layer`` is given, else this layer's own array) and this layer's
+    slots as attention takes them, [b, slots, kv_heads, d]."""
+    new = _heads_first(new)[None] if layer is not None else _heads_first(new)
+    at = (layer, 0, 0, index, 0) if layer is not None else (0, 0, index, 0)
+    stored = jax.lax.dynamic_update_slice(stored, new.astype(stored.dtype), at)
+    mine = stored if layer is None else jax.lax.dynamic_index_in_dim(stored, layer, 0, keepdims=False)
+    return stored, _heads_first(mine)
 
 
 class Attention(nnx.Module):
@@ -248,10 +272,11 @@ class Attention(nnx.Module):
                  rng: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [b, s, e]; positions, segment_ids: [b, s] int32; sliding: this layer's type.
 
-        With ``cache=(k_all, v_all, layer, meta)`` -- every layer's ``[layers, b, slots, kv_heads,
-        head_dim]`` keys/values, this layer's index and the cache's slot table (already holding this
-        call's tokens) -- the new keys/values are written at ``[layer, :, meta.index]`` and attention
-        runs over this layer's slots; the updated stacks are returned. Writing into the stack itself
+        With ``cache=(k_all, v_all, layer, meta)`` -- every layer's ``[layers, b, kv_heads, slots,
+        head_dim]`` keys/values and this layer's index (or, with ``layer=None``, this layer's own
+        ``[b, kv_heads, slots, head_dim]`` arrays) and the cache's slot table (already holding this
+        call's tokens) -- the new keys/values are written at slot ``meta.index`` and attention runs
+        over this layer's slots; the updated arrays are returned. Writing into the stack itself
         (not into a per-layer slice that is then put back) keeps the update in place: the put-back
         form made XLA copy the whole cache twice per layer, 2/3 of a SmolLM2-135M decode step.
 
@@ -280,14 +305,19 @@ class Attention(nnx.Module):
             new = None
         else:
             k_all, v_all, layer, meta = cache
-            at = (layer, 0, meta.index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-            ck = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-            cv = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-            out = attention(q, ck.astype(dt), cv.astype(dt), q_segment_ids=segment_ids,
-                            kv_segment_ids=meta.segment_ids, q_positions=positions,
-                            kv_positions=meta.positions, q_offset=meta.index, sliding=sliding, cfg=cfg)
+            k_all, ck = _cache_write(k_all, layer, meta.index, k)
+            v_all, cv = _cache_write(v_all, layer, meta.index, v)
+            if isinstance(meta.index, int) and meta.index == 0:
+                # a prefill into an empty cache: its keys are exactly its own, so attention need not
+                # read (or mask out) the cache's still-empty slots
+                out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                q_positions=positions, kv_positions=positions, q_offset=0,
+                                sliding=sliding, cfg=cfg, generating=True)
+            else:
+                out = attention(q, ck.astype(dt), cv.astype(dt), q_segment_ids=segment_ids,
+                                kv_segment_ids=meta.segment_ids, q_positions=positions,
+                                kv_positions=meta.positions, q_offset=meta.index, sliding=sliding,
+                                cfg=cfg, generating=True)
             new = (k_all, v_all)
         out = _project(self, "o", out, "bshd,hde->bse", rng)
         if cfg.o_bias:
@@ -415,7 +445,8 @@ class Transformer(nnx.Module):
                 lora = bool(self.cfg.lora_rank)
                 x = (call if remat == "none" else nnx.remat(call, policy=remat_lib.policy(remat, lora)))(layer, x)
                 continue
-            x, kv = layer(x, positions, segment_ids, kinds[i], (*kv, i, meta))
+            x, (k_i, v_i) = layer(x, positions, segment_ids, kinds[i], (kv[0][i], kv[1][i], None, meta))
+            kv = (kv[0][:i] + (k_i,) + kv[0][i + 1:], kv[1][:i] + (v_i,) + kv[1][i + 1:])
         return x, kv
 
     def _scan(self, x, positions, segment_ids, kinds, meta, remat, rng=None):
