@@ -34,6 +34,13 @@ def test_greedy_and_stop_strings():
     assert cut_at_stop("x", ()) == "x"
 
 
+def test_greedy_takes_the_first_of_equal_maxima_like_argmax():
+    logits = jnp.asarray([[0.0, 2.0, 2.0, 1.0], [3.0, 3.0, 3.0, 3.0], [-1.0, -2.0, -3.0, -0.5]])
+    assert _pick(logits, jax.random.key(0), 0.0, 0).tolist() == [1, 0, 3]
+    many = jax.random.normal(jax.random.key(1), (16, 1000))
+    assert (_pick(many, jax.random.key(0), 0.0, 0) == jnp.argmax(many, -1)).all()
+
+
 def test_bucket_lengths_pad_by_under_a_third():
     """16 x 1, 2, 3, 4, 6, 8, 12, ...: a batch whose longest prompt has 33 tokens is padded to 48,
     not 64 (plain powers of two nearly doubled a short batch's prefill)."""

@@ -24,7 +24,7 @@ def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top
     """Next token from [batch, vocab] float32 logits: greedy at temperature 0, else sampled from the
     top-k and then the top-p (nucleus) tokens."""
     if temperature == 0.0:
-        return jnp.argmax(logits, -1).astype(jnp.int32)
+        return _first_argmax(logits)
     logits = logits / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -40,6 +40,16 @@ def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top
         logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(
             sorted_logits)
     return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+def _first_argmax(logits: jax.Array) -> jax.Array:
+    """``argmax(logits, -1)`` (the first of equal maxima) as a max and then a min over the maxima's
+    indices: XLA:CPU runs argmax's (value, index) reduction 3.7x slower (3.5 ms a decode step for 32
+    rows of SmolLM2's 49,152-token vocabulary). [batch, vocab] -> [batch] int32."""
+    vocab = logits.shape[-1]
+    at_max = logits == logits.max(-1, keepdims=True)
+    first = jnp.min(jnp.where(at_max, jnp.arange(vocab, dtype=jnp.int32), vocab), -1)
+    return jnp.minimum(first, vocab - 1)  # a row of NaNs has no maximum: the last token, not out of range
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
