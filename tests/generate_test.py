@@ -6,9 +6,20 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from trainer.evaluation.generate import _pick, bucket_length, cut_at_stop, left_pad, make_generate_fn
+from trainer import sharding as sharding_lib
+from trainer.evaluation.generate import (
+    PREFILL_TOKENS,
+    _pick,
+    bucket_length,
+    cut_at_stop,
+    generate_all,
+    left_pad,
+    make_generate_fn,
+    prefill_chunks,
+)
 from trainer.models.config import ModelConfig
 from trainer.models.transformer import Transformer
 
@@ -69,3 +80,49 @@ def test_decode_steps_copy_no_layer_of_the_cache():
                                            or re.search("copy|transpose|slice_bitcast", m["name"])):
             copies.append(line.strip()[:160])
     assert copies == []
+
+
+def _small(scan: bool = False, **kw) -> tuple[nnx.GraphDef, nnx.State]:
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, scan_layers=scan, **kw)
+    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def test_prefill_chunks_are_the_fewest_that_fit_the_budget():
+    assert [prefill_chunks(8, 16, b) for b in (128, 64, 32, 16, 8)] == [1, 2, 4, 8, 8]
+    assert prefill_chunks(6, 16, 40) == 3  # 2 rows of 16 fit, 3 would not; chunks divide the rows
+    assert prefill_chunks(64, 4096) == 8   # the 1B GPU preset's dry run: 8 rows of 4,096 at a time
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_prefill_in_row_chunks_generates_the_same_tokens(scan):
+    """Rows of different lengths, prefilled 2 at a time (chunk j takes rows j, j + 4, ...): every
+    row's cache must come back to its own row, or its tokens change."""
+    graphdef, params = _small(scan)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 64, int(rng.integers(2, 15))).astype(np.int32) for _ in range(8)]
+    whole, chunked = (generate_all(make_generate_fn(graphdef, max_new_tokens=6, eos_ids=[], pad_id=0,
+                                                    prefill_tokens=t), params, prompts, batch_size=8,
+                                   pad_id=0, eos_ids=[]) for t in (PREFILL_TOKENS, 32))
+    assert chunked == whole
+    assert len({tuple(r) for r in whole}) > 1
+
+
+def test_prefill_in_row_chunks_under_a_mesh_moves_no_rows():
+    """Batch split 4 ways, kv heads 2 ways: 2 rows per device, prefilled one per device at a time.
+    The tokens equal the unsharded whole prefill's, and chunking adds no collective to the program."""
+    mesh = sharding_lib.make_mesh({"data": 4, "fsdp": 1, "tensor": 2}, jax.devices()[:8])
+    graphdef, params = _small(attention_batch_axes=("data", "fsdp"), attention_head_axes=("tensor",))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 64, int(rng.integers(2, 15))).astype(np.int32) for _ in range(8)]
+    ref = generate_all(make_generate_fn(graphdef, max_new_tokens=6, eos_ids=[], pad_id=0), params,
+                       prompts, batch_size=8, pad_id=0, eos_ids=[])
+    collectives = []
+    for budget in (PREFILL_TOKENS, 16):
+        gen = make_generate_fn(graphdef, max_new_tokens=6, eos_ids=[], pad_id=0, mesh=mesh,
+                               prefill_tokens=budget)
+        assert generate_all(gen, params, prompts, batch_size=8, pad_id=0, eos_ids=[]) == ref
+        toks, valid = left_pad(prompts, 16, 0)
+        hlo = gen.lower(params, toks, valid, jax.random.key(0)).compile().as_text()
+        collectives.append(sorted(re.findall(r"= \S+ (all-gather|all-to-all|collective-permute)[-a-z]*\(", hlo)))
+    assert collectives[1] == collectives[0]

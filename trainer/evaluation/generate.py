@@ -58,15 +58,30 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
+# A prefill of more prompt tokens than this per device runs in row chunks, one after another: its
+# attention temporaries grow with rows x prompt length^2 / blocks, and the 1B GPU preset's dry run
+# (64 prompts of 4,096 tokens on one device) needed 101 GB of temporaries for a single prefill.
+PREFILL_TOKENS = 32768
+
+
+def prefill_chunks(rows: int, prompt_len: int, budget: int = PREFILL_TOKENS) -> int:
+    """Into how many sequential chunks a prefill of ``rows`` prompts (one device's) is split: the
+    fewest that divide ``rows`` and hold at most ``budget`` prompt tokens each (one row each when even
+    that is more)."""
+    return next((n for n in range(1, rows + 1) if rows % n == 0 and rows // n * prompt_len <= budget),
+                rows)
+
+
 def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Sequence[int],
                      pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     mesh: jax.sharding.Mesh | None = None):
+                     mesh: jax.sharding.Mesh | None = None, prefill_tokens: int = PREFILL_TOKENS):
     """Returns jitted ``generate(params, prompts, prompt_valid, rng) -> [batch, max_new_tokens] int32``.
 
     ``prompts``: [batch, P] int32, left-padded; ``prompt_valid``: [batch, P] bool. Output tokens after a
     row's first EOS are ``pad_id``; the loop stops early once every row has finished. Prefill applies
-    the LM head to the last position only. With ``mesh``, the prompts and the KV cache are split over
-    the batch (and the cache over the kv heads) by the model's logical rules, so no device holds the
+    the LM head to the last position only, in row chunks of at most ``prefill_tokens`` prompt tokens
+    per device (``prefill_chunks``). With ``mesh``, the prompts and the KV cache are split over the
+    batch (and the cache over the kv heads) by the model's logical rules, so no device holds the
     whole cache.
     """
     eos = jnp.asarray(list(eos_ids), jnp.int32)
@@ -87,15 +102,25 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
         batch_axes = batch_axes if batch_axes and b % _size(mesh, batch_axes) == 0 else None
         head_axes = (head_axes if head_axes and cfg.num_key_value_heads % _size(mesh, head_axes) == 0
                      else None)
-        prompts = shard(prompts, batch_axes, None)
-        cache = KVCache.empty(cfg, b, p + n)
-        names = ((None,) if cfg.scan_layers else ()) + (batch_axes, head_axes, None, None)  # [layers, ]b, kh, ..
-        cache = cache.replace(k=jax.tree.map(lambda a: shard(a, *names), cache.k),
-                              v=jax.tree.map(lambda a: shard(a, *names), cache.v))
+        cache_names = ((None,) if cfg.scan_layers else ()) + (batch_axes, head_axes, None, None)
+
+        def prefill(prompts, valid, positions):
+            """[rows, P] prompts -> hidden state [rows, embed] at the last slot, and their cache."""
+            prompts = shard(prompts, batch_axes, None)
+            cache = KVCache.empty(cfg, prompts.shape[0], p + n)
+            cache = cache.replace(k=jax.tree.map(lambda a: shard(a, *cache_names), cache.k),
+                                  v=jax.tree.map(lambda a: shard(a, *cache_names), cache.v))
+            hidden, cache = model(prompts, positions, valid.astype(jnp.int32), cache)
+            return hidden[:, -1], cache
+
         positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
-        hidden, cache = model(prompts, positions, prompt_valid.astype(jnp.int32), cache)
+        chunks = prefill_chunks(b // (_size(mesh, batch_axes) if batch_axes else 1), p, prefill_tokens)
+        if chunks == 1:
+            last, cache = prefill(prompts, prompt_valid, positions)
+        else:
+            last, cache = _in_row_chunks(prefill, chunks, cfg.scan_layers, prompts, prompt_valid, positions)
         rng, sub = jax.random.split(rng)
-        tok = _pick(model.logits(hidden[:, -1:])[:, 0], sub, temperature, top_k, top_p)
+        tok = _pick(model.logits(last[:, None])[:, 0], sub, temperature, top_k, top_p)
         out = jnp.full((b, n), pad_id, jnp.int32)
         done = jnp.zeros((b,), bool)
         pos = positions[:, -1]
@@ -125,6 +150,25 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     # which no process can fetch).
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return with_mesh(mesh, jax.jit(generate, out_shardings=replicated))
+
+
+def _in_row_chunks(prefill, chunks: int, stacked: bool, *rows: jax.Array) -> tuple[jax.Array, KVCache]:
+    """``prefill(*rows)`` run on ``chunks`` groups of rows in sequence (``lax.map``), the results put
+    back in row order. Chunk j takes rows j, j + chunks, j + 2 chunks, ...: every device's contiguous
+    share of a batch-sharded row axis then holds part of every chunk, so no row moves between devices.
+    ``stacked``: the cache's keys/values are [layers, rows, ...] (a scanned model), else per layer."""
+    def split(x):  # [rows, ...] -> [chunks, rows / chunks, ...]
+        return x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]).swapaxes(0, 1)
+
+    def join(x, axis=0):  # [chunks, ..., rows / chunks (at axis + 1), ...] -> [..., rows, ...]
+        x = jnp.moveaxis(x, 0, axis + 1)
+        return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+
+    last, cache = jax.lax.map(lambda xs: prefill(*xs), tuple(split(x) for x in rows))
+    kv_axis = 1 if stacked else 0
+    return join(last), cache.replace(
+        k=jax.tree.map(lambda a: join(a, kv_axis), cache.k), v=jax.tree.map(lambda a: join(a, kv_axis), cache.v),
+        segment_ids=join(cache.segment_ids), positions=join(cache.positions), index=cache.index[0])
 
 
 class CompiledGenerate:
