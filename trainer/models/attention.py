@@ -328,7 +328,8 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
       sliding: whether this is a sliding-window layer (a Python bool, or a traced bool under scan).
       generating: a prefill or decode step over left-padded prompts of any length: the XLA path
         (the kernels want lengths in multiples of their blocks, and cuDNN's causal mask alone would
-        let prompts attend to their left padding).
+        let prompts attend to their left padding). Otherwise q and k/v are the same full sequences
+        from slot 0 (training, scoring), which the configured backend takes.
 
     Returns:
       [batch, s, heads, head_dim] in the compute dtype.
@@ -336,8 +337,7 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
     scale = (cfg.query_pre_attn_scalar or cfg.head_size) ** -0.5
     softcap = cfg.attn_logit_softcap
     W = cfg.sliding_window or None
-    full_sequence = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
-    impl = resolve_attention(cfg) if full_sequence and not generating else "xla"
+    impl = "xla" if generating else resolve_attention(cfg)
 
     def run(window: int | None) -> Array:
         if impl == "xla":

@@ -298,27 +298,21 @@ class Attention(nnx.Module):
                 inv_freq = local if sliding is True else jnp.where(sliding, local, inv_freq)
             q = rope(q, positions, inv_freq)
             k = rope(k, positions, inv_freq)
-        if cache is None:
-            out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            q_positions=positions, kv_positions=positions, q_offset=0,
-                            sliding=sliding, cfg=cfg)
-            new = None
-        else:
+        # keys: this call's own -- in training, scoring, and a prefill into an empty cache (whose
+        # still-empty slots attention then need not read or mask out) -- else the cache's slots
+        keys = (k, v, segment_ids, positions, 0)
+        new = None
+        if cache is not None:
             k_all, v_all, layer, meta = cache
             k_all, ck = _cache_write(k_all, layer, meta.index, k)
             v_all, cv = _cache_write(v_all, layer, meta.index, v)
-            if isinstance(meta.index, int) and meta.index == 0:
-                # a prefill into an empty cache: its keys are exactly its own, so attention need not
-                # read (or mask out) the cache's still-empty slots
-                out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                q_positions=positions, kv_positions=positions, q_offset=0,
-                                sliding=sliding, cfg=cfg, generating=True)
-            else:
-                out = attention(q, ck.astype(dt), cv.astype(dt), q_segment_ids=segment_ids,
-                                kv_segment_ids=meta.segment_ids, q_positions=positions,
-                                kv_positions=meta.positions, q_offset=meta.index, sliding=sliding,
-                                cfg=cfg, generating=True)
             new = (k_all, v_all)
+            if not (isinstance(meta.index, int) and meta.index == 0):
+                keys = (ck.astype(dt), cv.astype(dt), meta.segment_ids, meta.positions, meta.index)
+        kk, vv, kv_seg, kv_pos, q_offset = keys
+        out = attention(q, kk, vv, q_segment_ids=segment_ids, kv_segment_ids=kv_seg, q_positions=positions,
+                        kv_positions=kv_pos, q_offset=q_offset, sliding=sliding, cfg=cfg,
+                        generating=cache is not None)
         out = _project(self, "o", out, "bshd,hde->bse", rng)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
