@@ -173,9 +173,14 @@ def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | No
     the frozen weight needs no gradient of its own and dropout acts on the branch only.
     """
     cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
-    out = jnp.einsum(spec, x, getattr(module, name)[...].astype(dt))
+    # Batch and sequence flattened into one token axis (``bse`` -> ``te``): the same matmuls, but
+    # with a single contracted token axis XLA:CPU's weight gradients take their operands as they
+    # are; with two it materialised a transposed copy of the activation gradient in every layer's
+    # backward (a third of the demo step's time went to such copies and the dots around them).
+    lead, x = x.shape[:2], x.reshape(-1, *x.shape[2:])
+    out = jnp.einsum(spec.replace("bs", "t"), x, getattr(module, name)[...].astype(dt))
     if not hasattr(module, f"{name}_lora_a"):
-        return checkpoint_name(out, remat_lib.PROJECTION)
+        return checkpoint_name(out.reshape(*lead, *out.shape[1:]), remat_lib.PROJECTION)
     n_in = LORA_TARGETS[name]
     if cfg.lora_dropout and rng is not None:
         keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - cfg.lora_dropout,
@@ -183,11 +188,11 @@ def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | No
         x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
     a = getattr(module, f"{name}_lora_a")[...].astype(dt)
     b = getattr(module, f"{name}_lora_b")[...].astype(dt)
-    low = jnp.tensordot(x, a, axes=n_in)  # [b, s, rank]
+    low = jnp.tensordot(x, a, axes=n_in)  # [tokens, rank]
     out = out + jnp.tensordot(low, b, axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
     # Named for remat="dots" with LoRA: keep this sum, as full fine-tuning keeps the projection's
     # output, and not each of its two matmuls' outputs (which doubled the saved activations).
-    return checkpoint_name(out, remat_lib.PROJECTION)
+    return checkpoint_name(out.reshape(*lead, *out.shape[1:]), remat_lib.PROJECTION)
 
 
 def _activation(name: str):
