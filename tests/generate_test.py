@@ -21,7 +21,7 @@ from trainer.evaluation.generate import (
     prefill_chunks,
 )
 from trainer.models.config import ModelConfig
-from trainer.models.transformer import Transformer
+from trainer.models.transformer import KVCache, Transformer
 
 LOGITS = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
 
@@ -86,6 +86,30 @@ def _small(scan: bool = False, **kw) -> tuple[nnx.GraphDef, nnx.State]:
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, scan_layers=scan, **kw)
     return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 3, "layer_types": ("full_attention", "sliding_attention"),
+                                     "qk_norm": True, "post_norms": True}], ids=["llama", "mixed_layers"])
+def test_prefill_of_the_last_position_only_equals_the_full_prefill(scan, kw):
+    """``last_only``: the final layer runs at the last position alone; its hidden state and every
+    layer's cache equal the full prefill's at left-padded rows of different lengths."""
+    graphdef, params = _small(scan, **kw)
+    model = nnx.merge(graphdef, params)
+    toks, valid = left_pad([np.arange(3, 3 + n, dtype=np.int32) for n in (5, 12, 9)], 16, 0)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    outs = []
+    for last_only in (False, True):  # (the empty cache made inside, as generate makes it: its index
+        # is then a Python 0 and the prefill attends to its own keys)
+        outs.append(jax.jit(lambda t, p, s, lo=last_only: model(t, p, s, KVCache.empty(model.cfg, 3, 24),
+                                                                last_only=lo))(
+            jnp.asarray(toks), positions, jnp.asarray(valid, jnp.int32)))
+    (full, cache_full), (last, cache_last) = outs
+    assert last.shape == (3, 1, 32)
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, -1]), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache_full), jax.tree.leaves(cache_last), strict=True):
+        # (a scanned model's last layer is compiled outside the loop: its rounding may differ)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
 def test_prefill_chunks_are_the_fewest_that_fit_the_budget():

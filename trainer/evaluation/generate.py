@@ -78,8 +78,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     """Returns jitted ``generate(params, prompts, prompt_valid, rng) -> [batch, max_new_tokens] int32``.
 
     ``prompts``: [batch, P] int32, left-padded; ``prompt_valid``: [batch, P] bool. Output tokens after a
-    row's first EOS are ``pad_id``; the loop stops early once every row has finished. Prefill applies
-    the LM head to the last position only, in row chunks of at most ``prefill_tokens`` prompt tokens
+    row's first EOS are ``pad_id``; the loop stops early once every row has finished. Prefill runs the
+    final layer's queries, attention and MLP and the LM head at the last position only (the other
+    positions' keys and values all go into the cache), in row chunks of at most ``prefill_tokens`` prompt tokens
     per device (``prefill_chunks``). With ``mesh``, the prompts and the KV cache are split over the
     batch (and the cache over the kv heads) by the model's logical rules, so no device holds the
     whole cache.
@@ -110,7 +111,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
             cache = KVCache.empty(cfg, prompts.shape[0], p + n)
             cache = cache.replace(k=jax.tree.map(lambda a: shard(a, *cache_names), cache.k),
                                   v=jax.tree.map(lambda a: shard(a, *cache_names), cache.v))
-            hidden, cache = model(prompts, positions, valid.astype(jnp.int32), cache)
+            hidden, cache = model(prompts, positions, valid.astype(jnp.int32), cache, last_only=True)
             return hidden[:, -1], cache
 
         positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
