@@ -79,9 +79,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
 
     ``prompts``: [batch, P] int32, left-padded; ``prompt_valid``: [batch, P] bool. Output tokens after a
     row's first EOS are ``pad_id``; the loop stops early once every row has finished. Prefill runs the
-    final layer's queries, attention and MLP and the LM head at the last position only (the other
-    positions' keys and values all go into the cache), in row chunks of at most ``prefill_tokens`` prompt tokens
-    per device (``prefill_chunks``). With ``mesh``, the prompts and the KV cache are split over the
+    final layer's queries, attention and MLP and the LM head at the last position only (every
+    position's keys and values still go into the cache), in row chunks of at most ``prefill_tokens``
+    prompt tokens per device (``prefill_chunks``). With ``mesh``, the prompts and the KV cache are split over the
     batch (and the cache over the kv heads) by the model's logical rules, so no device holds the
     whole cache.
     """

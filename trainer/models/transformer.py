@@ -417,7 +417,7 @@ class Transformer(nnx.Module):
           last_only: only the last position's hidden state is wanted (a prefill: the LM head reads no
             other). The final layer then computes queries, attention and MLP at that position alone
             -- its keys and values still at every position, for the cache -- which saves most of a
-            layer's work: a fifth of the demo's 4-layer prefill, a thirtieth of SmolLM2's.
+            layer's work: about a fifth of the demo's 4-layer prefill, a thirtieth of SmolLM2's.
 
         Returns:
           hidden states [batch, seq, embed] ([batch, 1, embed] with ``last_only``; after the final
