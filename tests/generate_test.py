@@ -21,7 +21,8 @@ from trainer.evaluation.generate import (
     prefill_chunks,
 )
 from trainer.models.config import ModelConfig
-from trainer.models.transformer import KVCache, Transformer
+from trainer.models.kv_cache import KVCache
+from trainer.models.transformer import Transformer
 
 LOGITS = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
 

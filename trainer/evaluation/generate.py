@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trainer.models.transformer import KVCache
+from trainer.models.kv_cache import KVCache
 from trainer.sharding import with_mesh
 
 
@@ -81,9 +81,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     row's first EOS are ``pad_id``; the loop stops early once every row has finished. Prefill runs the
     final layer's queries, attention and MLP and the LM head at the last position only (every
     position's keys and values still go into the cache), in row chunks of at most ``prefill_tokens``
-    prompt tokens per device (``prefill_chunks``). With ``mesh``, the prompts and the KV cache are split over the
-    batch (and the cache over the kv heads) by the model's logical rules, so no device holds the
-    whole cache.
+    prompt tokens per device (``prefill_chunks``). With ``mesh``, the prompts and the KV cache are
+    split over the batch (and the cache over the kv heads) by the model's logical rules, so no device
+    holds the whole cache.
     """
     eos = jnp.asarray(list(eos_ids), jnp.int32)
     n = max_new_tokens

@@ -363,7 +363,8 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
     Args:
       q: [batch, s, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim].
       q_segment_ids, q_positions: [batch, s] int32; kv_segment_ids, kv_positions: [batch, t] int32.
-      q_offset: the slot of the first query (0 without a cache; the cache index when decoding).
+      q_offset: the slot of the first query (0 for a full sequence; the cache index when decoding;
+        the last slot when only the last position queries, as in a prefill's final layer).
       sliding: whether this is a sliding-window layer (a Python bool, or a traced bool under scan).
       generating: a prefill or decode step over left-padded prompts of any length: the XLA path
         (the kernels want lengths in multiples of their blocks, and cuDNN's causal mask alone would

@@ -23,12 +23,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from trainer.models import remat as remat_lib
 from trainer.models.attention import attention
 from trainer.models.config import SLIDING, ModelConfig
+from trainer.models.kv_cache import KVCache, write_layer
 from trainer.settings import options
 
 Array = jax.Array
@@ -204,53 +205,6 @@ def _activation(name: str):
 # Modules
 # ---------------------------------------------------------------------------------------------
 
-@struct.dataclass
-class KVCache:
-    """Keys and values of every layer, and what attention needs to know of each slot.
-
-    Rows are left-padded to a common prompt length so that all rows write the same slot each step.
-    """
-
-    # Heads before slots: a decode step's attention is a dot batched over (batch, kv_heads), which XLA
-    # wants as leading dimensions; stored [.., slots, kv_heads, ..] every step copied each layer's whole
-    # cache into that order first. An unrolled model keeps one array per layer: reading layer i out of
-    # a stack is a copy of it on XLA:CPU (a slice is not a view), a third of a small model's decode
-    # step; a scanned model's loop over the layers needs the stack.
-    k: Array | tuple[Array, ...]  # [layers, batch, kv_heads, slots, head_dim] or per layer [batch, ...]
-    v: Array | tuple[Array, ...]
-    segment_ids: Array  # [batch, slots] int32: 1 where a real token's key was written, else 0
-    positions: Array    # [batch, slots] int32
-    index: Array        # int32 scalar: the slot the next call's first token is written to
-
-    @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_size)
-        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-        if not cfg.scan_layers:
-            zeros = tuple(zeros[i] for i in range(cfg.num_hidden_layers))
-        # index 0 as a Python int: the prefill then knows statically that its queries start at slot 0
-        # (and takes the blockwise attention path); it becomes an array after the first call.
-        return cls(zeros, zeros, jnp.zeros((batch, slots), jnp.int32),
-                   jnp.zeros((batch, slots), jnp.int32), 0)
-
-
-def _heads_first(x: Array) -> Array:
-    """[b, s, heads, d] <-> [b, heads, s, d] (its own inverse): the cache's order <-> attention's."""
-    return x.transpose(0, 2, 1, 3)
-
-
-def _cache_write(stored: Array, layer: Array | None, index: Array | int, new: Array
-                 ) -> tuple[Array, Array]:
-    """Writes ``new`` [b, s, kv_heads, d] at slot ``index`` of this layer's cache; returns the cache
-    as stored (the stack when ``layer`` is given, else this layer's own array) and this layer's
-    slots as attention takes them, [b, slots, kv_heads, d]."""
-    new = _heads_first(new)[None] if layer is not None else _heads_first(new)
-    at = (layer, 0, 0, index, 0) if layer is not None else (0, 0, index, 0)
-    stored = jax.lax.dynamic_update_slice(stored, new.astype(stored.dtype), at)
-    mine = stored if layer is None else jax.lax.dynamic_index_in_dim(stored, layer, 0, keepdims=False)
-    return stored, _heads_first(mine)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
@@ -316,8 +270,8 @@ class Attention(nnx.Module):
         new = None
         if cache is not None:
             k_all, v_all, layer, meta = cache
-            k_all, ck = _cache_write(k_all, layer, meta.index, k)
-            v_all, cv = _cache_write(v_all, layer, meta.index, v)
+            k_all, ck = write_layer(k_all, layer, meta.index, k)
+            v_all, cv = write_layer(v_all, layer, meta.index, v)
             new = (k_all, v_all)
             if not (isinstance(meta.index, int) and meta.index == 0):
                 keys = (ck.astype(dt), cv.astype(dt), meta.segment_ids, meta.positions, meta.index + q_from)
@@ -469,15 +423,15 @@ class Transformer(nnx.Module):
         uniform = all(kinds) or not any(kinds)
         flags = jnp.asarray(kinds) if not uniform else None
 
-        def body(carry, xs):
-            x, kv = carry
-            layer_state, i, flag = xs
-            sliding = kinds[0] if uniform else flag
+        def run(x, kv, layer_state, i, sliding, last_only=False):
             block = nnx.merge(graphdef, layer_state)
             if kv is None:
-                return (block(x, positions, segment_ids, sliding, None, _layer_rng(rng, i))[0], None), None
-            x, kv = block(x, positions, segment_ids, sliding, (*kv, i, meta))
-            return (x, kv), None
+                return block(x, positions, segment_ids, sliding, None, _layer_rng(rng, i), last_only)[0], None
+            return block(x, positions, segment_ids, sliding, (*kv, i, meta), last_only=last_only)
+
+        def body(carry, xs):
+            layer_state, i, flag = xs
+            return run(*carry, layer_state, i, kinds[0] if uniform else flag), None
 
         body = remat_lib.remat(body, remat, bool(self.cfg.lora_rank))
         kv = None if meta is None else (meta.k, meta.v)
@@ -488,10 +442,7 @@ class Transformer(nnx.Module):
             return x, kv
         # the last layer outside the loop, at the last position only (``__call__``'s ``last_only``)
         (x, kv), _ = jax.lax.scan(body, (x, kv), jax.tree.map(lambda a: a[:-1], xs))
-        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], state))
-        if kv is None:
-            return block(x, positions, segment_ids, kinds[-1], None, _layer_rng(rng, n - 1), True)[0], None
-        return block(x, positions, segment_ids, kinds[-1], (*kv, n - 1, meta), last_only=True)
+        return run(x, kv, jax.tree.map(lambda a: a[-1], state), n - 1, kinds[-1], last_only=True)
 
     def head(self) -> Array:
         """The output projection ``[embed, vocab]`` in the compute dtype (the embeddings if tied)."""
