@@ -36,9 +36,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from trainer.host_memory import keep_freed_memory  # noqa: E402 (imports no JAX)
 from trainer.tpu_env import quiet_libtpu  # noqa: E402 (imports no JAX)
 
 quiet_libtpu()  # the tpu-aot extra's libtpu, off a TPU VM: no page of warnings in every subprocess
+keep_freed_memory()  # as every entry point does: the tests run the programs the way a run does
 
 
 def reference(name: str):

@@ -11,7 +11,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from data_pipeline.cli import UserError, config_flag, parse_flags  # noqa: F401 (re-exported)
-from trainer import exit_watch, tpu_env
+from trainer import exit_watch, host_memory, tpu_env
 
 flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
                   "Multi-process JAX: off | auto (TPU pod, SLURM...) | explicit (flags below).")
@@ -146,6 +146,7 @@ def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) ->
     threading.excepthook = _thread_failed
     if not any(a in ("--help", "-h", "-?", "--helpfull", "--helpshort") for a in sys.argv[1:]):
         tpu_env.quiet_libtpu()  # before JAX starts a backend (and, where installed, libtpu)
+        host_memory.keep_freed_memory()  # before JAX allocates: a CPU run's steps reuse their memory
         import jax  # noqa: PLC0415
         jax.config.config_with_absl()
 
