@@ -67,10 +67,28 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
         return base(count + 1)
 
     tx = optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm),
+        clip_by_global_norm(cfg.max_grad_norm),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                     mask=decay_mask))
     return tx, schedule
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` as one scalar factor, with the norm handed in by the train step.
+
+    optax's selects, element by element, between ``t`` and ``t / norm * max_norm`` (its source has a
+    TODO to go back to the faster form); XLA:CPU then writes a clipped copy of the gradients and
+    reads them twice. Here the clip is a scalar that fuses into Adam's update, and the step passes
+    the norm it has computed anyway (``grad_norm=``), so the gradients are read once more, not three
+    times. The state is optax's (empty), so checkpoints of either load with the other.
+    """
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def decay_mask(params: Any) -> Any:
@@ -129,6 +147,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     so a resumed run drops the same units (models without dropout ignore the key).
     """
     forward = make_forward(graphdef, loss_chunk)
+    tx = optax.with_extra_args_support(tx)  # ``grad_norm=`` reaches our clip; any other tx ignores it
 
     def loss_sum_fn(params, frozen, micro, rng):
         out = forward(combine(frozen, params), micro, rng)
@@ -153,17 +172,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
         # Normalise by the token count of the whole (global) batch. max(.,1): a batch with no
         # supervised token gives zero gradients, never NaN (the data pipeline drops such rows).
+        # The norm is taken from the summed gradients and divided as a scalar; the division of
+        # the gradients themselves is a multiply that fuses into the update (no normalised copy).
         denom = jnp.maximum(sums["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads) / denom
         # The non-finite guard: a step whose loss or gradient norm is NaN/inf leaves params and
-        # optimizer moments exactly as they were (a select, not a branch: one program either way) and
-        # says so in ``skipped``; the loop counts runs of skipped steps (train.max_bad_steps).
+        # optimizer moments exactly as they were and says so in ``skipped``; the loop counts runs
+        # of skipped steps (train.max_bad_steps). A branch, not a select of old against new values:
+        # with the state donated, a select makes XLA copy the moments first (the new ones overwrite
+        # the old in place), which cost more than Adam itself on CPU.
         ok = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+
+        def update(params, opt_state):
+            scaled = jax.tree.map(lambda g: g * (1.0 / denom).astype(g.dtype), grads)
+            updates, opt_state = tx.update(scaled, opt_state, params, grad_norm=grad_norm)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(ok, update, lambda p, o: (p, o), state.params, state.opt_state)
         metrics = dict(sums)
         metrics.update(loss=sums["loss_sum"] / denom, token_accuracy=sums["correct"] / denom,
                        grad_norm=grad_norm, learning_rate=schedule(state.step),
