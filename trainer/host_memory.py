@@ -25,13 +25,21 @@ keeps glibc's defaults (a large checkpoint read through host memory is then retu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 
 # /dev entries of the accelerators JAX drives: NVIDIA, AMD (ROCm), TPU (v4 and older; v5 and newer)
 ACCELERATOR_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
 # mallopt(3) parameters
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8
+OURS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+# glibc's defaults as its dynamic thresholds settle once a program has freed a large block: mmap
+# above 32 MB, trim a free top above 64 MB (the arena count cannot be raised again; it does not matter
+# while mmap serves the large blocks)
+GLIBC = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20))
+_applied = False
 
 
 def cpu_only() -> bool:
@@ -50,13 +58,29 @@ def keep_freed_memory() -> bool:
     if os.environ.get("FLAX_IFT_KEEP_FREED_MEMORY", "1") == "0" or not cpu_only():
         return False
     os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
-    libc = _glibc()
-    if libc is None:
-        return False
     # One arena: a thread's own arena (64 MB at most) cannot hold a step's buffers and would fall
     # back to mmap. No mmap: large blocks come from the heap. -1: never trim the heap's top.
-    return all(libc.mallopt(param, value) == 1
-               for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+    global _applied
+    _applied = _mallopt(OURS)
+    return _applied
+
+
+@contextlib.contextmanager
+def glibc_defaults() -> Iterator[bool]:
+    """glibc's own settings for the duration, ours again after: a reference timed in the same
+    process (PyTorch in ``trainer.bench``) then runs as it does on its own. Yields whether anything
+    changed (only where ``keep_freed_memory`` had)."""
+    changed = _applied and _mallopt(GLIBC)
+    try:
+        yield changed
+    finally:
+        if changed:
+            _mallopt(OURS)
+
+
+def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
+    libc = _glibc()
+    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 def _glibc() -> ctypes.CDLL | None:
