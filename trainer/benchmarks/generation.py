@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer import host_memory
 from trainer.evaluation.generate import generate_all, make_generate_fn
 from trainer.io import hf as hf_io
 
@@ -81,7 +82,9 @@ def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1,
                 mask[j, width - len(prompts[i]):] = 1
             batches_t.append((idx, torch.from_numpy(ids), torch.from_numpy(mask)))
         kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
-        with torch.inference_mode():
+        # transformers as it runs on its own: glibc's malloc settings, not the ones a CPU run of ours
+        # keeps (trainer.host_memory)
+        with torch.inference_mode(), host_memory.glibc_defaults():
             hf.generate(input_ids=batches_t[0][1], attention_mask=batches_t[0][2], max_new_tokens=2,
                         min_new_tokens=2, **kw)  # warm-up
             ref: list[list[int] | None] = [None] * len(prompts)

@@ -6,8 +6,8 @@ model is built at our model's dimensions with random weights, and its own jitted
 (``PeftTrainer.jit_train_and_eval_step``: ``nnx.value_and_grad`` of its default loss, the global norm,
 ``optimizer.update``, the optimizer donated) is timed on the same token batches with our optimizer
 (``make_optimizer``: global-norm clip, AdamW, the schedule, weight decay by parameter name). Tunix
-computes dense attention with a ``[batch, seq, seq]`` mask and the full ``[batch, seq, vocab]`` logits with a one-hot; that is what it
-does, so that is what is timed.
+computes dense attention with a ``[batch, seq, seq]`` mask and the full ``[batch, seq, vocab]``
+logits with a one-hot; that is what it does, so that is what is timed.
 
 Only Llama-shaped models compare like for like (no biases, RMSNorm, gated SiLU MLP, RoPE); the
 entry point refuses others. Never imported by the trainer: Tunix is not a runtime dependency.
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trainer import host_memory
 from trainer.models.config import ModelConfig
 
 
@@ -67,7 +68,10 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
     """Seconds for ``data[warmup:]``, and for building the model and its first step.
 
     Each batch's ``inputs`` (``[batch, seq]``) are Tunix's ``input_tokens``: the model runs on the same
-    ``seq`` tokens as ours (its loss then has ``seq - 1`` targets a row)."""
+    ``seq`` tokens as ours (its loss then has ``seq - 1`` targets a row). Timed twice: ``seconds``
+    under this process's settings (on CPU ours keep freed memory, ``trainer.host_memory``), and
+    ``seconds_glibc`` under glibc's malloc defaults, as Tunix runs on its own (JAX's dispatch stays
+    synchronous: that is fixed when the backend starts)."""
     if cfg.dtype != "float32":
         raise ValueError(f"Tunix's Llama 3 computes in float32; this model's dtype is {cfg.dtype}")
     t0 = time.perf_counter()
@@ -82,11 +86,18 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
     for x in inputs[1:warmup]:
         loss, _, _ = step(x)
     jax.block_until_ready(loss)
-    t0 = time.perf_counter()
-    for x in inputs[warmup:]:
-        loss, _, _ = step(x)
-    jax.block_until_ready(loss)
-    return {"seconds": time.perf_counter() - t0, "loss": float(loss), "build_s": build_s,
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        for x in inputs[warmup:]:
+            loss, _, _ = step(x)
+        jax.block_until_ready(loss)
+        return time.perf_counter() - t0
+
+    seconds = timed()
+    with host_memory.glibc_defaults() as changed:  # as Tunix runs on its own, malloc-wise
+        seconds_glibc = timed() if changed else seconds
+    return {"seconds": seconds, "seconds_glibc": seconds_glibc, "loss": float(loss), "build_s": build_s,
             "first_step_s": first_step_s}
 
 
@@ -99,14 +110,16 @@ def median_table(outdir: str) -> str:
     for path in sorted(glob.glob(os.path.join(outdir, "*_*.json"))):
         with open(path) as f:
             shapes.setdefault(os.path.basename(path).rsplit("_", 1)[0], []).append(json.load(f))
-    lines = ["| shape | batch x seq | ours tokens/s | Tunix tokens/s | ours / Tunix | build + first step: ours | Tunix | repeats |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | batch x seq | ours tokens/s | Tunix tokens/s | ours / Tunix | Tunix, glibc's malloc: "
+             "tokens/s, ours / it | build + first step: ours | Tunix | repeats |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rows in shapes.items():
-        med = {k: float(np.median([r[k] for r in rows])) for k in (
+        med = {k: float(np.median([r.get(k, np.nan) for r in rows])) for k in (
             "ours_tokens_per_s", "tunix_tokens_per_s", "ratio_vs_tunix", "ours_build_s", "ours_first_step_s",
-            "tunix_build_s", "tunix_first_step_s")}
+            "tunix_build_s", "tunix_first_step_s", "tunix_glibc_tokens_per_s", "ratio_vs_tunix_glibc")}
         lines.append(f"| {name} | {rows[0]['batch']} x {rows[0]['seq']} | {med['ours_tokens_per_s']:,.0f} | "
                      f"{med['tunix_tokens_per_s']:,.0f} | {med['ratio_vs_tunix']:.2f}x | "
+                     f"{med['tunix_glibc_tokens_per_s']:,.0f}, {med['ratio_vs_tunix_glibc']:.2f}x | "
                      f"{med['ours_build_s']:.1f} + {med['ours_first_step_s']:.1f} s | "
                      f"{med['tunix_build_s']:.1f} + {med['tunix_first_step_s']:.1f} s | {len(rows)} |")
     return "\n".join(lines)
