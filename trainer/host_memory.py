@@ -10,11 +10,12 @@ fault count 250-fold and saved no time: the cost is the zero-filling, not the co
 
 ``keep_freed_memory`` (called by every entry point and the tests before JAX starts):
 
-- glibc: no ``mmap``, no trimming (``mallopt``). Freed memory goes back to the process's heap, and
-  the next step's buffers are carved from pages that are already there. (A CPU program dispatched
-  synchronously runs on the calling thread, so its buffers come from the main arena; a thread's own
-  arena, 64 MB at most, would fall back to ``mmap`` for them. Capping glibc at one arena changed
-  nothing measurable, so the arenas are left alone.)
+- glibc: one arena, no ``mmap``, no trimming (``mallopt``). Freed memory goes back to the process's
+  heap, and the next step's buffers are carved from pages that are already there. One arena: a
+  thread's own (64 MB at most) falls back to ``mmap`` for a large block whatever the settings, and
+  XLA's worker threads allocate too. Without the cap the SmolLM2 step was as fast (2.54 against 2.59
+  s), but ``trainer.bench``'s smaller shapes lost 15-30% (the demo 10,114-13,205 tokens/s against
+  12,453-16,773).
 - JAX: CPU programs are dispatched synchronously. With asynchronous dispatch the next step's
   buffers are allocated while the current one runs, and since the heap now keeps what it is given,
   two steps' temporaries would stay resident (8.0 GB at the SmolLM2 shape against 4.3 GB). Run one at
@@ -36,10 +37,13 @@ from collections.abc import Iterator
 # /dev entries of the accelerators JAX drives: NVIDIA, AMD (ROCm), TPU (v4 and older; v5 and newer)
 ACCELERATOR_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
 # mallopt(3) parameters
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-OURS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: never trim the heap's top
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8
+OURS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 # glibc's defaults as its dynamic thresholds settle once a program has freed a large block: mmap
-# above 32 MB, trim a free top above 64 MB
+# above 32 MB, trim a free top above 64 MB. The arena count cannot be raised again in a process; with
+# mmap serving the large blocks it did not matter to PyTorch (trainer.bench's PyTorch at its four CPU
+# shapes: 20,252 / 2,821 / 3,882 / 846 tokens/s with the cap, 19,113 / 2,730 / 3,670 / 761-790 with
+# no cap at all; medians of 3, the last of 2)
 GLIBC = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20))
 _applied = False
 
@@ -54,12 +58,14 @@ def cpu_only() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """On a CPU-only run, before JAX starts: glibc keeps freed memory in its heap and JAX runs CPU
+    """On a CPU-only run, before JAX starts: glibc keeps freed memory in one heap and JAX runs CPU
     programs one at a time (see the module docstring). Returns whether glibc's settings changed.
     Imports nothing heavy: an entry point calls it before JAX."""
     if os.environ.get("FLAX_IFT_KEEP_FREED_MEMORY", "1") == "0" or not cpu_only():
         return False
     os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
+    # One arena: a thread's own arena (64 MB at most) cannot hold a step's buffers and would fall
+    # back to mmap. No mmap: large blocks come from the heap. -1: never trim the heap's top.
     global _applied
     _applied = _mallopt(OURS)
     return _applied
