@@ -13,7 +13,7 @@ fault count 250-fold and saved no time: the cost is the zero-filling, not the co
 - glibc: one arena, no ``mmap``, no trimming (``mallopt``). Freed memory goes back to the process's
   heap, and the next step's buffers are carved from pages that are already there. One arena: a
   thread's own (64 MB at most) falls back to ``mmap`` for a large block whatever the settings, and
-  XLA's worker threads allocate too. Without the cap the SmolLM2 step was as fast (2.54 against 2.59
+  XLA's worker threads presumably allocate too. Without the cap the SmolLM2 step was as fast (2.54 against 2.59
   s), but ``trainer.bench``'s smaller shapes lost 15-30% (the demo 10,114-13,205 tokens/s against
   12,453-16,773).
 - JAX: CPU programs are dispatched synchronously. With asynchronous dispatch the next step's
