@@ -13,9 +13,9 @@ fault count 250-fold and saved no time: the cost is the zero-filling, not the co
 - glibc: one arena, no ``mmap``, no trimming (``mallopt``). Freed memory goes back to the process's
   heap, and the next step's buffers are carved from pages that are already there. One arena: a
   thread's own (64 MB at most) falls back to ``mmap`` for a large block whatever the settings, and
-  XLA's worker threads presumably allocate too. Without the cap the SmolLM2 step was as fast (2.54 against 2.59
-  s), but ``trainer.bench``'s smaller shapes lost 15-30% (the demo 10,114-13,205 tokens/s against
-  12,453-16,773).
+  XLA's worker threads presumably allocate too. Without the cap the SmolLM2 step was as fast (2.54
+  against 2.59 s), but ``trainer.bench``'s smaller shapes lost 15-30% (the demo 10,114-13,205
+  tokens/s against 12,453-16,773).
 - JAX: CPU programs are dispatched synchronously. With asynchronous dispatch the next step's
   buffers are allocated while the current one runs, and since the heap now keeps what it is given,
   two steps' temporaries would stay resident (8.0 GB at the SmolLM2 shape against 4.3 GB). Run one at
@@ -63,11 +63,10 @@ def keep_freed_memory() -> bool:
     Imports nothing heavy: an entry point calls it before JAX."""
     if os.environ.get("FLAX_IFT_KEEP_FREED_MEMORY", "1") == "0" or not cpu_only():
         return False
-    os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
-    # One arena: a thread's own arena (64 MB at most) cannot hold a step's buffers and would fall
-    # back to mmap. No mmap: large blocks come from the heap. -1: never trim the heap's top.
     global _applied
-    _applied = _mallopt(OURS)
+    _applied = _mallopt(OURS)  # -1 as the trim threshold: never trim the heap's top
+    if _applied:  # synchronous dispatch is for the kept heap's sake only (module docstring)
+        os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
     return _applied
 
 

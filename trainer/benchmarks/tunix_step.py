@@ -87,16 +87,17 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
         loss, _, _ = step(x)
     jax.block_until_ready(loss)
 
-    def timed() -> float:
+    def timed() -> tuple[float, jax.Array]:
+        """Seconds for the timed batches, and the last one's loss."""
         t0 = time.perf_counter()
         for x in inputs[warmup:]:
             loss, _, _ = step(x)
         jax.block_until_ready(loss)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, loss
 
-    seconds = timed()
+    seconds, loss = timed()
     with host_memory.glibc_defaults() as changed:  # as Tunix runs on its own, malloc-wise
-        seconds_glibc = timed() if changed else seconds
+        seconds_glibc = timed()[0] if changed else seconds
     return {"seconds": seconds, "seconds_glibc": seconds_glibc, "loss": float(loss), "build_s": build_s,
             "first_step_s": first_step_s}
 
