@@ -49,6 +49,7 @@ def test_every_problem_is_reported_at_once():
     c.data.packing = "tight"
     c.model.hf_path = "/nonexistent/model"
     c.eval.max_new_tokens = 0
+    c.eval.gather_weights = "never"
     out = config_checks.problems(resolved(c), device_count=8, process_count=1)
     assert out == [
         "train.batch_size must be at least 1, got 0",
@@ -56,6 +57,7 @@ def test_every_problem_is_reported_at_once():
         "data.packing must be one of none, best_fit, first_fit, got 'tight'",
         "model.hf_path: '/nonexistent/model' is not a directory",
         "eval.max_new_tokens must be at least 1, got 0",
+        "eval.gather_weights must be auto, once or per_step, got 'never'",
         "train.eval_batch_size=12 must be divisible by the data-parallel size 8 and the process count 1 "
         "(rows would be dropped)"]
 

@@ -1,6 +1,7 @@
 """Sampling filters, stop strings, prompt buckets and the decode loop's compiled form (greedy decoding
 is checked against transformers in model_test.py)."""
 
+import dataclasses
 import re
 
 import jax
@@ -10,11 +11,14 @@ import pytest
 from flax import nnx
 
 from trainer import sharding as sharding_lib
+from trainer.benchmarks import topology
 from trainer.evaluation.generate import (
     PREFILL_TOKENS,
     _pick,
     bucket_length,
     cut_at_stop,
+    gather_plan,
+    gather_weights,
     generate_all,
     left_pad,
     make_generate_fn,
@@ -23,6 +27,8 @@ from trainer.evaluation.generate import (
 from trainer.models.config import ModelConfig
 from trainer.models.kv_cache import KVCache
 from trainer.models.transformer import Transformer
+from trainer.settings.spec import RunSpec, default_config
+from trainer.training import modeling
 
 LOGITS = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
 
@@ -151,3 +157,109 @@ def test_prefill_in_row_chunks_under_a_mesh_moves_no_rows():
         hlo = gen.lower(params, toks, valid, jax.random.key(0)).compile().as_text()
         collectives.append(sorted(re.findall(r"= \S+ (all-gather|all-to-all|collective-permute)[-a-z]*\(", hlo)))
     assert collectives[1] == collectives[0]
+
+
+def _fsdp_spec(mesh_axes: dict[str, int], **model):
+    """The demo model's spec on 8 devices split as ``mesh_axes``, and random parameters in its
+    shardings (as the evaluator gets them from training)."""
+    c = default_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_axes["data"], mesh_axes["fsdp"], mesh_axes["tensor"]
+    for k, v in model.items():
+        setattr(c.model, k, v)
+    config = RunSpec.from_config(c)
+    mesh = sharding_lib.make_mesh(dataclasses.asdict(config.mesh), jax.devices()[:8])
+    spec = modeling.model_spec(config, 64, mesh, None)
+    return spec, spec.init_params(0)
+
+
+def _loop_collectives(hlo: str) -> list[str]:
+    """Collectives of more than a few bytes inside the compiled program's while loops (the decode
+    loop; its stop test's all-reduce of one flag per row is not counted)."""
+    comps, _ = topology._computations(hlo)
+    bodies = [m for line in hlo.splitlines() for m in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)]
+    seen, found = set(), []
+    while bodies:
+        name = bodies.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for line in comps.get(name, ()):
+            op = re.search(r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                           r"[-a-z]*\(", line)
+            if op and sum(topology._array_bytes(op.group(1))) > 64:
+                found.append(line.strip()[:120])
+            bodies += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line)
+    return found
+
+
+def test_fsdp_generation_gathers_the_weights_once_not_per_new_token():
+    """Weights split over the batch's mesh axis (FSDP over 8 devices): "once" gathers them before the
+    decode loop, so the loop moves no weight; "per_step" (what generation did before) gathers them in
+    every decode step. Both generate the tokens one device does."""
+    spec, params = _fsdp_spec({"data": 1, "fsdp": 8, "tensor": 1})
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 64, int(rng.integers(2, 15))).astype(np.int32) for _ in range(16)]
+    ref = generate_all(make_generate_fn(spec.graphdef, max_new_tokens=6, eos_ids=[], pad_id=0),
+                       jax.device_get(params), prompts, batch_size=16, pad_id=0, eos_ids=[])
+    toks, valid = left_pad(prompts, 16, 0)
+    loops = {}
+    for mode in ("once", "per_step"):
+        gen = make_generate_fn(spec.graphdef, max_new_tokens=6, eos_ids=[], pad_id=0, mesh=spec.mesh,
+                               param_shardings=spec.param_shardings, gather=mode)
+        assert generate_all(gen, params, prompts, batch_size=16, pad_id=0, eos_ids=[]) == ref, mode
+        loops[mode] = _loop_collectives(gen.lower(params, toks, valid, jax.random.key(0)).compile().as_text())
+    assert loops["once"] == []
+    assert len(loops["per_step"]) >= 4  # (every layer's weights, or their pieces, each step)
+    assert len({tuple(r) for r in ref}) > 1
+
+
+def test_gather_plan_keeps_tensor_splits_and_respects_the_budget():
+    spec, params = _fsdp_spec({"data": 1, "fsdp": 4, "tensor": 2})
+    bf16 = jnp.dtype(jnp.bfloat16)
+    gathered, size = gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16)
+    specs = [s.spec for s in jax.tree.leaves(gathered)]
+    assert all("fsdp" not in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
+    # bytes per device: bfloat16 weights (float32 norms), each split only by its tensor axis
+    expect = 0.0
+    for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(gathered)):
+        norm = any(str(getattr(k, "key", "")).endswith("norm") for k in path)
+        expect += x.size * (4 if norm else 2) / (2 if "tensor" in str(sh.spec) else 1)
+    assert size == expect
+    assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "auto", 2.1 * size)[0] is not None
+    assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "auto", 1.9 * size)[0] is None
+    assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "per_step")[0] is None
+    assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "once", 1.0)[0] is not None
+    data_only, params_d = _fsdp_spec({"data": 8, "fsdp": 1, "tensor": 1})  # replicated weights: nothing to do
+    assert gather_plan(params_d, data_only.param_shardings, ("data", "fsdp"), bf16, "once")[0] is None
+    with pytest.raises(ValueError, match="gather_weights must be one of"):
+        gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "never")
+
+
+def test_weights_cast_before_the_gather_give_the_same_logits_bitwise():
+    """Generation casts every weight but a norm's to the compute dtype before gathering it: the model
+    casts them there where it uses them, so its logits are bitwise the same. A norm's weight is used
+    in float32 -- cast to bfloat16 too early, the logits change (the check can fail)."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True, post_norms=True,
+                      dtype="bfloat16", param_dtype="float32")
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape, x.dtype),
+                          state.to_pure_dict())  # norms no longer all ones (exact in bfloat16)
+    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), params)
+    tokens = jnp.asarray(np.arange(3, 19, dtype=np.int32)[None])
+    pos, seg = jnp.arange(16, dtype=jnp.int32)[None], jnp.ones((1, 16), jnp.int32)
+
+    @jax.jit
+    def logits(p):
+        model = nnx.merge(graphdef, p)
+        return model.logits(model(tokens, pos, seg)[0])
+
+    early = jax.jit(lambda p: gather_weights(p, shardings, jnp.bfloat16))(params)
+    dtypes = {jax.tree_util.keystr(k): x.dtype for k, x in jax.tree_util.tree_flatten_with_path(early)[0]}
+    assert dtypes["['layers'][0]['attn']['q']"] == jnp.bfloat16 and dtypes["['embed']"] == jnp.bfloat16
+    assert dtypes["['final_norm']['scale']"] == jnp.float32
+    assert dtypes["['layers'][0]['attn']['q_norm']['scale']"] == jnp.float32
+    np.testing.assert_array_equal(np.asarray(logits(early)), np.asarray(logits(params)))
+    everything = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert not np.array_equal(np.asarray(logits(everything)), np.asarray(logits(params)))

@@ -81,6 +81,19 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(lambda p: _on_mesh(p, mesh), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def without_axes(shardings: Any, axes: Sequence[str]) -> Any:
+    """``shardings`` (a tree of NamedSharding) with the mesh ``axes`` dropped from every spec: the same
+    arrays whole along those axes (e.g. FSDP-split weights gathered, tensor-parallel splits kept)."""
+
+    def drop(sh: NamedSharding) -> NamedSharding:
+        def keep(entry):
+            rest = tuple(a for a in _axes(entry) if a not in axes)
+            return rest[0] if len(rest) == 1 else (rest or None)
+        return NamedSharding(sh.mesh, P(*(keep(e) for e in sh.spec)))
+
+    return jax.tree.map(drop, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of a ``[batch, seq]`` array: batch over the mesh axes that ``batch`` maps to."""
     return _on_mesh(logical_to_spec(("batch", None), rules), mesh)

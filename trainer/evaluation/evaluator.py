@@ -134,7 +134,7 @@ class Evaluator:
 
     def __init__(self, *, rows: Sequence[Row], train_rows: Sequence[Row], tok, template, graphdef,
                  mesh, eval_cfg: spec_lib.Eval, seed: int, max_length: int, loss_fn=None, progress: bool = False,
-                 name: str = "eval"):
+                 name: str = "eval", param_shardings=None):
         if not rows:
             raise ValueError("no rows to evaluate")
         self.rows, self.tok, self.template, self.seed = list(rows), tok, template, seed
@@ -152,7 +152,8 @@ class Evaluator:
         self.budget = eval_cfg.prompt_budget(max_length)
         self._generate = CompiledGenerate(make_generate_fn(
             graphdef, max_new_tokens=eval_cfg.max_new_tokens, eos_ids=template.stop_ids,
-            pad_id=tok.pad_token_id, mesh=mesh))
+            pad_id=tok.pad_token_id, mesh=mesh, param_shardings=param_shardings,
+            gather=eval_cfg.gather_weights))
         self._loss_fn = loss_fn
         self._prompts: dict[int, tuple[list[np.ndarray], dict[str, float], list[list[Row]]]] = {}
 
@@ -173,7 +174,8 @@ class Evaluator:
         return cls(rows=rows, train_rows=train_rows, tok=tok,
                    template=pipeline.template_for(config.data, tok), graphdef=spec.graphdef,
                    mesh=spec.mesh, eval_cfg=config.eval, seed=config.seed,
-                   max_length=config.data.max_length, loss_fn=loss_fn, progress=progress, name=name)
+                   max_length=config.data.max_length, loss_fn=loss_fn, progress=progress, name=name,
+                   param_shardings=spec.param_shardings)
 
     # ---- prompts ------------------------------------------------------------------------------
     def exemplars(self, shots: int) -> list[list[Row]]:

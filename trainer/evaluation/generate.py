@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trainer.models import flops as flops_lib
 from trainer.models.kv_cache import KVCache
-from trainer.sharding import with_mesh
+from trainer.sharding import without_axes, with_mesh
 
 
 def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float = 1.0
@@ -72,9 +73,88 @@ def prefill_chunks(rows: int, prompt_len: int, budget: int = PREFILL_TOKENS) -> 
                 rows)
 
 
+# Weights that the batch's mesh axes also split (FSDP) are gathered where they are used, and inside
+# the decode loop that is once per new token: the 8B preset on a v5p-64 gathered 3.4 TB per chip for
+# 320 new tokens (the TPU compiler's HLO). Gathered once per call instead, a copy costs its size on
+# every device: ``gather_weights="auto"`` takes that where the copy is at most this share of a
+# device's memory (and where the memory is unknown: CPUs).
+GATHER_BUDGET = 0.5
+GATHER_MODES = ("auto", "once", "per_step")
+
+
+def gather_plan(params, param_shardings, batch_axes: Sequence[str], compute_dtype, mode: str = "auto",
+                device_bytes: float | None = None) -> tuple[object | None, float]:
+    """``(shardings, bytes)``: the weights' shardings with ``batch_axes`` dropped and what that copy
+    holds per device (in the compute dtype, see ``gather_weights``), or ``(None, bytes)`` where
+    generation should leave them split: ``mode`` "per_step", nothing split over those axes, or
+    ("auto") more than ``GATHER_BUDGET`` of ``device_bytes``. ``params``: arrays or shapes."""
+    if mode not in GATHER_MODES:
+        raise ValueError(f"gather_weights must be one of {GATHER_MODES}, got {mode!r}")
+    gathered = without_axes(param_shardings, batch_axes)
+    total = 0.0
+    for path, x, sh in zip(*_paths_leaves(params), jax.tree.leaves(gathered), strict=True):
+        dtype = compute_dtype if _cast_early(path, x) else x.dtype
+        total += x.size * jnp.dtype(dtype).itemsize / _shards(sh)
+    split = any(sh.mesh.shape[a] > 1 for sh in jax.tree.leaves(param_shardings)
+                for a in _spec_axes(sh.spec) if a in batch_axes)
+    if mode == "per_step" or not split:
+        return None, total
+    if mode == "auto" and device_bytes and total > GATHER_BUDGET * device_bytes:
+        return None, total
+    return gathered, total
+
+
+def _spec_axes(spec) -> list[str]:
+    return [a for e in spec for a in ((e,) if isinstance(e, str) else (e or ()))]
+
+
+def _shards(sh: jax.sharding.NamedSharding) -> int:
+    """Into how many pieces ``sh`` splits an array (the sizes of the mesh axes its spec names)."""
+    return int(np.prod([sh.mesh.shape[a] for a in _spec_axes(sh.spec)]))
+
+
+def _paths_leaves(params) -> tuple[list, list]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [p for p, _ in flat], [x for _, x in flat]
+
+
+def _cast_early(path, x) -> bool:
+    """Whether generation may cast this leaf to the compute dtype before gathering it: every floating
+    weight is cast there where it is used, except a norm's, which is used in float32 (``Norm``); a
+    quantised weight's scales stay as they are (dequantisation reads them)."""
+    if isinstance(path[-1], jax.tree_util.GetAttrKey):  # a field of a QTensor, not a weight
+        return False
+    return (jnp.issubdtype(x.dtype, jnp.floating)
+            and not any(str(getattr(k, "key", "")).endswith("norm") for k in path))
+
+
+def gather_weights(params, shardings, compute_dtype):
+    """``params`` cast (``_cast_early``) and constrained to ``shardings`` (``gather_plan``)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = [jax.lax.with_sharding_constraint(x.astype(compute_dtype) if _cast_early(p, x) else x, sh)
+           for (p, x), sh in zip(flat, jax.tree.leaves(shardings), strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def device_bytes(mesh: jax.sharding.Mesh | None) -> float | None:
+    """A device's memory: the runtime's limit (GPU, TPU), else the chip table's, else None (CPU)."""
+    if mesh is None:
+        return None
+    device = mesh.devices.flat[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - topology devices (the dry run) and CPUs have none
+        stats = {}
+    if stats.get("bytes_limit"):
+        return float(stats["bytes_limit"])
+    gb = flops_lib.device_memory_gb(device)
+    return gb * 1e9 if gb else None
+
+
 def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Sequence[int],
                      pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     mesh: jax.sharding.Mesh | None = None, prefill_tokens: int = PREFILL_TOKENS):
+                     mesh: jax.sharding.Mesh | None = None, prefill_tokens: int = PREFILL_TOKENS,
+                     param_shardings=None, gather: str = "auto", memory_bytes: float | None = None):
     """Returns jitted ``generate(params, prompts, prompt_valid, rng) -> [batch, max_new_tokens] int32``.
 
     ``prompts``: [batch, P] int32, left-padded; ``prompt_valid``: [batch, P] bool. Output tokens after a
@@ -83,9 +163,13 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     position's keys and values still go into the cache), in row chunks of at most ``prefill_tokens``
     prompt tokens per device (``prefill_chunks``). With ``mesh``, the prompts and the KV cache are
     split over the batch (and the cache over the kv heads) by the model's logical rules, so no device
-    holds the whole cache.
+    holds the whole cache. With ``param_shardings`` (the params' own), weights split over the batch's
+    mesh axes are gathered once per call rather than by every decode step where ``gather_plan``
+    says so (``gather``: auto | once | per_step; ``memory_bytes``: a device's, default
+    ``device_bytes(mesh)``).
     """
     eos = jnp.asarray(list(eos_ids), jnp.int32)
+    memory_bytes = memory_bytes if memory_bytes is not None else device_bytes(mesh)
     n = max_new_tokens
 
     def shard(x, *names):
@@ -95,10 +179,15 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
         return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*names))
 
     def generate(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, params)
-        cfg = model.cfg
+        cfg = nnx.merge(graphdef, params).cfg
         b, p = prompts.shape
         batch_axes = tuple(a for a in cfg.attention_batch_axes if mesh is not None and a in mesh.shape)
+        if param_shardings is not None and batch_axes:
+            dt = jnp.dtype(cfg.dtype)
+            gathered, _ = gather_plan(params, param_shardings, batch_axes, dt, gather, memory_bytes)
+            if gathered is not None:
+                params = gather_weights(params, gathered, dt)
+        model = nnx.merge(graphdef, params)
         head_axes = tuple(a for a in cfg.attention_head_axes if mesh is not None and a in mesh.shape)
         batch_axes = batch_axes if batch_axes and b % _size(mesh, batch_axes) == 0 else None
         head_axes = (head_axes if head_axes and cfg.num_key_value_heads % _size(mesh, head_axes) == 0

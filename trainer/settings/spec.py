@@ -275,6 +275,11 @@ class Eval:
     # logged as val/exact_match, val/rougeL, val/chrf, ... (0: off).
     every_steps: int = 300
     in_training_examples: int = 64
+    # Weights split over the batch's mesh axes (FSDP) during generation: "once" gathers them at the
+    # start of each batch (a copy per device, in the compute dtype), "per_step" where each decode
+    # step uses them (no copy; every new token gathers every weight again), "auto" = once where the
+    # copy is at most half a device's memory (trainer.evaluation.generate.gather_plan).
+    gather_weights: str = "auto"
 
     def prompt_budget(self, max_length: int) -> int:
         """Tokens an eval prompt may have: ``max_prompt_length``, or room for ``few_shot_k``
