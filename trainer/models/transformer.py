@@ -440,8 +440,14 @@ class Transformer(nnx.Module):
         if not last_only:
             (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
             return x, kv
-        # the last layer outside the loop, at the last position only (``__call__``'s ``last_only``)
-        (x, kv), _ = jax.lax.scan(body, (x, kv), jax.tree.map(lambda a: a[:-1], xs))
+        # The last layer outside the loop, at the last position only (``__call__``'s ``last_only``).
+        # The loop reads layer i out of the whole stack: a scan over ``state[:-1]`` made XLA copy all
+        # but one layer's weights first (15 GB per chip for the 8B preset's gathered bfloat16 weights).
+        def prefix(carry, i):
+            layer = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
+            return body(carry, (layer, i, None if flags is None else flags[i]))
+
+        (x, kv), _ = jax.lax.scan(prefix, (x, kv), jnp.arange(n - 1, dtype=jnp.int32))
         return run(x, kv, jax.tree.map(lambda a: a[-1], state), n - 1, kinds[-1], last_only=True)
 
     def head(self) -> Array:
