@@ -35,17 +35,20 @@ def _differences(a, b, path=""):
     return [] if a == b else [(path, a, b)]
 
 
-def test_four_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("mesh", [[], ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]], ids=["data", "fsdp"])
+def test_four_processes_equal_one(tmp_path, mesh):
     """4 processes x 2 devices train, run the in-training generation eval and the standalone eval
-    exactly as 1 process with 8 devices."""
+    exactly as 1 process with 8 devices: data parallel, and FSDP over the 8 devices (whose generation
+    gathers the weights across the processes once per batch)."""
+    args = [*mesh, *ARGS]
     env = {**os.environ, "PYTHONPATH": ROOT, "LOGDIR": str(tmp_path), "NPROC": "4"}
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
-    r = subprocess.run(["bash", "launch/local_multiprocess.sh", "configs/tiny.py", multi, *ARGS], cwd=ROOT,
+    r = subprocess.run(["bash", "launch/local_multiprocess.sh", "configs/tiny.py", multi, *args], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     env1 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "configs/tiny.py", "--workdir",
-                        single, *ARGS], cwd=ROOT, env=env1, capture_output=True, text=True, timeout=600)
+                        single, *args], cwd=ROOT, env=env1, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = metrics(multi), metrics(single)
     assert len(a) == len(b) == 6  # 4 train rows + the validation loss + the generation eval
