@@ -17,7 +17,7 @@ from flax import nnx
 
 from trainer.models import flops as flops_lib
 from trainer.models.kv_cache import KVCache
-from trainer.sharding import without_axes, with_mesh
+from trainer.sharding import with_mesh, without_axes
 
 
 def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float = 1.0
