@@ -39,7 +39,11 @@ def test_every_preset_dry_runs_without_its_checkpoint(name, monkeypatch, capsys)
     r = dry_run.dry_run(resolved(config), devices, device_memory_gb=target_gb)
     out = capsys.readouterr().out
     m, state = r["memory_per_device_bytes"], r["state_bytes_per_device"]
-    assert "dry run:" in out and r["fits"] == (m["total"] <= target_gb * dry_run.GB)
+    # every program fits, eval and generation with the optimizer state beside them (in training)
+    need = [p["memory"]["total"] + (state["opt_state"] if n != "train_step" else 0)
+            for n, p in r["programs"].items()]
+    assert "dry run:" in out and r["fits"] == (max(need) <= target_gb * dry_run.GB)
+    assert max(need) >= m["total"]
     assert ("verdict: fits" in out) == r["fits"], out
     assert r["parameters"] > 0 and r["flops_per_step_formula"] > 0
     # Two independent accounts of one device's state: ours, from each leaf's shape and sharding, and
@@ -52,6 +56,19 @@ def test_verdict_and_missing_architecture():
     config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
     r = dry_run.dry_run(resolved(config), 1, device_memory_gb=1e-6)
     assert r["fits"] is False
+    # A device that holds every program alone but not generation beside the optimizer state, as it
+    # runs during training (a long eval batch makes generation the largest program here).
+    config.eval.batch_size, config.eval.max_new_tokens = 256, 64
+    r = dry_run.dry_run(resolved(config), 1, quiet=True)
+    totals = {n: p["memory"]["total"] for n, p in r["programs"].items()}
+    opt = r["state_bytes_per_device"]["opt_state"]
+    assert max(totals.values()) == totals["generate"] and opt > 0
+    assert r["in_training_bytes"]["generate"] == totals["generate"] + opt
+    assert r["in_training_bytes"]["train_step"] == totals["train_step"]
+    between = (totals["generate"] + opt / 2) / dry_run.GB
+    assert dry_run.dry_run(resolved(config), 1, device_memory_gb=between, quiet=True)["fits"] is False
+    roomy = (totals["generate"] + opt + 1) / dry_run.GB
+    assert dry_run.dry_run(resolved(config), 1, device_memory_gb=roomy, quiet=True)["fits"] is True
     config.model.hf_path = "/nonexistent/model"
     with pytest.raises(UserError, match="arch_json"):
         dry_run.dry_run(resolved(config), 1)

@@ -106,10 +106,16 @@ def dry_run(config: RunSpec, devices: list[Any] | int | None = None,
     base = spec.abstract_base()
     out["base_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
     out["base_read_per_process_bytes"] = max(base_ckpt.bytes_read_per_process(base).values())
+    # During training, the eval step and generation run beside the optimizer state (their arguments
+    # are the parameters, which the state holds anyway): with generation's gathered weights (and a
+    # small slice's shards) that is what decides whether an in-training eval fits.
+    beside = out["state_bytes_per_device"]["opt_state"]
+    out["in_training_bytes"] = {n: p["memory"]["total"] + (beside if n != "train_step" else 0)
+                                for n, p in programs.items() if p["memory"] is not None}
     if memory_gb:
         out["device_memory_gb"] = memory_gb
-        out["fits"] = all(p["memory"] is not None and p["memory"]["total"] <= memory_gb * GB
-                          for p in programs.values())
+        out["fits"] = (len(out["in_training_bytes"]) == len(programs)
+                       and max(out["in_training_bytes"].values()) <= memory_gb * GB)
     if peak := peak_flops(devices[0]):
         out["seconds_per_step_at_peak"] = formula / (peak * len(devices))
         out["seconds_per_step_at_40pct_mfu"] = out["seconds_per_step_at_peak"] / 0.4
@@ -185,6 +191,9 @@ def report(r: dict[str, Any]) -> str:
                   f"    collectives per device (GB): {moved or 'none'}"]
         if "weights" in p:
             lines.append(f"    weights: {p['weights']}")
+        if name != "train_step":
+            lines.append(f"    during training, with the optimizer state beside it: "
+                         f"{r['in_training_bytes'][name] / GB:.2f} GB")
     if "base_bytes" in r:
         lines.append(f"  a converted base (trainer.convert, {base_ckpt.CHUNK_BYTES >> 20} MiB chunks): each "
                      f"process reads at most {r['base_read_per_process_bytes'] / GB:.2f} GB of the base's "
