@@ -114,3 +114,19 @@ def test_remat_dots_with_context_runs_splash_forward_once():
         kernels[remat] = r["programs"]["train_step"]["custom_calls"].get("tpu_custom_call", 0)
     layers = _tiny().model.num_hidden_layers
     assert kernels == {"none": 3 * layers, "dots": 4 * layers, "dots_with_context": 3 * layers}, kernels
+
+
+def test_remat_table_rows():
+    """``topology_table --remat``: one row per policy, refused programs and non-dividing pairs said so."""
+    from trainer.benchmarks.topology_table import remat_markdown  # noqa: PLC0415
+    base = {"config": "configs/llama3_8b_tpu.py", "slice": "v5p-64", "chips": 32, "device_memory_gb": 95,
+            "train_tflops_per_chip_formula": 764.13}
+    rows = [{**base, "remat": "none", "memory_gb": {"train_step": None}, "fits": False,
+             "train_tflops_per_chip_xla": 0.0},
+            {**base, "remat": "full", "memory_gb": {"train_step": 23.1}, "fits": True,
+             "train_tflops_per_chip_xla": 27.5},
+            {**base, "error": "the config has problems: train.batch_size=8 must be divisible"}]
+    lines = remat_markdown(rows).splitlines()
+    assert lines[2] == "| llama3_8b_tpu | v5p-64 (32) | none | refused of 95 | no | 0.00 | 764.13 |"
+    assert lines[3] == "| llama3_8b_tpu | v5p-64 (32) | full | 23.1 of 95 | yes | 27.50 | 764.13 |"
+    assert lines[4].startswith("| llama3_8b_tpu | v5p-64 | | the config has problems") and len(lines) == 5

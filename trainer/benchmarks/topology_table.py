@@ -1,10 +1,12 @@
 r"""Every preset on every TPU slice, compiled by the TPU compiler (README, "Scaling out").
 
     python -m trainer.benchmarks.topology_table [--configs configs/llama3_8b_tpu.py,...] \
-        [--topologies v5p:2x2x1,v5p:4x4x2,v6e:2x4,v6e:16x16] [--json table.json]
+        [--topologies v5p:2x2x1,v5p:4x4x2,v6e:2x4,v6e:16x16] [--remat none,dots,full] [--json table.json]
 
 For each pair: the dry run of ``--dry_run --topology`` (train step, eval step and generation) with the
-preset as it ships; a pair that does not divide or fit says so in its row. Needs the tpu-aot extra.
+preset as it ships, or once per ``--remat`` policy (what each costs in memory and in XLA's FLOPs,
+against the formula's: the recompute); a pair that does not divide or fit says so in its row. Needs
+the tpu-aot extra.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ GB = 1e9
 
 flags.DEFINE_list("configs", list(PRESETS), "Config files.")
 flags.DEFINE_list("topologies", list(SLICES), "TPU topologies (get_topology_desc names).")
+flags.DEFINE_list("remat", [], "model.remat policies to compile each pair with (default: the preset's).")
 flags.DEFINE_string("json", "", "Also write the rows here.")
 
 
-def row(config_path: str, topology: str) -> dict[str, Any]:
+def row(config_path: str, topology: str, remat: str = "") -> dict[str, Any]:
     """One pair's dry run, as a table row (an ``error`` where it does not divide or compile)."""
     import importlib.util  # noqa: PLC0415
 
@@ -39,8 +42,11 @@ def row(config_path: str, topology: str) -> dict[str, Any]:
     spec.loader.exec_module(module)
     out: dict[str, Any] = {"config": config_path, "topology": topology,
                            "slice": SLICES.get(topology, topology)}
+    config = module.get_config()
+    if remat:
+        config.model.remat = remat
     try:
-        r = dry_run(RunSpec.from_config(module.get_config()), tpu_devices(topology), quiet=True)
+        r = dry_run(RunSpec.from_config(config), tpu_devices(topology), quiet=True)
     except UserError as e:
         return {**out, "error": str(e).replace("\n", " ")}
     train = r["programs"]["train_step"]
@@ -51,6 +57,7 @@ def row(config_path: str, topology: str) -> dict[str, Any]:
             "refused": {k: p["error"] for k, p in r["programs"].items() if p.get("error")},
             "device_memory_gb": r.get("device_memory_gb"), "fits": r.get("fits"),
             "train_tflops_per_chip_formula": r["flops_per_step_formula"] / r["devices"] / 1e12,
+            "train_tflops_per_chip_xla": train["flops"] / 1e12, "scan_layers": r["scan_layers"],
             "seconds_per_step_at_peak": r.get("seconds_per_step_at_peak"),
             "train_collectives_gb": {k: v / GB for k, v in train["collective_bytes"].items() if v},
             "hosts": r["processes"], "base_gb": r["base_bytes"] / GB,
@@ -78,14 +85,34 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def remat_markdown(rows: list[dict[str, Any]]) -> str:
+    """The ``--remat`` table: per chip, the train step's memory and XLA's FLOPs for each policy (a
+    scanned model's loop body counted once by XLA: compare policies with each other, not with the
+    formula)."""
+    lines = ["| preset | slice (chips) | remat | train step, GB per chip | fits | XLA TFLOPs per chip "
+             "(train step) | formula TFLOPs per chip |", "|---|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        name = os.path.basename(r["config"])[:-3]
+        if "error" in r:
+            lines.append(f"| {name} | {r['slice']} | | {r['error'][:160]} | no | | |")
+            continue
+        train = r["memory_gb"]["train_step"]
+        lines.append(f"| {name} | {r['slice']} ({r['chips']}) | {r['remat']} | "
+                     f"{'refused' if train is None else f'{train:.1f}'} of {r['device_memory_gb']:g} | "
+                     f"{'yes' if r['fits'] else 'no'} | {r['train_tflops_per_chip_xla']:.2f} | "
+                     f"{r['train_tflops_per_chip_formula']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     del argv
     rows = []
     for config in flags.FLAGS.configs:
         for topology in flags.FLAGS.topologies:
-            rows.append(row(config, topology))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(markdown(rows))
+            for remat in flags.FLAGS.remat or [""]:
+                rows.append(row(config, topology, remat))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(markdown(rows) if not flags.FLAGS.remat else remat_markdown(rows))
     if flags.FLAGS.json:
         with open(flags.FLAGS.json, "w") as f:
             json.dump(rows, f, indent=1)
