@@ -26,6 +26,7 @@ from trainer.evaluation.generate import (
     prefill_chunks,
 )
 from trainer.models.config import ModelConfig
+from trainer.models import quant
 from trainer.models.kv_cache import KVCache
 from trainer.models.transformer import Transformer
 from trainer.settings.spec import RunSpec, default_config
@@ -265,6 +266,10 @@ def test_weights_cast_before_the_gather_give_the_same_logits_bitwise():
     np.testing.assert_array_equal(np.asarray(logits(early)), np.asarray(logits(params)))
     everything = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     assert not np.array_equal(np.asarray(logits(everything)), np.asarray(logits(params)))
+    # a quantised (QLoRA) base weight keeps its float32 scales: dequantisation reads them as they are
+    q = {"up": quant.quantize(np.ones((64, 32), np.float32), "nf4", (-2,))}
+    kept = jax.jit(lambda p: gather_weights(p, jax.tree.map(lambda _: shardings["embed"], p), jnp.bfloat16))(q)
+    assert kept["up"].scale.dtype == jnp.float32 and kept["up"].codes.dtype == q["up"].codes.dtype
 
 
 def test_scanned_prefill_reads_layers_out_of_the_stack_without_copying_it():
