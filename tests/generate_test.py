@@ -218,7 +218,7 @@ def test_fsdp_generation_gathers_the_weights_once_not_per_new_token():
 def test_gather_plan_keeps_tensor_splits_and_respects_the_budget():
     spec, params = _fsdp_spec({"data": 1, "fsdp": 4, "tensor": 2})
     bf16 = jnp.dtype(jnp.bfloat16)
-    gathered, size = gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16)
+    gathered, size = gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "once")
     specs = [s.spec for s in jax.tree.leaves(gathered)]
     assert all("fsdp" not in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
     # bytes per device: bfloat16 weights (float32 norms), each split only by its tensor axis
@@ -231,6 +231,7 @@ def test_gather_plan_keeps_tensor_splits_and_respects_the_budget():
     assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "auto", 1.01 * fits)[0] is not None
     assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "auto", 0.99 * fits)[0] is None
     assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "per_step")[0] is None
+    assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "auto", None)[0] is None  # CPU
     assert gather_plan(params, spec.param_shardings, ("data", "fsdp"), bf16, "once", 1.0)[0] is not None
     data_only, params_d = _fsdp_spec({"data": 8, "fsdp": 1, "tensor": 1})  # replicated weights: nothing to do
     assert gather_plan(params_d, data_only.param_shardings, ("data", "fsdp"), bf16, "once")[0] is None

@@ -35,7 +35,10 @@ def _differences(a, b, path=""):
     return [] if a == b else [(path, a, b)]
 
 
-@pytest.mark.parametrize("mesh", [[], ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]], ids=["data", "fsdp"])
+FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.eval.gather_weights=once"]
+
+
+@pytest.mark.parametrize("mesh", [[], FSDP], ids=["data", "fsdp"])
 def test_four_processes_equal_one(tmp_path, mesh):
     """4 processes x 2 devices train, run the in-training generation eval and the standalone eval
     exactly as 1 process with 8 devices: data parallel, and FSDP over the 8 devices (whose generation

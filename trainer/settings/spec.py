@@ -278,7 +278,8 @@ class Eval:
     # Weights split over the batch's mesh axes (FSDP) during generation: "once" gathers them at the
     # start of each batch (a copy per device, in the compute dtype), "per_step" where each decode
     # step uses them (no copy; every new token gathers every weight again), "auto" = once where the
-    # copy is at most 60% of a device's memory (trainer.evaluation.generate.gather_plan).
+    # copy is at most 60% of a device's known memory; not on CPUs, whose devices share one memory
+    # (trainer.evaluation.generate.gather_plan).
     gather_weights: str = "auto"
 
     def prompt_budget(self, max_length: int) -> int:
