@@ -1,7 +1,6 @@
 """Sampling filters, stop strings, prompt buckets and the decode loop's compiled form (greedy decoding
 is checked against transformers in model_test.py)."""
 
-import dataclasses
 import re
 
 import jax
@@ -10,6 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import demo
+from tests import helpers
 from trainer import sharding as sharding_lib
 from trainer.benchmarks import topology
 from trainer.evaluation.generate import (
@@ -25,12 +26,10 @@ from trainer.evaluation.generate import (
     make_generate_fn,
     prefill_chunks,
 )
-from trainer.models.config import ModelConfig
 from trainer.models import quant
+from trainer.models.config import ModelConfig
 from trainer.models.kv_cache import KVCache
 from trainer.models.transformer import Transformer
-from trainer.settings.spec import RunSpec, default_config
-from trainer.training import modeling
 
 LOGITS = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
 
@@ -161,16 +160,12 @@ def test_prefill_in_row_chunks_under_a_mesh_moves_no_rows():
     assert collectives[1] == collectives[0]
 
 
-def _fsdp_spec(mesh_axes: dict[str, int], **model):
+def _fsdp_spec(mesh_axes: dict[str, int]):
     """The demo model's spec on 8 devices split as ``mesh_axes``, and random parameters in its
     shardings (as the evaluator gets them from training)."""
-    c = default_config()
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_axes["data"], mesh_axes["fsdp"], mesh_axes["tensor"]
-    for k, v in model.items():
-        setattr(c.model, k, v)
-    config = RunSpec.from_config(c)
-    mesh = sharding_lib.make_mesh(dataclasses.asdict(config.mesh), jax.devices()[:8])
-    spec = modeling.model_spec(config, 64, mesh, None)
+    config = demo.get_config()
+    config.mesh = dict(mesh_axes)
+    _, spec, *_ = helpers.setup(config, 64, jax.devices()[:8])
     return spec, spec.init_params(0)
 
 

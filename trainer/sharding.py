@@ -129,6 +129,16 @@ def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
+def spec_axes(spec: P) -> list[str]:
+    """Every mesh axis a PartitionSpec names, over all its dimensions."""
+    return [a for entry in spec for a in _axes(entry)]
+
+
+def shard_count(sh: NamedSharding) -> int:
+    """Into how many pieces ``sh`` splits an array (the sizes of the mesh axes its spec names)."""
+    return int(np.prod([sh.mesh.shape[a] for a in spec_axes(sh.spec)]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -36,7 +36,7 @@ from trainer import sharding as sharding_lib
 from trainer.benchmarks.memory import compiled_memory, state_bytes
 from trainer.benchmarks.topology import collective_bytes
 from trainer.errors import UserError
-from trainer.evaluation.generate import device_bytes, gather_plan, make_generate_fn
+from trainer.evaluation.generate import make_generate_fn, model_gather_plan
 from trainer.io import base_checkpoint as base_ckpt
 from trainer.models import flops as flops_lib
 from trainer.models.flops import flops_per_token, peak_flops
@@ -77,18 +77,18 @@ def dry_run(config: RunSpec, devices: list[Any] | int | None = None,
         return {k: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if k == "weights" else jnp.int32,
                                         sharding=batch_sh) for k in loader.FIELDS}
 
+    memory_gb = device_memory_gb or flops_lib.device_memory_gb(devices[0])
     programs = {
         "train_step": _compile(experiment.jit_train_step(
             spec, tx, schedule, t.grad_accum_steps, state_sh, batch_sh, chunk), abstract, batch(t.batch_size)),
         "eval_step": _compile(experiment.jit_eval_step(spec, batch_sh, chunk), abstract.model_params,
                               batch(t.eval_batch_size)),
         "generate": _compile_generate(config, spec, abstract.model_params,
-                                      (device_memory_gb or flops_lib.device_memory_gb(devices[0]) or 0) * GB),
+                                      memory_gb * GB if memory_gb else None),
     }
     trainable = sum(x.size for x in jax.tree.leaves(abstract.params))
     params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(spec.init_params_fn(0))))  # + adapters
     formula = flops_per_token(spec.cfg, seq) * t.batch_size * seq
-    memory_gb = device_memory_gb or flops_lib.device_memory_gb(devices[0])
     out = {
         "devices": len(devices), "processes": processes, "device_kind": devices[0].device_kind,
         "platform": devices[0].platform, "mesh": dict(mesh.shape),
@@ -148,7 +148,7 @@ def _compile(fn, *args) -> dict[str, Any]:
                                                                  compiled.as_text())))}
 
 
-def _compile_generate(config: RunSpec, spec: modeling.ModelSpec, params: Any, memory_bytes: float
+def _compile_generate(config: RunSpec, spec: modeling.ModelSpec, params: Any, memory_bytes: float | None
                       ) -> dict[str, Any]:
     """Generation as ``trainer.eval`` runs it: ``eval.batch_size`` prompts of ``data.max_length``
     tokens (a fine-tuned model's zero-shot prompt is at most a training row), ``eval.max_new_tokens``,
@@ -156,13 +156,12 @@ def _compile_generate(config: RunSpec, spec: modeling.ModelSpec, params: Any, me
     e = config.eval
     generate = make_generate_fn(spec.graphdef, max_new_tokens=e.max_new_tokens, eos_ids=[0], pad_id=0,
                                 mesh=spec.mesh, param_shardings=spec.param_shardings,
-                                gather=e.gather_weights, memory_bytes=memory_bytes or None)
+                                gather=e.gather_weights, memory_bytes=memory_bytes)
     rows = jax.ShapeDtypeStruct((e.batch_size, config.data.max_length), jnp.int32)
     valid = jax.ShapeDtypeStruct(rows.shape, jnp.bool_)
     out = _compile(generate, params, rows, valid, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    batch_axes = [a for a in spec.cfg.attention_batch_axes if a in spec.mesh.shape]
-    gathered, size = gather_plan(params, spec.param_shardings, batch_axes, jnp.dtype(spec.cfg.dtype),
-                                 e.gather_weights, memory_bytes or device_bytes(spec.mesh))
+    gathered, size = model_gather_plan(params, spec.param_shardings, spec.cfg, spec.mesh, e.gather_weights,
+                                       memory_bytes)
     out["weights"] = (f"gathered once per batch ({size / GB:.2f} GB per device)" if gathered is not None
                       else "split as in training, gathered where used")
     return out

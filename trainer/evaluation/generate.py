@@ -17,7 +17,8 @@ from flax import nnx
 
 from trainer.models import flops as flops_lib
 from trainer.models.kv_cache import KVCache
-from trainer.sharding import with_mesh, without_axes
+from trainer.settings.options import GATHER_WEIGHTS
+from trainer.sharding import shard_count, spec_axes, with_mesh, without_axes
 
 
 def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float = 1.0
@@ -83,7 +84,6 @@ def prefill_chunks(rows: int, prompt_len: int, budget: int = PREFILL_TOKENS) -> 
 # share one memory, and 8 copies of a 33M model's weights ran generation 1.45x slower than gathering
 # each layer where it is used (the demo's 0.9M ran 1.8x faster).
 GATHER_BUDGET = 0.6
-GATHER_MODES = ("auto", "once", "per_step")
 
 
 def gather_plan(params, param_shardings, batch_axes: Sequence[str], compute_dtype, mode: str = "auto",
@@ -93,34 +93,21 @@ def gather_plan(params, param_shardings, batch_axes: Sequence[str], compute_dtyp
     generation should leave them split: ``mode`` "per_step", nothing split over those axes, or
     ("auto") more than ``GATHER_BUDGET`` of ``device_bytes`` or no ``device_bytes`` (CPUs).
     ``params``: arrays or shapes."""
-    if mode not in GATHER_MODES:
-        raise ValueError(f"gather_weights must be one of {GATHER_MODES}, got {mode!r}")
+    if mode not in GATHER_WEIGHTS:
+        raise ValueError(f"gather_weights must be one of {GATHER_WEIGHTS}, got {mode!r}")
     gathered = without_axes(param_shardings, batch_axes)
     total = 0.0
-    for path, x, sh in zip(*_paths_leaves(params), jax.tree.leaves(gathered), strict=True):
+    for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(gathered),
+                             strict=True):
         dtype = compute_dtype if _cast_early(path, x) else x.dtype
-        total += x.size * jnp.dtype(dtype).itemsize / _shards(sh)
+        total += x.size * jnp.dtype(dtype).itemsize / shard_count(sh)
     split = any(sh.mesh.shape[a] > 1 for sh in jax.tree.leaves(param_shardings)
-                for a in _spec_axes(sh.spec) if a in batch_axes)
+                for a in spec_axes(sh.spec) if a in batch_axes)
     if mode == "per_step" or not split:
         return None, total
     if mode == "auto" and (not device_bytes or total > GATHER_BUDGET * device_bytes):
         return None, total
     return gathered, total
-
-
-def _spec_axes(spec) -> list[str]:
-    return [a for e in spec for a in ((e,) if isinstance(e, str) else (e or ()))]
-
-
-def _shards(sh: jax.sharding.NamedSharding) -> int:
-    """Into how many pieces ``sh`` splits an array (the sizes of the mesh axes its spec names)."""
-    return int(np.prod([sh.mesh.shape[a] for a in _spec_axes(sh.spec)]))
-
-
-def _paths_leaves(params) -> tuple[list, list]:
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [p for p, _ in flat], [x for _, x in flat]
 
 
 def _cast_early(path, x) -> bool:
@@ -139,6 +126,18 @@ def gather_weights(params, shardings, compute_dtype):
     out = [jax.lax.with_sharding_constraint(x.astype(compute_dtype) if _cast_early(p, x) else x, sh)
            for (p, x), sh in zip(flat, jax.tree.leaves(shardings), strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def model_gather_plan(params, param_shardings, cfg, mesh: jax.sharding.Mesh | None, mode: str = "auto",
+                      memory_bytes: float | None = None) -> tuple[object | None, float]:
+    """``gather_plan`` for a model (``cfg``: its ``ModelConfig``) on ``mesh``: the batch axes are
+    attention's that the mesh has, the memory a device's (``device_bytes``) unless given. What
+    generation does, and what the dry run reports."""
+    batch_axes = tuple(a for a in cfg.attention_batch_axes if mesh is not None and a in mesh.shape)
+    if param_shardings is None or not batch_axes:
+        return None, 0.0
+    memory = memory_bytes if memory_bytes is not None else device_bytes(mesh)
+    return gather_plan(params, param_shardings, batch_axes, jnp.dtype(cfg.dtype), mode, memory)
 
 
 def device_bytes(mesh: jax.sharding.Mesh | None) -> float | None:
@@ -174,7 +173,6 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     ``device_bytes(mesh)``).
     """
     eos = jnp.asarray(list(eos_ids), jnp.int32)
-    memory_bytes = memory_bytes if memory_bytes is not None else device_bytes(mesh)
     n = max_new_tokens
 
     def shard(x, *names):
@@ -186,13 +184,11 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     def generate(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array) -> jax.Array:
         cfg = nnx.merge(graphdef, params).cfg
         b, p = prompts.shape
-        batch_axes = tuple(a for a in cfg.attention_batch_axes if mesh is not None and a in mesh.shape)
-        if param_shardings is not None and batch_axes:
-            dt = jnp.dtype(cfg.dtype)
-            gathered, _ = gather_plan(params, param_shardings, batch_axes, dt, gather, memory_bytes)
-            if gathered is not None:
-                params = gather_weights(params, gathered, dt)
+        gathered, _ = model_gather_plan(params, param_shardings, cfg, mesh, gather, memory_bytes)
+        if gathered is not None:
+            params = gather_weights(params, gathered, jnp.dtype(cfg.dtype))
         model = nnx.merge(graphdef, params)
+        batch_axes = tuple(a for a in cfg.attention_batch_axes if mesh is not None and a in mesh.shape)
         head_axes = tuple(a for a in cfg.attention_head_axes if mesh is not None and a in mesh.shape)
         batch_axes = batch_axes if batch_axes and b % _size(mesh, batch_axes) == 0 else None
         head_axes = (head_axes if head_axes and cfg.num_key_value_heads % _size(mesh, head_axes) == 0

@@ -141,8 +141,9 @@ def _evaluation(config: RunSpec, out: _Problems) -> None:
     out.need(e.few_shot_k >= 0, f"eval.few_shot_k must be >= 0, got {e.few_shot_k}")
     out.need(e.max_examples >= 0, f"eval.max_examples must be >= 0 (0: all), got {e.max_examples}")
     out.need(e.every_steps >= 0, f"eval.every_steps must be >= 0 (0: off), got {e.every_steps}")
-    out.need(e.gather_weights in ("auto", "once", "per_step"),
-             f"eval.gather_weights must be auto, once or per_step, got {e.gather_weights!r}")
+    *first, last = options.GATHER_WEIGHTS
+    out.need(e.gather_weights in options.GATHER_WEIGHTS, f"eval.gather_weights must be "
+             f"{', '.join(first)} or {last}, got {e.gather_weights!r}")
     out.need(e.in_training_examples >= 1,
              f"eval.in_training_examples must be at least 1, got {e.in_training_examples}")
     try:

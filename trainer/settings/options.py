@@ -9,6 +9,7 @@ ATTENTION_IMPLS = ("auto", *ATTENTION_BACKENDS)
 REMAT = ("none", "full", "dots", "dots_with_context")       # model.remat
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")   # lora.targets: the projections of a block
 QUANT_KINDS = ("int8", "nf4")                               # lora.base_quant, besides ""
+GATHER_WEIGHTS = ("auto", "once", "per_step")               # eval.gather_weights
 METRICS = ("exact_match", "rouge1", "rouge2", "rougeL", "chrf")  # generation scores, as val/NAME
 
 
