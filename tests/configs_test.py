@@ -50,12 +50,14 @@ def test_every_problem_is_reported_at_once():
     c.model.hf_path = "/nonexistent/model"
     c.eval.max_new_tokens = 0
     c.eval.gather_weights = "never"
+    c.model.splash_block_size = 100
     out = config_checks.problems(resolved(c), device_count=8, process_count=1)
     assert out == [
         "train.batch_size must be at least 1, got 0",
         "optimizer.learning_rate must be positive, got -0.001",
         "data.packing must be one of none, best_fit, first_fit, got 'tight'",
         "model.hf_path: '/nonexistent/model' is not a directory",
+        "model.splash_block_size must be 0 (auto) or a multiple of 128, got 100",
         "eval.max_new_tokens must be at least 1, got 0",
         "eval.gather_weights must be auto, once or per_step, got 'never'",
         "train.eval_batch_size=12 must be divisible by the data-parallel size 8 and the process count 1 "
@@ -89,3 +91,19 @@ def test_every_attention_backend_the_model_offers_passes_the_config_check(impl):
     c.model.attention_impl = "fast"
     assert config_checks.problems(resolved(c), device_count=None, check_paths=False) == [
         "model.attention_impl must be one of auto, xla, cudnn, flash, splash, got 'fast'"]
+
+
+def test_a_splash_block_that_does_not_divide_the_rows_is_one_line():
+    """``model.splash_block_size`` must divide ``data.max_length`` once splash is the backend (on TPU):
+    one line naming both keys, not a kernel error at the first step."""
+    from trainer.errors import UserError  # noqa: PLC0415
+    from trainer.training.modeling import model_config  # noqa: PLC0415
+    c = demo.get_config()
+    c.data.max_length, c.model.splash_block_size = 384, 256
+    with pytest.raises(UserError) as e:
+        model_config(resolved(c), 512, platform="tpu")
+    assert str(e.value) == ("splash attention's block (256) must divide the sequence length (384): "
+                            "data.max_length=384, model.splash_block_size=256 (or set model.attention_impl=xla)")
+    c.model.splash_block_size = 128
+    assert model_config(resolved(c), 512, platform="tpu").splash_block_size == 128
+    assert model_config(resolved(c), 512, platform="cpu").attention_impl == "xla"  # no splash, no check

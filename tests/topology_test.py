@@ -116,6 +116,24 @@ def test_remat_dots_with_context_runs_splash_forward_once():
     assert kernels == {"none": 3 * layers, "dots": 4 * layers, "dots_with_context": 3 * layers}, kernels
 
 
+def test_splash_fused_backward_runs_two_kernels_a_layer():
+    """``model.splash_fused_backward``: the TPU program runs each layer's splash forward and one
+    backward kernel (dQ beside dK/dV, from the same scores) instead of forward, dK/dV and dQ; with
+    ``model.splash_block_size`` the kernels take that block (128 here: the same count)."""
+    reference("libtpu")
+    from trainer.benchmarks import dry_run  # noqa: PLC0415
+    devices = topology.tpu_devices("v5p:2x2x1")
+    kernels = {}
+    for fused in (False, True):
+        config = _tiny()
+        config.model.splash_fused_backward = fused
+        config.model.splash_block_size = 128
+        r = dry_run.dry_run(resolved(config), devices, quiet=True)
+        kernels[fused] = r["programs"]["train_step"]["custom_calls"].get("tpu_custom_call", 0)
+    layers = _tiny().model.num_hidden_layers
+    assert kernels == {False: 3 * layers, True: 2 * layers}, kernels
+
+
 def test_remat_table_rows():
     """``topology_table --remat``: one row per policy, refused programs and non-dividing pairs said so."""
     from trainer.benchmarks.topology_table import remat_markdown  # noqa: PLC0415

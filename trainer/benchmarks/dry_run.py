@@ -39,6 +39,7 @@ from trainer.errors import UserError
 from trainer.evaluation.generate import make_generate_fn, model_gather_plan
 from trainer.io import base_checkpoint as base_ckpt
 from trainer.models import flops as flops_lib
+from trainer.models.attention import splash_block
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings import checks as config_checks
 from trainer.settings.spec import RunSpec
@@ -97,6 +98,8 @@ def dry_run(config: RunSpec, devices: list[Any] | int | None = None,
         "batch": t.batch_size, "seq": seq, "grad_accum_steps": t.grad_accum_steps,
         "dtype": spec.cfg.dtype, "scan_layers": spec.cfg.scan_layers, "remat": spec.cfg.remat,
         "attention": spec.cfg.attention_impl, "flops_per_step_formula": formula,
+        "splash": ({"block": splash_block(spec.cfg, seq), "fused_backward": spec.cfg.splash_fused_backward}
+                   if spec.cfg.attention_impl == "splash" else None),
         "programs": programs,
         # the train step's figures at the top level, as before programs were listed
         "compile_s": programs["train_step"]["compile_s"],
@@ -172,7 +175,10 @@ def report(r: dict[str, Any]) -> str:
         f"dry run: {r['devices']} x {r['device_kind']} ({r['processes']} processes), mesh {r['mesh']}",
         f"  model: {r['parameters'] / 1e6:,.1f}M parameters ({r['architecture']}), "
         f"{r['trainable_parameters'] / 1e6:,.1f}M trained, {r['dtype']} compute, "
-        f"scan_layers={r['scan_layers']}, remat={r['remat']}, attention={r['attention']}",
+        f"scan_layers={r['scan_layers']}, remat={r['remat']}, attention={r['attention']}"
+        + (f" (block {r['splash']['block']}, "
+           f"{'fused backward' if r['splash']['fused_backward'] else 'dK/dV and dQ kernels'})"
+           if r.get("splash") else ""),
         f"  train step: {r['batch']} x {r['seq']} tokens, grad_accum_steps={r['grad_accum_steps']}; "
         f"{r['flops_per_step_formula'] / 1e12:,.2f} TFLOPs by 6N + attention "
         f"({r['flops_per_step_formula'] / r['devices'] / 1e12:,.2f} T per device)",

@@ -248,6 +248,17 @@ def _shard_mapped(fn, cfg: ModelConfig, n_qkv: int, n_seg: int):
                          out_specs=spec, check_vma=False)
 
 
+def splash_block(cfg: ModelConfig, s: int) -> int:
+    """Splash's query/key block for ``s``-token rows: ``cfg.splash_block_size``, else the largest of
+    512, 256 and 128 that divides ``s``."""
+    if s % 128:
+        raise ValueError(f"splash attention needs the sequence length ({s}) to be a multiple of 128")
+    block = cfg.splash_block_size or next(n for n in (512, 256, 128) if s % n == 0)
+    if s % block:
+        raise ValueError(f"splash attention's block ({block}) must divide the sequence length ({s})")
+    return block
+
+
 def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: ModelConfig, scale: float,
                       window: int | None) -> Array:
     """Pallas splash attention (TPU): causal or sliding-window, segment ids, optional soft-capping.
@@ -263,9 +274,13 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: Mod
         splash_attention_mask as sm,
     )
     s = q.shape[1]
-    if s % 128:
-        raise ValueError(f"splash attention needs the sequence length ({s}) to be a multiple of 128")
-    block = next(n for n in (512, 256, 128) if s % n == 0)
+    block = splash_block(cfg, s)
+    blocks = dict(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                  block_kv_dkv=block, block_kv_dkv_compute=block)
+    if cfg.splash_fused_backward:  # one backward kernel: dQ beside dK/dV, from the same scores
+        blocks.update(use_fused_bwd_kernel=True)
+    else:  # dK/dV and dQ in two kernels, each computing the scores again
+        blocks.update(block_q_dq=block, block_kv_dq=block)
 
     def local(q, k, v, seg):
         shape = (s, s)
@@ -273,9 +288,7 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: Mod
                 else sm.CausalMask(shape))
         kernel = sk.make_splash_mha(
             sm.MultiHeadMask([base] * q.shape[2]), head_shards=1, q_seq_shards=1,
-            block_sizes=sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                                      block_q_dkv=block, block_kv_dkv=block,
-                                      block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
+            block_sizes=sk.BlockSizes(**blocks),
             attn_logits_soft_cap=cfg.attn_logit_softcap or None,
             residual_checkpoint_name=CONTEXT,  # its output and log-sum-exp, in its own layout
             interpret=kernel_platform() != "tpu")

@@ -38,6 +38,10 @@ class ModelConfig:
     max_segments: int = 0
     # Query block of the XLA attention path: blocks above the causal diagonal are skipped (0: dense).
     attention_block_size: int = 128
+    # Splash's query/key block (0: the largest of 512, 256, 128 dividing the sequence) and whether its
+    # backward is the one fused kernel (see ``attention._splash_attention``).
+    splash_block_size: int = 0
+    splash_fused_backward: bool = False
     # Mesh axes that attention's batch and head dimensions are split over (from the sharding rules),
     # for kernels GSPMD cannot partition itself (splash runs under shard_map over them).
     attention_batch_axes: tuple[str, ...] = ()

@@ -113,6 +113,8 @@ def _model(config: RunSpec, check_paths: bool, out: _Problems) -> None:
                  f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(m, key)!r}")
     out.need(m.remat in options.REMAT,
              f"model.remat must be one of {', '.join(options.REMAT)}, got {m.remat!r}")
+    out.need(m.splash_block_size >= 0 and m.splash_block_size % 128 == 0,
+             f"model.splash_block_size must be 0 (auto) or a multiple of 128, got {m.splash_block_size}")
     out.need(m.attention_impl in options.ATTENTION_IMPLS, f"model.attention_impl must be one of "
              f"{', '.join(options.ATTENTION_IMPLS)}, got {m.attention_impl!r}")
     if not (hf or gg):  # a model trained from scratch: its shape comes from config.model

@@ -97,6 +97,12 @@ class Model:
     # Resolved for the target devices by modeling.model_config.
     attention_impl: str = "auto"  # auto | xla | cudnn | flash | splash
     attention_block_size: int = 128
+    # Splash (TPU): its block for queries and keys, forward and backward, in tokens (0: the largest of
+    # 512, 256 and 128 that divides data.max_length; else a multiple of 128 that divides it), and its
+    # fused backward kernel (dQ computed beside dK/dV: 5 block matmuls instead of 7, with a partial dQ
+    # per key block summed after). Which is faster depends on the chip: measure on yours.
+    splash_block_size: int = 0
+    splash_fused_backward: bool = False
     # none | full | dots | dots_with_context: recompute block activations in the backward pass
     # (dots keeps the projections' outputs; dots_with_context keeps attention's output as well).
     remat: str = "none"

@@ -26,7 +26,7 @@ from trainer.io import paths
 from trainer.io import peft as peft_io
 from trainer.models import lora as lora_lib
 from trainer.models import quant
-from trainer.models.attention import resolve_attention
+from trainer.models.attention import resolve_attention, splash_block
 from trainer.models.config import ModelConfig
 from trainer.models.transformer import Transformer, keys_per_block
 from trainer.settings.spec import RunSpec
@@ -89,7 +89,8 @@ def model_config(config: RunSpec, vocab_size: int,
     for a new model. ``hf_config``: the base model's config.json dict when it is already known (the
     ahead-of-time check reads a copy kept in ``configs/`` instead of the absent checkpoint)."""
     runtime = {k: getattr(config.model, k) for k in (
-        "dtype", "param_dtype", "attention_impl", "remat", "scan_layers", "attention_block_size")}
+        "dtype", "param_dtype", "attention_impl", "remat", "scan_layers", "attention_block_size",
+        "splash_block_size", "splash_fused_backward")}
     runtime["packed_inputs"] = config.data.packing != "none"
     runtime["max_segments"] = config.data.max_segments_per_row if runtime["packed_inputs"] else 1
     runtime.update(config.lora.model_fields())
@@ -109,11 +110,14 @@ def model_config(config: RunSpec, vocab_size: int,
         raise UserError(problem)
     try:
         impl = resolve_attention(cfg, platform)
-        if impl == "splash" and config.data.max_length % 128:
-            raise ValueError(f"splash attention needs data.max_length to be a multiple of 128 "
-                             f"(got {config.data.max_length}); or set model.attention_impl=xla")
     except ValueError as e:
         raise UserError(f"model.attention_impl: {e}") from e
+    if impl == "splash":
+        try:
+            splash_block(cfg, config.data.max_length)
+        except ValueError as e:
+            raise UserError(f"{e}: data.max_length={config.data.max_length}, model.splash_block_size="
+                            f"{config.model.splash_block_size} (or set model.attention_impl=xla)") from e
     return dataclasses.replace(cfg, attention_impl=impl)  # "auto" resolved for the target devices
 
 
