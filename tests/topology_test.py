@@ -3,6 +3,7 @@ compiler through libtpu, the attention backend chosen for the target chips, and 
 back from the compiled HLO."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -132,6 +133,22 @@ def test_splash_fused_backward_runs_two_kernels_a_layer():
         kernels[fused] = r["programs"]["train_step"]["custom_calls"].get("tpu_custom_call", 0)
     layers = _tiny().model.num_hidden_layers
     assert kernels == {False: 3 * layers, True: 2 * layers}, kernels
+
+
+def test_a_splash_block_over_the_chips_vmem_is_said_so():
+    """2,048-token splash blocks need ~30 MB of a v5p's on-chip VMEM (its scoped limit is 16 MB): the
+    dry run says the kernel's blocks are too large, not that the model does not fit in 95 GB."""
+    reference("libtpu")
+    from trainer.benchmarks import dry_run  # noqa: PLC0415
+    config = _tiny()
+    config.data.max_length, config.model.splash_block_size = 2048, 2048
+    r = dry_run.dry_run(resolved(config), topology.tpu_devices("v5p:2x2x1"), quiet=True)
+    train = r["programs"]["train_step"]
+    assert train["vmem"] and re.fullmatch(r"a Pallas kernel needs [0-9.]+MB of the chip's VMEM \(on-chip "
+                                          r"scratch\), over its 16.00MB limit: .*splash_block_size\)",
+                                          train["error"]), train["error"]
+    assert "verdict: does NOT compile: a kernel's blocks exceed the chip's VMEM" in dry_run.report(r)
+    assert not r["fits"]
 
 
 def test_remat_table_rows():

@@ -127,6 +127,17 @@ def dry_run(config: RunSpec, devices: list[Any] | int | None = None,
     return out
 
 
+def _refusal(message: str) -> dict[str, Any]:
+    """What the compiler's RESOURCE_EXHAUSTED says, in a line: out of the chip's memory (HBM), or of a
+    Pallas kernel's on-chip scratch (VMEM: its blocks, not the model, are too large)."""
+    vmem = re.search(r"Scoped allocation with size (\S+) and limit (\S+) exceeded", message)
+    if vmem:
+        return {"error": f"a Pallas kernel needs {vmem.group(1)}B of the chip's VMEM (on-chip scratch), over "
+                         f"its {vmem.group(2)}B limit: its blocks are too large (model.splash_block_size)",
+                "vmem": True}
+    return {"error": (message.strip().splitlines() or [""])[0][:300]}
+
+
 def _compile(fn, *args) -> dict[str, Any]:
     """Lowers and compiles ``fn`` for ``args`` (abstract, with shardings): per-device memory, FLOPs,
     collective bytes and the compile time."""
@@ -137,8 +148,7 @@ def _compile(fn, *args) -> dict[str, Any]:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return {"compile_s": time.perf_counter() - t0, "memory": None, "flops": 0.0,
-                "collective_bytes": {}, "custom_calls": {},
-                "error": (str(e).strip().splitlines() or [""])[0][:300]}
+                "collective_bytes": {}, "custom_calls": {}, **_refusal(str(e))}
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -207,7 +217,9 @@ def report(r: dict[str, Any]) -> str:
     if "seconds_per_step_at_peak" in r:
         lines.append(f"  train step at the chip's peak FLOP/s: {r['seconds_per_step_at_peak']:.3f} s "
                      f"({r['seconds_per_step_at_40pct_mfu']:.3f} s at 40% MFU)")
-    if "fits" in r:
+    if any(p.get("vmem") for p in r["programs"].values()):
+        lines.append("  verdict: does NOT compile: a kernel's blocks exceed the chip's VMEM (above)")
+    elif "fits" in r:
         verdict = "fits" if r["fits"] else "does NOT fit"
         lines.append(f"  verdict: {verdict} in {r['device_memory_gb']:g} GB per device")
     return "\n".join(lines)
