@@ -151,6 +151,31 @@ def test_a_splash_block_over_the_chips_vmem_is_said_so():
     assert not r["fits"]
 
 
+def test_variants_are_set_with_their_types_and_tabled():
+    """``topology_table --variant``: keys set on the preset with the key's type (a mistyped key or
+    value is one line before anything compiles); refused programs named in their row."""
+    from trainer.benchmarks.topology_table import apply_variant, preset, variant_markdown  # noqa: PLC0415
+    config = preset("configs/llama3_8b_tpu.py")
+    apply_variant(config, "model.splash_block_size=1024,model.splash_fused_backward=true,optimizer.learning_rate=2e-5")
+    assert (config.model.splash_block_size, config.model.splash_fused_backward) == (1024, True)
+    assert config.optimizer.learning_rate == 2e-5
+    for bad, said in [("model.splash_blok=1", "is not section.key=value for a key the config has"),
+                      ("model.splash_fused_backward=maybe", "takes true or false, got 'maybe'"),
+                      ("model.splash_block_size=big", "model.splash_block_size is int, got 'big'")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            apply_variant(preset("configs/llama3_8b_tpu.py"), bad)
+    base = {"config": "configs/llama3_8b_tpu.py", "slice": "v5p-64", "chips": 32, "device_memory_gb": 95}
+    rows = [{**base, "memory_gb": {"train_step": 68.79, "eval_step": 13.98, "generate": 21.24}, "fits": True,
+             "refused": {}},
+            {**base, "variant": "model.splash_block_size=2048", "fits": False,
+             "memory_gb": {"train_step": None, "eval_step": None, "generate": 21.24},
+             "refused": {"train_step": "a Pallas kernel needs 16.07MB", "eval_step": "... 31.69MB"}}]
+    lines = variant_markdown(rows).splitlines()
+    assert lines[2] == "| llama3_8b_tpu | v5p-64 (32) | (as it ships) | 68.79 / 13.98 / 21.24 of 95 | yes |  |"
+    assert lines[3] == ("| llama3_8b_tpu | v5p-64 (32) | model.splash_block_size=2048 | refused / refused / 21.24 "
+                        "of 95 | no | train_step: a Pallas kernel needs 16.07MB; eval_step: ... 31.69MB |")
+
+
 def test_remat_table_rows():
     """``topology_table --remat``: one row per policy, refused programs and non-dividing pairs said so."""
     from trainer.benchmarks.topology_table import remat_markdown  # noqa: PLC0415

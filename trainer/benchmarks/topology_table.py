@@ -2,10 +2,12 @@ r"""Every preset on every TPU slice, compiled by the TPU compiler (README, "Scal
 
     python -m trainer.benchmarks.topology_table [--configs configs/llama3_8b_tpu.py,...] \
         [--topologies v5p:2x2x1,v5p:4x4x2,v6e:2x4,v6e:16x16] [--remat none,dots,full] [--json table.json]
+        [--variant model.splash_block_size=1024 --variant model.splash_block_size=1024,model.splash_fused_backward=true]
 
 For each pair: the dry run of ``--dry_run --topology`` (train step, eval step and generation) with the
 preset as it ships, or once per ``--remat`` policy (what each costs in memory and in XLA's FLOPs,
-against the formula's: the recompute); a pair that does not divide or fit says so in its row. Needs
+against the formula's: the recompute), or once per ``--variant`` (config keys set on top of the
+preset; the preset as it ships first); a pair that does not divide or fit says so in its row. Needs
 the tpu-aot extra.
 """
 
@@ -26,25 +28,54 @@ GB = 1e9
 flags.DEFINE_list("configs", list(PRESETS), "Config files.")
 flags.DEFINE_list("topologies", list(SLICES), "TPU topologies (get_topology_desc names).")
 flags.DEFINE_list("remat", [], "model.remat policies to compile each pair with (default: the preset's).")
+flags.DEFINE_multi_string("variant", [], "Config keys to set on top of the preset, as section.key=value "
+                          "pairs separated by commas; one row per variant and pair, after the preset's own.")
 flags.DEFINE_string("json", "", "Also write the rows here.")
 
 
-def row(config_path: str, topology: str, remat: str = "") -> dict[str, Any]:
-    """One pair's dry run, as a table row (an ``error`` where it does not divide or compile)."""
-    import importlib.util  # noqa: PLC0415
+def apply_variant(config, variant: str) -> None:
+    """Sets ``section.key=value,...`` on ``config`` (a preset's ConfigDict), each value parsed as the
+    key's type; an unknown key or a value of the wrong type is a ``ValueError`` naming it."""
+    for item in filter(None, variant.split(",")):
+        key, sep, value = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or section not in config or name not in config[section]:
+            raise ValueError(f"--variant: {item!r} is not section.key=value for a key the config has")
+        old = config[section][name]
+        if isinstance(old, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--variant: {key} takes true or false, got {value!r}")
+            config[section][name] = value.lower() in ("true", "1")
+        else:
+            try:
+                config[section][name] = type(old)(value)
+            except ValueError:
+                raise ValueError(f"--variant: {key} is {type(old).__name__}, got {value!r}") from None
 
+
+def preset(config_path: str):
+    """A preset file's ``get_config()``."""
+    import importlib.util  # noqa: PLC0415
+    spec = importlib.util.spec_from_file_location("preset", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def row(config_path: str, topology: str, remat: str = "", variant: str = "") -> dict[str, Any]:
+    """One pair's dry run, as a table row (an ``error`` where it does not divide or compile)."""
     from trainer.benchmarks.dry_run import dry_run  # noqa: PLC0415
     from trainer.benchmarks.topology import tpu_devices  # noqa: PLC0415
     from trainer.errors import UserError  # noqa: PLC0415
     from trainer.settings.spec import RunSpec  # noqa: PLC0415
-    spec = importlib.util.spec_from_file_location("preset", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out: dict[str, Any] = {"config": config_path, "topology": topology,
                            "slice": SLICES.get(topology, topology)}
-    config = module.get_config()
+    config = preset(config_path)
     if remat:
         config.model.remat = remat
+    apply_variant(config, variant)
+    if variant:
+        out["variant"] = variant
     try:
         r = dry_run(RunSpec.from_config(config), tpu_devices(topology), quiet=True)
     except UserError as e:
@@ -104,15 +135,41 @@ def remat_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def variant_markdown(rows: list[dict[str, Any]]) -> str:
+    """The ``--variant`` table: per chip, each program's memory, and what the compiler refused."""
+    lines = ["| preset | slice (chips) | variant | train / eval / generate, GB per chip | fits | refused |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        name, variant = os.path.basename(r["config"])[:-3], r.get("variant", "(as it ships)")
+        if "error" in r:
+            lines.append(f"| {name} | {r['slice']} | {variant} | {r['error'][:160]} | no | |")
+            continue
+        m = {k: "refused" if v is None else f"{v:.2f}" for k, v in r["memory_gb"].items()}
+        refused = "; ".join(f"{k}: {v}" for k, v in r["refused"].items())
+        lines.append(f"| {name} | {r['slice']} ({r['chips']}) | {variant} | {m['train_step']} / "
+                     f"{m['eval_step']} / {m['generate']} of {r['device_memory_gb']:g} | "
+                     f"{'yes' if r['fits'] else 'no'} | {refused} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     del argv
     rows = []
+    variants = [""] + flags.FLAGS.variant if flags.FLAGS.variant else [""]
+    for config in flags.FLAGS.configs:  # a mistyped key is one line before anything compiles
+        for variant in variants:
+            try:
+                apply_variant(preset(config), variant)
+            except ValueError as e:
+                sys.exit(f"error: {e}")
     for config in flags.FLAGS.configs:
         for topology in flags.FLAGS.topologies:
             for remat in flags.FLAGS.remat or [""]:
-                rows.append(row(config, topology, remat))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(markdown(rows) if not flags.FLAGS.remat else remat_markdown(rows))
+                for variant in variants:
+                    rows.append(row(config, topology, remat, variant))
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(variant_markdown(rows) if flags.FLAGS.variant
+          else remat_markdown(rows) if flags.FLAGS.remat else markdown(rows))
     if flags.FLAGS.json:
         with open(flags.FLAGS.json, "w") as f:
             json.dump(rows, f, indent=1)
