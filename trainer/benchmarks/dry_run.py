@@ -23,8 +23,8 @@ config before paying for the pod, not a guarantee to the last gigabyte.
 from __future__ import annotations
 
 import collections
-import math
 import dataclasses
+import math
 import re
 import time
 from typing import Any
