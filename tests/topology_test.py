@@ -170,7 +170,8 @@ def test_variants_are_set_with_their_types_and_tabled():
     assert config.optimizer.learning_rate == 2e-5
     for bad, said in [("model.splash_blok=1", "is not section.key=value for a key the config has"),
                       ("model.splash_fused_backward=maybe", "takes true or false, got 'maybe'"),
-                      ("model.splash_block_size=big", "model.splash_block_size is int, got 'big'")]:
+                      ("model.splash_block_size=big", "model.splash_block_size is int, got 'big'"),
+                      ("lora.targets=q", "lora.targets is a tuple; only bool, int, float and str keys")]:
         with pytest.raises(ValueError, match=re.escape(said)):
             apply_variant(preset("configs/llama3_8b_tpu.py"), bad)
     base = {"config": "configs/llama3_8b_tpu.py", "slice": "v5p-64", "chips": 32, "device_memory_gb": 95}

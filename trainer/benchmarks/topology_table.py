@@ -42,6 +42,9 @@ def apply_variant(config, variant: str) -> None:
         if not sep or section not in config or name not in config[section]:
             raise ValueError(f"--variant: {item!r} is not section.key=value for a key the config has")
         old = config[section][name]
+        if not isinstance(old, (bool, int, float, str)):  # a tuple from "a,b" would be its characters
+            raise ValueError(f"--variant: {key} is a {type(old).__name__}; only bool, int, float and str "
+                             "keys can be set here")
         if isinstance(old, bool):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"--variant: {key} takes true or false, got {value!r}")
