@@ -261,24 +261,52 @@ def test_blockwise_xla_equals_dense(cfg):
     np.testing.assert_allclose(outs[1][real], outs[0][real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tensor", [2, 4])
-def test_splash_gqa_loss_and_gradients_match_xla(tensor):
-    """Grouped-query attention (4 query heads, 2 k/v heads) through splash, Pallas interpret mode: k/v
-    go in unrepeated (the kernel groups the heads) while the head axis splits the k/v heads evenly
-    (tensor 2), repeated when it does not (tensor 4 > 2 k/v heads); loss and every gradient equal
-    the XLA path's."""
+@pytest.mark.parametrize("kernel", ["splash", "flash"])
+@pytest.mark.parametrize("tensor", [1, 2, 4])
+def test_gqa_kernels_loss_and_gradients_match_xla(kernel, tensor):
+    """Grouped-query attention (4 query heads, 2 k/v heads) through splash and the Pallas GPU kernel,
+    Pallas interpret mode: k/v go in unrepeated (the kernel groups the heads) while the head axis
+    splits the k/v heads evenly (tensor 1: a device's 4 query heads read 2 k/v heads; tensor 2: 2
+    read 1), repeated when it does not (tensor 4 > 2 k/v heads); loss and every gradient equal the
+    XLA path's."""
     mesh = sharding_lib.make_mesh({"data": 8 // tensor, "fsdp": 1, "tensor": tensor}, jax.devices()[:8])
     b = batch(b=8, s=128)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     out = {}
-    for impl in ("xla", "splash"):
-        graphdef, params = nnx.split(Transformer(dataclasses.replace(BASE, attention_impl=impl),
-                                                 rngs=nnx.Rngs(0)), nnx.Param)
+    for impl in ("xla", kernel):
+        cfg = dataclasses.replace(BASE, attention_impl=impl, packed_inputs=True)
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
         fwd = make_forward(graphdef)
         grad = sharding_lib.with_mesh(mesh, jax.jit(jax.value_and_grad(lambda p, x: fwd(p, x)["loss_sum"])))
         out[impl] = grad(params.to_pure_dict(), {k: jax.device_put(v, rows) for k, v in b.items()})
-    np.testing.assert_allclose(float(out["splash"][0]), float(out["xla"][0]), rtol=1e-5)
+    np.testing.assert_allclose(float(out[kernel][0]), float(out["xla"][0]), rtol=1e-5)
     # The kernel sums in its own order: float32 gradients differ by < 1e-4 (with repeated heads as
     # much as without); a wrong head grouping differs by ~0.1.
-    for x, y in zip(jax.tree.leaves(out["splash"][1]), jax.tree.leaves(out["xla"][1])):
+    for x, y in zip(jax.tree.leaves(out[kernel][1]), jax.tree.leaves(out["xla"][1])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=3e-4, rtol=1e-3)
+
+
+def test_flash_kernel_reads_the_kv_heads_unrepeated():
+    """The Pallas GPU kernel's forward and backward calls take k and v with their 2 heads, not
+    repeated to the 4 query heads (the [b, s, heads, d] copies ``jnp.repeat`` made every layer)."""
+    cfg = dataclasses.replace(BASE, attention_impl="flash", packed_inputs=True, scan_layers=False)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    fwd = make_forward(graphdef)
+    b = {k: jnp.asarray(v) for k, v in batch(b=2, s=64).items()}
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: fwd(p, b)["loss_sum"]))(params.to_pure_dict()).jaxpr
+    kv_heads = {}  # kernel name -> the head counts of its k and v operands
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                name = str(eqn.params["name"])
+                if name in ("mha_forward", "mha_backward"):
+                    kv_heads.setdefault(name, set()).update(x.aval.shape[2] for x in eqn.invars[1:3])
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(jaxpr)
+    assert kv_heads == {"mha_forward": {2}, "mha_backward": {2}}, kv_heads

@@ -6,11 +6,12 @@ r"""Attention's forward + backward alone, per backend and per Pallas GPU block s
 Times ``jax.grad`` of a scalar of ``attention.attention`` (packed rows of two segments each) under
 ``jax.jit``, the median of ``--repeats`` calls after one warm-up: the XLA path, cuDNN on unpacked rows
 (one segment a row) and on packed ones (its packed layout with a bound of 16, 64 and 256 segments a
-row), and the Pallas GPU flash kernel with each block-size choice in ``BLOCKS``
-(forward query/key blocks, then the backward's). Prints milliseconds and the useful FLOP/s: 2 x
-heads x head_dim x the causal (query, key) pairs within segments a matmul pass, 2 passes forward and
-5 backward (a kernel that also computes pairs across segments gets no credit for them). Off a GPU only
-the XLA row runs.
+row), and the Pallas GPU flash kernel with each block-size choice in ``BLOCKS`` (forward query/key
+blocks, then the backward's), and with ours and k/v repeated to every query head first (what the
+model did before the kernel read each group's k/v head itself). Prints milliseconds and the useful
+FLOP/s: 2 x heads x head_dim x the causal (query, key) pairs within segments a matmul pass, 2 passes
+forward and 5 backward (a kernel that also computes pairs across segments gets no credit for them).
+Off a GPU only the XLA row runs.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ def _grad_fn(impl: str, cfg: ModelConfig, seg, pos, blocks=None):
                                     max_segments=m)
             out = attention_lib.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
                                           kv_positions=pos, q_offset=0, sliding=False, cfg=c)
-        else:  # the Pallas GPU kernel with these block sizes (k/v repeated as the model does)
+        else:  # the Pallas GPU kernel with these block sizes; k/v as the model passes them (its
+            # k/v heads), or repeated to every query head first (impl "repeat": the model before GQA
+            # was native)
             from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
-            groups = q.shape[2] // k.shape[2]
+            groups = q.shape[2] // k.shape[2] if impl == "repeat" else 1
             sizes = pallas_gpu.BlockSizes(*blocks)
             out = attention_lib.pallas_gpu_mha(q, jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2), seg,
                                                q.shape[-1] ** -0.5, sizes, False)
@@ -73,6 +76,7 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, repeats:
         variants.append(("cudnn, unpacked", "cudnn", None, jnp.ones_like(seg)))
         variants += [(f"cudnn, packed, <= {m} segments", ("cudnn", m), None, seg) for m in (16, 64, 256)]
         variants += [(f"flash {'/'.join(map(str, bl))}", "flash", bl, seg) for bl in BLOCKS]
+        variants.append((f"flash {'/'.join(map(str, BLOCKS[0]))}, k/v repeated", "repeat", BLOCKS[0], seg))
     rows = []
     print(f"{jax.devices()[0].device_kind}: batch {b} x {s}, {h}/{kv} heads of {d}, bfloat16")
     print("| variant | ms (forward + backward) | useful TFLOP/s |\n|---|---:|---:|")

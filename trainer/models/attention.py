@@ -303,7 +303,8 @@ def _splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: Mod
 def _flash_gpu_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: ModelConfig,
                          scale: float) -> Array:
     """The Pallas GPU flash kernel (Triton): causal, segment ids, so packed rows stay apart.
-    q/k/v: [b, s, heads, d] (k/v repeated to all heads). Interpret mode off GPU (tests)."""
+    q: [b, s, heads, d]; k/v: [b, s, kv_heads, d] (each query head reads its group's). Interpret mode
+    off GPU (tests)."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
     s = q.shape[1]
     block = next((n for n in (128, 64, 32, 16) if s % n == 0), 0)
@@ -323,41 +324,89 @@ def _flash_gpu_attention(q: Array, k: Array, v: Array, segment_ids: Array, cfg: 
     return _shard_mapped(local, cfg, 3, 1)(q, k, v, segment_ids)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def pallas_gpu_mha(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, sizes,
                    interpret: bool) -> Array:
-    """``pallas_gpu.mha`` (causal), whose forward residuals -- its output and log-sum-exp -- carry the
-    name ``CONTEXT``, as splash names its own: the library's forward passes them on from a nested call
-    of the kernel, where no remat policy can pick them out, so without the names remat reruns the
-    forward kernel in the backward pass. The forward and backward rules are the library's own
-    (``_mha_forward``/``_mha_backward``, the same signature in jax 0.10 and 0.11;
-    ``tests/attention_test.py`` runs them against the XLA path)."""
+    """Causal flash attention with segment ids by the Pallas GPU library's kernels
+    (``mha_forward_kernel``, ``mha_backward_kernel``: the same in jax 0.10 and 0.11), called here so
+    that grouped-query attention is native: query head ``h`` reads k/v head ``h // groups`` through
+    the kernels' index maps, so the ``[b, s, heads, d]`` copies of k and v that ``jnp.repeat`` wrote
+    (and read back) every layer are never made. The backward's dK/dV come per query head, as the
+    repeat's own gradient had them, and are summed over the group in float32.
+
+    q: [b, s, heads, d]; k, v: [b, s, kv_heads, d] with kv_heads dividing heads; segment_ids: [b, s].
+    ``tests/attention_test.py`` runs forward and backward against the XLA path."""
+    return _flash(q, k, v, segment_ids, scale, sizes, interpret)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, segment_ids, scale, sizes, interpret) -> tuple[Array, Array]:
+    """The forward kernel: (output [b, s, heads, d], log-sum-exp [b, heads, s] float32). A custom VJP
+    of its own, as the library's ``mha`` is, so that a remat that keeps both outputs drops the call
+    from its recomputation (Pallas never drops a kernel whose outputs go unused)."""
+    from jax.experimental import pallas as pl  # noqa: PLC0415
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
-    return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=scale, causal=True, block_sizes=sizes,
-                          interpret=interpret)
+    b, s, h, d = q.shape
+    t, groups, dp = k.shape[1], h // k.shape[2], pl.next_power_of_2(d)
+    kernel = functools.partial(pallas_gpu.mha_forward_kernel, sm_scale=scale, causal=True,
+                               block_q=sizes.block_q, block_k=sizes.block_k, head_dim=d)
+    # the library's ``mha`` with return_residuals, but for the k/v index map; the grid is
+    # (query block i, batch j, query head hh)
+    q_spec = pl.BlockSpec((None, sizes.block_q, None, dp), lambda i, j, hh: (j, i, hh, 0))
+    kv_spec = pl.BlockSpec((None, t, None, dp), lambda _, j, hh: (j, 0, hh // groups, 0))
+    return pl.pallas_call(
+        kernel, grid=(s // sizes.block_q, b, h),
+        in_specs=[q_spec, kv_spec, kv_spec, pl.BlockSpec((None, t), lambda _, j, hh: (j, 0))],
+        out_specs=[q_spec, pl.BlockSpec((None, None, sizes.block_q), lambda i, j, hh: (j, hh, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2),
+        interpret=interpret, name="mha_forward")(q, k, v, segment_ids)
 
 
-def _mha_static(scale, sizes, interpret) -> tuple:
-    # _mha_forward/_mha_backward's static arguments, in their order: sm_scale, causal, block_sizes,
-    # backward_pass_impl, num_warps, num_stages, grid, interpret, debug, return_residuals -- mha's
-    # defaults but for ours
-    return scale, True, sizes, "triton", None, 2, None, interpret, False, False
-
-
-def _pallas_gpu_mha_fwd(q, k, v, segment_ids, scale, sizes, interpret):
-    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
-    _, (q, k, v, segment_ids, out, lse) = pallas_gpu._mha_forward(
-        q, k, v, segment_ids, *_mha_static(scale, sizes, interpret))
+def _flash_fwd(q, k, v, segment_ids, scale, sizes, interpret):
+    # The residuals -- output and log-sum-exp -- carry the name ``CONTEXT``, as splash names its own,
+    # so remat="dots_with_context" keeps them and the backward does not run the forward kernel again.
+    out, lse = _flash(q, k, v, segment_ids, scale, sizes, interpret)
     out, lse = checkpoint_name(out, CONTEXT), checkpoint_name(lse, CONTEXT)  # the output is both
-    return out, (q, k, v, segment_ids, out, lse)
+    return (out, lse), (q, k, v, segment_ids, out, lse)
 
 
-def _pallas_gpu_mha_bwd(scale, sizes, interpret, residuals, d_out):
+def _flash_bwd(scale, sizes, interpret, residuals, cotangents):
+    from jax.experimental import pallas as pl  # noqa: PLC0415
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
-    return pallas_gpu._mha_backward(*_mha_static(scale, sizes, interpret), residuals, d_out)
+    q, k, v, segment_ids, out, lse = residuals
+    d_out = cotangents[0]  # (the log-sum-exp's is zero: only pallas_gpu_mha's output is differentiated)
+    b, s, h, d = q.shape
+    t, kv_heads, dp = k.shape[1], k.shape[2], pl.next_power_of_2(d)
+    groups = h // kv_heads
+    if s // sizes.block_q_dq != t // sizes.block_kv_dkv:
+        raise ValueError("the fused backward wants as many dQ query blocks as dK/dV key blocks")
+    delta = pallas_gpu._preprocess_backward(out, d_out, lse, sizes.block_q, False, interpret)
+    # The library's backward call, but for the k/v index map and dK/dV per query head; its grid is
+    # (batch i, query head j, block): the index maps take (i, j, _).
+    per_row = lambda n: pl.BlockSpec((None, n, None, dp), lambda i, j, _: (i, 0, j, 0))  # noqa: E731
+    kv_spec = pl.BlockSpec((None, t, None, dp), lambda i, j, _: (i, 0, j // groups, 0))
+    stats = pl.BlockSpec((None, None, s), lambda i, j, _: (i, j, 0))
+    blocks = lambda n: pl.BlockSpec((None, n, None, dp), lambda i, j, kb: (i, kb, j, 0))  # noqa: E731
+    small = sizes.block_q_dkv * sizes.block_kv_dkv < 128 * 128 or sizes.block_q_dq * sizes.block_kv_dq < 128 * 128
+    per_head = jax.ShapeDtypeStruct((b, t, h, d), k.dtype)
+    dq, dk, dv = pl.pallas_call(
+        functools.partial(pallas_gpu.mha_backward_kernel, sm_scale=scale, causal=True,
+                          block_q_dkv=sizes.block_q_dkv, block_kv_dkv=sizes.block_kv_dkv,
+                          block_q_dq=sizes.block_q_dq, block_kv_dq=sizes.block_kv_dq, head_dim=d),
+        grid=(b, h, t // sizes.block_kv_dkv),
+        in_specs=[per_row(s), kv_spec, kv_spec, pl.BlockSpec((None, t), lambda i, j, _: (i, 0)),
+                  per_row(s), per_row(s), stats, stats],
+        out_specs=[blocks(sizes.block_q_dq), blocks(sizes.block_kv_dkv), blocks(sizes.block_kv_dkv)],
+        out_shape=[jax.ShapeDtypeStruct.like(q), per_head, per_head],
+        compiler_params=plgpu.CompilerParams(num_warps=4 if small else 8, num_stages=2),
+        interpret=interpret, name="mha_backward")(q, k, v, segment_ids, out, d_out, lse, delta)
+    group_sum = lambda x: x.reshape(b, t, kv_heads, groups, d).sum(3, dtype=jnp.float32).astype(k.dtype)  # noqa: E731
+    return dq.astype(q.dtype), group_sum(dk), group_sum(dv), None
 
 
-pallas_gpu_mha.defvjp(_pallas_gpu_mha_fwd, _pallas_gpu_mha_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def context_saveable(prim, *_, **params) -> bool:
@@ -396,21 +445,24 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
         if impl == "xla":  # (its output is named CONTEXT inside, heads-first: ``_softmax_attend``)
             return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                                   q_offset, window, scale, softcap, cfg.attention_block_size)
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        if impl == "splash" and cfg.num_key_value_heads % _head_shards(cfg) == 0:
+        if impl in ("splash", "flash"):
             # GQA natively: each query head reads its group's k/v block (forward and backward), so the
-            # [b, s, heads, d] copies of k and v (and their gradients) are never made.
-            return _splash_attention(q, k, v, q_segment_ids, cfg, scale, window)
+            # [b, s, heads, d] copies of k and v are never made -- unless the mesh's head axis cannot
+            # split the k/v heads evenly (e.g. 4 ways over 2): then each device gets its query heads'
+            # k/v, repeated.
+            kr, vr = k, v
+            if cfg.num_key_value_heads % _head_shards(cfg):
+                groups = cfg.num_attention_heads // cfg.num_key_value_heads
+                kr, vr = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
+            if impl == "splash":
+                return _splash_attention(q, kr, vr, q_segment_ids, cfg, scale, window)
+            return _flash_gpu_attention(q, kr, vr, q_segment_ids, cfg, scale)
         if impl == "cudnn" and cfg.packed_inputs:
             return _cudnn_packed_attention(q, k, v, q_segment_ids, cfg.max_segments, scale)
         if impl == "cudnn":  # unpacked rows: causal (right-padded: padding keys follow every real query)
             return jax.nn.dot_product_attention(
                 q, k, v, scale=scale, is_causal=True, implementation="cudnn",
                 local_window_size=(window - 1, 0) if window else None)
-        kr, vr = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
-        if impl == "splash":
-            return _splash_attention(q, kr, vr, q_segment_ids, cfg, scale, window)
-        return _flash_gpu_attention(q, kr, vr, q_segment_ids, cfg, scale)
 
     if W is None or sliding is False:
         return run(None)
