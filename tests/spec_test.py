@@ -8,7 +8,8 @@ import pytest
 
 from configs import demo, tiny
 from tests.cli_test import assert_clean_error, run
-from trainer.settings.spec import RunSpec, SpecError, default_config
+from trainer.errors import UserError
+from trainer.settings.spec import RunSpec, SpecError, default_config, load_config_file
 from trainer.training import rundir
 
 
@@ -59,3 +60,14 @@ def test_a_workdir_from_another_version_is_refused_in_one_line(tmp_path):
     r = run("trainer.eval", "--workdir", str(tmp_path))
     assert_clean_error(r, "config.json was written by another version of flax-ift",
                        "train: unknown key 'future_knob'")
+
+
+def test_a_config_file_given_as_a_value_loads_or_fails_in_one_line(tmp_path):
+    """``load_config_file`` (``trainer.eval --data x.py``, ``topology_table --configs``): a preset's
+    ``get_config()``; a file whose ``get_config`` fails is one line naming the flag and the file."""
+    assert "gsm8k" in RunSpec.from_config(load_config_file("configs/gsm8k.py")).data.sources
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config():\n    return 1 / 0\n")
+    with pytest.raises(UserError) as e:
+        load_config_file(str(bad), "--data")
+    assert str(e.value) == f"--data {bad}: cannot load get_config(): ZeroDivisionError: division by zero"

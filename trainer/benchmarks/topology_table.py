@@ -58,11 +58,8 @@ def apply_variant(config, variant: str) -> None:
 
 def preset(config_path: str):
     """A preset file's ``get_config()``."""
-    import importlib.util  # noqa: PLC0415
-    spec = importlib.util.spec_from_file_location("preset", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from trainer.settings.spec import load_config_file  # noqa: PLC0415
+    return load_config_file(config_path, "--configs")
 
 
 def row(config_path: str, topology: str, remat: str = "", variant: str = "") -> dict[str, Any]:

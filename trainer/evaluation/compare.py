@@ -14,7 +14,6 @@ Every row goes through one ``Evaluator`` (``trainer.evaluation.evaluator``); the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -44,7 +43,7 @@ from trainer.evaluation.scoring import HEADLINE_PAIRED, exact_match, paired_diff
 from trainer.io import paths
 from trainer.models import lora as lora_lib
 from trainer.settings import options
-from trainer.settings.spec import RunSpec, default_config
+from trainer.settings.spec import RunSpec, default_config, load_config_file
 from trainer.training import experiment, modeling, rundir
 from trainer.training.runs import open_run
 
@@ -106,16 +105,6 @@ def guess_format(path: str) -> str:
                     "expected messages, instruction/output (alpaca) or prompt/completion")
 
 
-def _load_config_file(path: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_eval_data_config", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        return module.get_config()
-    except Exception as e:  # a user's config file: any error is theirs, said in one line
-        raise UserError(f"--data {path}: cannot load get_config(): {type(e).__name__}: {e}") from e
-
-
 def apply_data(config: ml_collections.ConfigDict, data: str) -> str:
     """Points ``config`` at ``data``; returns a short name for it. A ``.py`` config contributes its
     ``data`` and ``eval`` sections; a data file becomes the only source, split by content hash with
@@ -124,7 +113,7 @@ def apply_data(config: ml_collections.ConfigDict, data: str) -> str:
         raise UserError(f"--data {data!r} does not exist")
     name = os.path.splitext(os.path.basename(data))[0]
     if data.endswith(".py"):
-        other = _load_config_file(data)
+        other = load_config_file(data, "--data")
         config.data = other.data
         config.eval = other.eval
         return name

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from ml_collections import ConfigDict, FrozenConfigDict
 
 from data_pipeline import sources
+from data_pipeline.errors import UserError
 from trainer.settings import options
 
 Rules = tuple[tuple[str, Any], ...]
@@ -356,6 +357,23 @@ class RunSpec:
 def default_config() -> ConfigDict:
     """Every key at its default: ``configs/demo.py``, and the start of every other preset."""
     return RunSpec().to_config()
+
+
+def load_config_file(path: str, flag: str = "--config") -> ConfigDict:
+    """The ``get_config()`` of a ``configs/*.py``-style file named by a flag's value (``flag``: that
+    flag, for the one line an error becomes) -- what ``--config`` loads, for the tools that take a
+    config path as a plain value (``trainer.eval --data``, ``topology_table --configs``)."""
+    import importlib.util  # noqa: PLC0415
+
+    module_spec = importlib.util.spec_from_file_location("_flax_ift_config_file", path)
+    if module_spec is None or module_spec.loader is None:
+        raise UserError(f"{flag} {path}: not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception as e:  # a user's config file: any error is theirs, said in one line
+        raise UserError(f"{flag} {path}: cannot load get_config(): {type(e).__name__}: {e}") from e
 
 
 def _plain(x: Any, tuples: bool = False) -> Any:
