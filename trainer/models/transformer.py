@@ -174,26 +174,33 @@ def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | No
     the frozen weight needs no gradient of its own and dropout acts on the branch only.
     """
     cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
-    # Batch and sequence flattened into one token axis (``bse`` -> ``te``): the same matmuls, but
-    # with a single contracted token axis XLA:CPU's weight gradients take their operands as they
-    # are; with two it materialised a transposed copy of the activation gradient in every layer's
-    # backward (a third of the demo step's time went to such copies and the dots around them).
-    lead, x = x.shape[:2], x.reshape(-1, *x.shape[2:])
-    out = jnp.einsum(spec.replace("bs", "t"), x, getattr(module, name)[...].astype(dt))
-    if not hasattr(module, f"{name}_lora_a"):
-        return checkpoint_name(out.reshape(*lead, *out.shape[1:]), remat_lib.PROJECTION)
-    n_in = LORA_TARGETS[name]
-    if cfg.lora_dropout and rng is not None:
-        keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - cfg.lora_dropout,
-                                    x.shape)
-        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
-    a = getattr(module, f"{name}_lora_a")[...].astype(dt)
-    b = getattr(module, f"{name}_lora_b")[...].astype(dt)
-    low = jnp.tensordot(x, a, axes=n_in)  # [tokens, rank]
-    out = out + jnp.tensordot(low, b, axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
+    x_axes, w_axes, out_axes = spec.replace("->", ",").split(",")
+    n_in = len(x_axes) - 2  # the weight is [x's axes after batch and sequence..., the output's...]
+    assert w_axes[:n_in] == x_axes[2:] and w_axes[n_in:] == out_axes[2:], spec
+    # One plain 2-D matmul, [tokens, in] x [in, out], whatever the axes. Batch and sequence flattened
+    # into one token axis: with two contracted token axes XLA:CPU's weight gradients materialised a
+    # transposed copy of the activation gradient in every layer's backward (a third of the demo
+    # step's time went to such copies and the dots around them). The weight's own axes flattened
+    # (heads and head_dim are row-major neighbours, so both reshapes are free): left as two axes
+    # (o's ``hd`` contracted, q/k/v's ``hd`` produced), XLA:CPU chose its own order of the pair and
+    # transposed the weight to match at every call -- inside the decode loop too, 30 copies of o's
+    # [576, 576] weight a step at SmolLM2's shape; the demo's train step held 258 copies, now 126.
+    w = getattr(module, name)[...].astype(dt)
+    lead, out_dims = x.shape[:2], w.shape[n_in:]
+    x = x.reshape(-1, math.prod(x.shape[2:]))  # [tokens, in]
+    out = x @ w.reshape(x.shape[1], -1)  # [tokens, out]
+    if hasattr(module, f"{name}_lora_a"):
+        if cfg.lora_dropout and rng is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - cfg.lora_dropout,
+                                        x.shape)
+            x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
+        a = getattr(module, f"{name}_lora_a")[...].astype(dt)  # [in axes..., rank]
+        b = getattr(module, f"{name}_lora_b")[...].astype(dt)  # [rank, out axes...]
+        low = x @ a.reshape(x.shape[1], -1)  # [tokens, rank]
+        out = out + (low @ b.reshape(b.shape[0], -1)) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
     # Named for remat="dots" with LoRA: keep this sum, as full fine-tuning keeps the projection's
     # output, and not each of its two matmuls' outputs (which doubled the saved activations).
-    return checkpoint_name(out.reshape(*lead, *out.shape[1:]), remat_lib.PROJECTION)
+    return checkpoint_name(out.reshape(*lead, *out_dims), remat_lib.PROJECTION)
 
 
 def _activation(name: str):
