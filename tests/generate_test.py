@@ -90,6 +90,41 @@ def test_decode_steps_copy_no_layer_of_the_cache():
     assert copies == []
 
 
+def _while_bodies(hlo: str) -> list[str]:
+    """The instruction lines of every while loop's body computation in compiled HLO text."""
+    comps, cur = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            cur = comps.setdefault(head.group(1), [])
+        elif cur is not None:
+            cur.append(line)
+    bodies = [re.search(r"body=%?([\w.\-]+)", line).group(1) for lines in comps.values() for line in lines
+              if " while(" in line]
+    return [line for b in bodies for line in comps.get(b, [])]
+
+
+def test_decode_steps_copy_no_weight():
+    """The decode loop reads every projection's weight where it lies. With a weight's two head axes
+    contracted (o: ``hd,hde``) or produced (q/k/v), XLA:CPU picked its own order of the pair and
+    transposed the weight at every step -- a copy of every layer's o weight per new token, ~8 ms of a
+    SmolLM2 decode step; the projections are plain 2-D matmuls now."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    toks, valid = left_pad([np.arange(3, 10, dtype=np.int32)] * 3, 16, 0)
+    gen = make_generate_fn(graphdef, max_new_tokens=5, eos_ids=[], pad_id=0)
+    hlo = gen.lower(params, toks, valid, jax.random.key(0)).compile().as_text()
+    weights = {int(np.prod(x.shape)) for x in jax.tree.leaves(params) if x.ndim >= 2}
+    copied = []
+    for line in _while_bodies(hlo):
+        m = re.match(r"\s+%(?P<name>\S+) = f32\[(?P<dims>[\d,]*)\]\S* (?P<op>[\w-]+)\(", line)
+        if m and (m["op"] in ("copy", "transpose") or m["name"].startswith("copy")):
+            if int(np.prod([int(d) for d in m["dims"].split(",") if d])) in weights:
+                copied.append(line.strip()[:160])
+    assert copied == []
+
+
 def _small(scan: bool = False, **kw) -> tuple[nnx.GraphDef, nnx.State]:
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, scan_layers=scan, **kw)
