@@ -74,12 +74,8 @@ def test_decode_steps_copy_no_layer_of_the_cache():
     where they lie: no op in the loop makes a copy of a layer's [batch, kv_heads, slots, head_dim]
     (a stacked cache read layer by layer, or one stored slots-first, cost a copy of every layer per
     step, a third of a small model's decode step on CPU)."""
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    toks, valid = left_pad([np.arange(3, 10, dtype=np.int32)] * 3, 16, 0)
-    gen = make_generate_fn(graphdef, max_new_tokens=5, eos_ids=[], pad_id=0)
-    hlo = gen.lower(params, toks, valid, jax.random.key(0)).compile().as_text()
+    _, hlo = _decode_hlo(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8))
     layer = re.compile(r"%(?P<name>\S+) = f32\[3,(2,21|21,2),8\]\S* (?P<op>[\w-]+)\(")
     copies = []
     for line in hlo.splitlines():
@@ -90,17 +86,19 @@ def test_decode_steps_copy_no_layer_of_the_cache():
     assert copies == []
 
 
+def _decode_hlo(cfg: ModelConfig) -> tuple[nnx.State, str]:
+    """An unrolled model of ``cfg`` (its parameters), and the compiled text of generating 5 tokens
+    for 3 left-padded 7-token prompts."""
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    toks, valid = left_pad([np.arange(3, 10, dtype=np.int32)] * 3, 16, 0)
+    gen = make_generate_fn(graphdef, max_new_tokens=5, eos_ids=[], pad_id=0)
+    return params, gen.lower(params, toks, valid, jax.random.key(0)).compile().as_text()
+
+
 def _while_bodies(hlo: str) -> list[str]:
     """The instruction lines of every while loop's body computation in compiled HLO text."""
-    comps, cur = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if head and not line.startswith(" "):
-            cur = comps.setdefault(head.group(1), [])
-        elif cur is not None:
-            cur.append(line)
-    bodies = [re.search(r"body=%?([\w.\-]+)", line).group(1) for lines in comps.values() for line in lines
-              if " while(" in line]
+    comps, _ = topology._computations(hlo)
+    bodies = [m for line in hlo.splitlines() for m in re.findall(r" while\(.*body=%?([\w.\-]+)", line)]
     return [line for b in bodies for line in comps.get(b, [])]
 
 
@@ -109,12 +107,9 @@ def test_decode_steps_copy_no_weight():
     contracted (o: ``hd,hde``) or produced (q/k/v), XLA:CPU picked its own order of the pair and
     transposed the weight at every step -- a copy of every layer's o weight per new token, ~8 ms of a
     SmolLM2 decode step; the projections are plain 2-D matmuls now."""
-    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    toks, valid = left_pad([np.arange(3, 10, dtype=np.int32)] * 3, 16, 0)
-    gen = make_generate_fn(graphdef, max_new_tokens=5, eos_ids=[], pad_id=0)
-    hlo = gen.lower(params, toks, valid, jax.random.key(0)).compile().as_text()
+    params, hlo = _decode_hlo(ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=40,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=16))
     weights = {int(np.prod(x.shape)) for x in jax.tree.leaves(params) if x.ndim >= 2}
     copied = []
     for line in _while_bodies(hlo):

@@ -174,8 +174,8 @@ def _project(module: nnx.Module, name: str, x: Array, spec: str, rng: Array | No
     the frozen weight needs no gradient of its own and dropout acts on the branch only.
     """
     cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
+    n_in = LORA_TARGETS[name]  # the weight is [its n_in input axes..., its output axes...], as ``spec`` says
     x_axes, w_axes, out_axes = spec.replace("->", ",").split(",")
-    n_in = len(x_axes) - 2  # the weight is [x's axes after batch and sequence..., the output's...]
     assert w_axes[:n_in] == x_axes[2:] and w_axes[n_in:] == out_axes[2:], spec
     # One plain 2-D matmul, [tokens, in] x [in, out], whatever the axes. Batch and sequence flattened
     # into one token axis: with two contracted token axes XLA:CPU's weight gradients materialised a
