@@ -1,13 +1,37 @@
 """The benchmark runs and reports both sides (a smoke test: speed is reported, never asserted)."""
 
+import numpy as np
+import pytest
+
 from tests.helpers import resolved, tiny_config
-from trainer.benchmarks.train_step import bench, flops_per_token
+from trainer.benchmarks.train_step import bench, flops_per_token, timed_rounds
 
 
 def test_bench_reports_ours_and_the_torch_reference():
-    row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64)  # 8 virtual devices, data-parallel
+    # 8 virtual devices, data-parallel; two rounds of each side
+    row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64, rounds=2)
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0 and row["ratio_vs_torch"] > 0
     assert row["mfu"] is None  # no peak FLOP/s for CPUs
+    rounds = row["seconds_per_round"]
+    assert row["rounds"] == 2 and all(len(s) == 2 for s in rounds.values()), rounds
+    # the ratio is the median of the rounds' own ratios (both sides timed on the same minutes)
+    assert row["ratio_vs_torch"] == pytest.approx(np.median(np.divide(rounds["torch"], rounds["ours"])))
+    assert row["ours_tokens_per_s"] == pytest.approx(8 * 16 / np.median(rounds["ours"]))
+
+
+def test_timed_rounds_take_turns_in_alternating_order():
+    calls = []
+
+    def side(name):
+        def timed():
+            calls.append(name)
+            return float(len(calls))
+        return timed
+
+    out = timed_rounds({"a": (0.5, side("a")), "b": (0.25, side("b")), "c": (0.125, side("c"))}, 3)
+    assert calls == ["c", "b", "a", "a", "b", "c"]  # round 1 was each side's first timing
+    assert out == {"a": [0.5, 3.0, 4.0], "b": [0.25, 2.0, 5.0], "c": [0.125, 1.0, 6.0]}
+    assert timed_rounds({"a": (0.5, side("a"))}, 1) == {"a": [0.5]} and len(calls) == 6
 
 
 def test_flops_per_token_counts_matmuls_and_attention():
@@ -51,10 +75,11 @@ def test_the_tunix_comparison_refuses_a_model_that_is_not_llama_shaped():
 
 def test_bench_times_tunix_beside_ours_when_the_bench_extra_is_installed():
     """A smoke run of ``trainer.bench --tunix`` (``launch/tunix_bench.sh`` installs Tunix; CI does not)."""
-    import pytest  # noqa: PLC0415
     pytest.importorskip("tunix.sft.peft_trainer", reason="the bench-only extra (launch/tunix_bench.sh)")
-    row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64, use_torch=False, tunix=True)
-    assert row["tunix_tokens_per_s"] > 0 and row["ratio_vs_tunix"] > 0
+    row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64, use_torch=False, tunix=True,
+                rounds=2)
+    assert row["tunix_tokens_per_s"] > 0 and row["ratio_vs_tunix"] > 0 and row["ratio_vs_tunix_glibc"] > 0
+    assert {k: len(v) for k, v in row["seconds_per_round"].items()} == {"ours": 2, "tunix": 2, "tunix_glibc": 2}
     assert row["tunix_build_s"] > 0 and row["ours_first_step_s"] > 0
 
 

@@ -25,6 +25,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch", 16, "Global batch (rows).")
     flags.DEFINE_integer("seq", 256, "Tokens per row.")
     flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
+    flags.DEFINE_integer("rounds", 1, "Time the steps this many times per side, the sides taking turns: "
+                         "tokens/s are medians, a ratio the median of the rounds' ratios.", lower_bound=1)
     flags.DEFINE_integer("vocab", 32000, "Vocabulary of a from-scratch model (no model.hf_path).")
     flags.DEFINE_bool("torch", True, "Also time the PyTorch reference (CPU only).")
     flags.DEFINE_bool("tunix", False, "Also time Tunix's PeftTrainer step on the same model shape and batches, "
@@ -49,7 +51,7 @@ def run() -> None:
                              FLAGS.dry, FLAGS.vocab, FLAGS.dry_devices or None)
         else:
             row = bench(run_spec(), FLAGS.batch, FLAGS.seq, FLAGS.steps, use_torch=FLAGS.torch,
-                        vocab=FLAGS.vocab, tunix=FLAGS.tunix)
+                        vocab=FLAGS.vocab, tunix=FLAGS.tunix, rounds=FLAGS.rounds)
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:
                 json.dump(row, f, indent=2)

@@ -64,18 +64,27 @@ def bench_ours(config: RunSpec, vocab: int, data: list[dict[str, np.ndarray]], w
     for b in device_data[1:warmup]:  # warm up
         state, m = step(state, b)
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for b in device_data[warmup:]:
-        state, m = step(state, b)
-    jax.block_until_ready(m)
-    seconds = time.perf_counter() - t0
+    live = {"state": state}
+
+    def timed() -> float:
+        """Seconds for the timed batches (the state trains on: it is donated)."""
+        state = live["state"]
+        t0 = time.perf_counter()
+        for b in device_data[warmup:]:
+            state, m = step(state, b)
+        jax.block_until_ready(m)
+        live.update(state=state, loss=m["loss"])
+        return time.perf_counter() - t0
+
+    seconds = timed()
+    state = live["state"]
     stats = jax.devices()[0].memory_stats() or {}
     # The step's own footprint per device, from XLA's buffer assignment (the executable is cached:
     # no second compile): state and batch + temporaries, less what donation lets outputs reuse.
     mem = compiled_memory(step.lower(state, device_data[0]).compile())
     step_bytes = mem["total"] if mem is not None else None
-    return {"seconds": seconds, "cfg": spec.cfg, "loss": float(m["loss"]), "step_bytes": step_bytes,
-            "build_s": build_s, "first_step_s": first_step_s,
+    return {"seconds": seconds, "timed": timed, "cfg": spec.cfg, "loss": float(live["loss"]),
+            "step_bytes": step_bytes, "build_s": build_s, "first_step_s": first_step_s,
             "peak_bytes": stats.get("peak_bytes_in_use"), "state_bytes": state_bytes(state),
             "trainable": sum(x.size for x in jax.tree.leaves(state.params))}
 
@@ -171,20 +180,29 @@ def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], wa
 
     for b in data[:warmup]:
         step(b)
-    t0 = time.perf_counter()
-    for b in data[warmup:]:
-        loss = step(b)
-    return {"seconds": time.perf_counter() - t0, "loss": float(loss), "threads": torch.get_num_threads(),
+    last = {}
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        for b in data[warmup:]:
+            last["loss"] = step(b)
+        return time.perf_counter() - t0
+
+    seconds = timed()
+    return {"seconds": seconds, "timed": timed, "loss": float(last["loss"]), "threads": torch.get_num_threads(),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
 def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: bool = True,
-          vocab: int = 32000, tunix: bool = False) -> dict[str, Any]:
+          vocab: int = 32000, tunix: bool = False, rounds: int = 1) -> dict[str, Any]:
     """Runs both sides; returns tokens/s, MFU and the ratio (also printed as a Markdown table).
 
     ``vocab`` is used for a model trained from scratch (an imported model keeps its own). ``tunix``:
     also Tunix's ``PeftTrainer`` step (``trainer.benchmarks.tunix_step``), and both sides' model build
-    and first step (compile)."""
+    and first step (compile). ``rounds``: each side times its ``steps`` this many times, the sides
+    taking turns in alternating order (``timed_rounds``); tokens/s are the medians of the rounds, a
+    ratio is the median of the rounds' ratios -- both sides measured on the same minutes, so a
+    machine whose speed drifts moves both."""
     data = batches(steps + warmup, batch, seq, vocab)
     ours = bench_ours(config, vocab, data, warmup)
     cfg = ours["cfg"]
@@ -192,26 +210,57 @@ def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, us
     row = {"batch": batch, "seq": seq, "steps": steps, "devices": jax.device_count(),
            "ours_build_s": ours["build_s"], "ours_first_step_s": ours["first_step_s"],
            "device": jax.devices()[0].device_kind, "dtype": cfg.dtype,
-           "ours_tokens_per_s": tokens / ours["seconds"], "attention": resolve_attention(cfg),
-           "scan_layers": cfg.scan_layers, "remat": cfg.remat}
+           "attention": resolve_attention(cfg), "scan_layers": cfg.scan_layers, "remat": cfg.remat}
+    sides = {"ours": (ours["seconds"], ours["timed"])}
+    if use_torch and jax.default_backend() == "cpu":  # same machine, same cores: a fair comparison
+        row.update(_torch_sides(config, cfg, data, warmup, sides))
+    if tunix:
+        row.update(_tunix_sides(config, cfg, data, warmup, sides))
+    seconds = timed_rounds(sides, rounds)
+    row.update(rounds=rounds, seconds_per_round=seconds)
+    for name, s in seconds.items():
+        row[f"{name}_tokens_per_s"] = tokens / float(np.median(s))
+        if name != "ours":
+            row[RATIO_KEYS[name]] = float(np.median(np.asarray(s) / np.asarray(seconds["ours"])))
     if ours["peak_bytes"]:
         row["peak_memory_gb"] = ours["peak_bytes"] / 1e9
     peak = peak_flops(jax.devices()[0])
     row["mfu"] = (row["ours_tokens_per_s"] * flops_per_token(cfg, seq) / (peak * jax.device_count())
                   if peak else None)
-    if use_torch and jax.default_backend() == "cpu":  # same machine, same cores: a fair comparison
-        row.update(_torch_rows(config, cfg, data, warmup, tokens, row["ours_tokens_per_s"]))
-    if tunix:
-        row.update(_tunix_row(config, cfg, data, warmup, tokens, row["ours_tokens_per_s"]))
     print("\n".join(_table(row, batch, seq)), flush=True)
     return row
 
 
-def _torch_rows(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], warmup: int, tokens: int,
-                ours_tokens_per_s: float) -> dict[str, Any]:
-    """PyTorch as it runs on its own (glibc's malloc settings), and, where ours changed them
-    (``trainer.host_memory``: a CPU run keeps freed memory), again with ours: they spare PyTorch's
-    step its page faults too."""
+# each timed side but ours -> the key of ours / it in ``bench``'s row
+RATIO_KEYS = {"torch": "ratio_vs_torch", "torch_kept_memory": "ratio_vs_torch_kept_memory",
+              "tunix": "ratio_vs_tunix", "tunix_glibc": "ratio_vs_tunix_glibc"}
+
+
+def timed_rounds(sides: dict[str, tuple[float, Any]], rounds: int) -> dict[str, list[float]]:
+    """Each side's seconds over ``rounds`` rounds: round 1 is each side's first timing (``sides``:
+    name -> (those seconds, a function that times the same steps again)); in the later rounds the
+    sides take turns, the order reversed every other round, so no side always runs first."""
+    out = {name: [first] for name, (first, _) in sides.items()}
+    names = list(sides)
+    for r in range(1, rounds):
+        for name in names[::-1] if r % 2 else names:
+            out[name].append(sides[name][1]())
+    return out
+
+
+def _under_glibc(timed):
+    """``timed`` run under glibc's malloc settings (``host_memory.glibc_defaults``)."""
+    def run() -> float:
+        with host_memory.glibc_defaults():
+            return timed()
+    return run
+
+
+def _torch_sides(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], warmup: int,
+                 sides: dict[str, tuple[float, Any]]) -> dict[str, Any]:
+    """Adds PyTorch to ``sides``: as it runs on its own (glibc's malloc settings), and, where ours
+    changed them (``trainer.host_memory``: a CPU run keeps freed memory), the same model again under
+    ours -- they spare PyTorch's step its page faults too. Returns the row's PyTorch facts."""
     hf_config = modeling.architecture(config)[0] or hf_io.hf_config_from_model(cfg)
     args = ({**hf_config, "vocab_size": cfg.vocab_size}, data, warmup, config.optimizer.learning_rate,
             cfg.dtype)
@@ -219,25 +268,23 @@ def _torch_rows(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], wa
         ref = bench_torch(*args)
     if not ref:
         return {}
-    out = {"torch_tokens_per_s": tokens / ref["seconds"], "torch_threads": ref["threads"],
-           "torch_dtype": ref["dtype"]}
-    out["ratio_vs_torch"] = ours_tokens_per_s / out["torch_tokens_per_s"]
+    sides["torch"] = (ref["seconds"], _under_glibc(ref["timed"]))
     if changed:
-        kept = tokens / bench_torch(*args)["seconds"]
-        out.update(torch_kept_memory_tokens_per_s=kept, ratio_vs_torch_kept_memory=ours_tokens_per_s / kept)
-    return out
+        sides["torch_kept_memory"] = (ref["timed"](), ref["timed"])
+    return {"torch_threads": ref["threads"], "torch_dtype": ref["dtype"]}
 
 
-def _tunix_row(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], warmup: int, tokens: int,
-               ours_tokens_per_s: float) -> dict[str, Any]:
+def _tunix_sides(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], warmup: int,
+                 sides: dict[str, tuple[float, Any]]) -> dict[str, Any]:
+    """Adds Tunix's step to ``sides``, under ours settings and under glibc's (as it runs on its own);
+    returns its build and first-step seconds."""
     from trainer.benchmarks.tunix_step import bench_tunix, llama_shaped  # noqa: PLC0415 (bench-only extra)
     if why := llama_shaped(cfg):
         raise ValueError(f"--tunix compares with Tunix's Llama 3, and this model is not Llama-shaped ({why})")
     t = bench_tunix(cfg, data, warmup, make_optimizer(config.optimizer, len(data))[0])
-    tunix_tokens_per_s, glibc = tokens / t["seconds"], tokens / t["seconds_glibc"]
-    return {"tunix_tokens_per_s": tunix_tokens_per_s, "ratio_vs_tunix": ours_tokens_per_s / tunix_tokens_per_s,
-            "tunix_glibc_tokens_per_s": glibc, "ratio_vs_tunix_glibc": ours_tokens_per_s / glibc,
-            "tunix_build_s": t["build_s"], "tunix_first_step_s": t["first_step_s"]}
+    sides["tunix"] = (t["seconds"], t["timed"])
+    sides["tunix_glibc"] = (t["seconds_glibc"], _under_glibc(t["timed"]))
+    return {"tunix_build_s": t["build_s"], "tunix_first_step_s": t["first_step_s"]}
 
 
 def _table(row: dict[str, Any], batch: int, seq: int) -> list[str]:
@@ -248,6 +295,9 @@ def _table(row: dict[str, Any], batch: int, seq: int) -> list[str]:
              + (f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a") + " | "
              + (f"{row['torch_tokens_per_s']:,.0f} ({row['torch_dtype']}) | {row['ratio_vs_torch']:.2f}x |"
                 if "torch_tokens_per_s" in row else "- | - |")]
+    if row.get("rounds", 1) > 1:
+        lines += ["", f"(medians of {row['rounds']} rounds, the sides taking turns; a ratio is the median of "
+                  "the rounds' ratios)"]
     if "torch_kept_memory_tokens_per_s" in row:
         lines += ["", "PyTorch with our malloc settings (trainer.host_memory): "
                   f"{row['torch_kept_memory_tokens_per_s']:,.0f} tokens/s, ours / it "

@@ -71,7 +71,8 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
     ``seq`` tokens as ours (its loss then has ``seq - 1`` targets a row). Timed twice: ``seconds``
     under this process's settings (on CPU ours keep freed memory, ``trainer.host_memory``), and
     ``seconds_glibc`` under glibc's malloc defaults, as Tunix runs on its own (JAX's dispatch stays
-    synchronous: that is fixed when the backend starts)."""
+    synchronous: that is fixed when the backend starts). ``timed`` times the same steps again under
+    whatever settings are in force (``trainer.bench --rounds`` has it take turns with ours)."""
     if cfg.dtype != "float32":
         raise ValueError(f"Tunix's Llama 3 computes in float32; this model's dtype is {cfg.dtype}")
     t0 = time.perf_counter()
@@ -87,23 +88,26 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
         loss, _, _ = step(x)
     jax.block_until_ready(loss)
 
-    def timed() -> tuple[float, jax.Array]:
-        """Seconds for the timed batches, and the last one's loss."""
+    last = {}
+
+    def timed() -> float:
+        """Seconds for the timed batches."""
         t0 = time.perf_counter()
         for x in inputs[warmup:]:
-            loss, _, _ = step(x)
-        jax.block_until_ready(loss)
-        return time.perf_counter() - t0, loss
+            last["loss"], _, _ = step(x)
+        jax.block_until_ready(last["loss"])
+        return time.perf_counter() - t0
 
-    seconds, loss = timed()
+    seconds = timed()
     with host_memory.glibc_defaults() as changed:  # as Tunix runs on its own, malloc-wise
-        seconds_glibc = timed()[0] if changed else seconds
-    return {"seconds": seconds, "seconds_glibc": seconds_glibc, "loss": float(loss), "build_s": build_s,
-            "first_step_s": first_step_s}
+        seconds_glibc = timed() if changed else seconds
+    return {"seconds": seconds, "seconds_glibc": seconds_glibc, "timed": timed, "loss": float(last["loss"]),
+            "build_s": build_s, "first_step_s": first_step_s}
 
 
 def median_table(outdir: str) -> str:
-    """The README's table from ``launch/tunix_bench.sh``'s JSON rows: medians over the repeats."""
+    """The README's table from ``launch/tunix_bench.sh``'s JSON rows: medians over the processes (each
+    row's own numbers are already medians of its rounds)."""
     import glob  # noqa: PLC0415
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
@@ -112,7 +116,7 @@ def median_table(outdir: str) -> str:
         with open(path) as f:
             shapes.setdefault(os.path.basename(path).rsplit("_", 1)[0], []).append(json.load(f))
     lines = ["| shape | batch x seq | ours tokens/s | Tunix tokens/s | ours / Tunix | Tunix, glibc's malloc: "
-             "tokens/s, ours / it | build + first step: ours | Tunix | repeats |",
+             "tokens/s, ours / it | build + first step: ours | Tunix | processes x rounds |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rows in shapes.items():
         med = {k: float(np.median([r.get(k, np.nan) for r in rows])) for k in (
@@ -122,7 +126,8 @@ def median_table(outdir: str) -> str:
                      f"{med['tunix_tokens_per_s']:,.0f} | {med['ratio_vs_tunix']:.2f}x | "
                      f"{med['tunix_glibc_tokens_per_s']:,.0f}, {med['ratio_vs_tunix_glibc']:.2f}x | "
                      f"{med['ours_build_s']:.1f} + {med['ours_first_step_s']:.1f} s | "
-                     f"{med['tunix_build_s']:.1f} + {med['tunix_first_step_s']:.1f} s | {len(rows)} |")
+                     f"{med['tunix_build_s']:.1f} + {med['tunix_first_step_s']:.1f} s | "
+                     f"{len(rows)} x {rows[0].get('rounds', 1)} |")
     return "\n".join(lines)
 
 
