@@ -87,6 +87,31 @@ def test_xla_path_gradients_match_the_naive_formula(block, softcap, window):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap,window", [(0.0, None), (5.0, 24)], ids=["plain", "softcap_window"])
+def test_xla_path_reads_the_kv_caches_layout(softcap, window):
+    """k and v as the KV cache holds them (``cached``: k [b, kv_heads, head_dim, slots], v [b,
+    kv_heads, slots, head_dim]) give the same output, and the same gradients in that layout, as the
+    [b, slots, kv_heads, head_dim] form: packed segments, padding, GQA, a query offset."""
+    b = batch(b=2, s=64)
+    seg, pos = jnp.asarray(b["segment_ids"]), jnp.asarray(b["positions"])
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 3, 4, 16)), jnp.float32)  # the last 3 slots query
+    k, v = (jnp.asarray(rng.normal(size=(2, 64, 2, 16)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def run(q, k, v, cached):
+        out = attention_lib._xla_attention(q, k, v, seg[:, -3:], seg, pos[:, -3:], pos, 61, window, 0.3,
+                                           softcap, 0, cached)
+        return jnp.sum(out * w)
+
+    grad = jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2)), static_argnums=3)
+    plain = grad(q, k, v, False)
+    loss, (dq, dk, dv) = grad(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), True)
+    got = (loss, (dq, dk.transpose(0, 3, 1, 2), dv.transpose(0, 2, 1, 3)))
+    for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cfg", [BASE, GEMMA2_LIKE], ids=["llama_gqa", "gemma2_window_softcap"])
 def test_splash_matches_xla_on_one_device(cfg):
     b = batch()

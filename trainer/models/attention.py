@@ -129,10 +129,11 @@ def _cudnn_packed_attention(q: Array, k: Array, v: Array, segment_ids: Array, ma
 
 def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, q_pos: Array,
                      kv_pos: Array, q_slot: Array, kv_slot: Array, window: int | None,
-                     scale: float, softcap: float) -> Array:
+                     scale: float, softcap: float, keys_transposed: bool = False) -> Array:
     """Reference attention with the mask built here, heads-first: q: [b, kh, group, s, d]; k/v:
-    [b, kh, t, d]; *_seg/*_pos: [b, s] and [b, t]; q_slot [s], kv_slot [t]: slot indices. Returns
-    [b, kh, group, s, d]. Softmax in float32.
+    [b, kh, t, d] (k [b, kh, d, t] with ``keys_transposed``: the KV cache's layout); *_seg/*_pos:
+    [b, s] and [b, t]; q_slot [s], kv_slot [t]: slot indices. Returns [b, kh, group, s, d]. Softmax
+    in float32.
 
     Grouped-query heads are a [kh, group] split of the query heads, never a copy of k/v. The dots are
     heads-first because XLA:CPU runs a batched dot fastest with its batch dimensions leading and the
@@ -144,11 +145,18 @@ def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, 
             & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0))
     if window is not None:
         mask = mask & (q_pos[:, :, None] - kv_pos[:, None, :] < window)
-    return _softmax_attend(q, k, v, mask, scale, softcap)
+    return _softmax_attend(q, k, v, mask, scale, softcap, keys_transposed)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, scale: float, softcap: float) -> Array:
+# the score dot (q . k) and its two transposes, by whether k is [b, kh, t, d] or (the cache's) [b, kh, d, t]
+_QK = {False: "bkgsd,bktd->bkgst", True: "bkgsd,bkdt->bkgst"}
+_DQ = {False: "bkgst,bktd->bkgsd", True: "bkgst,bkdt->bkgsd"}
+_DK = {False: "bkgst,bkgsd->bktd", True: "bkgst,bkgsd->bkdt"}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, scale: float, softcap: float,
+                    keys_transposed: bool = False) -> Array:
     """softmax(mask(q . k * scale)) . v, heads-first (``_dense_attention``; mask: [b, s, t]), with its
     backward written out: the softmax's backward takes its row sums from the output (``sum(d_out *
     out)`` over the head dim, as flash attention's does) instead of from a pass over the [s, t]
@@ -156,12 +164,13 @@ def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, scale: float, sof
     7% of the demo's CPU train step (147 against 158 ms, medians of 6 alternating rounds).
 
     The output is named ``CONTEXT`` here, in the layout the backward reads it: remat's
-    "dots_with_context" keeps it, so the backward recomputes the scores only (not the values' dot)."""
-    return _softmax_attend_fwd(q, k, v, mask, scale, softcap)[0]
+    "dots_with_context" keeps it, so the backward recomputes the scores only (not the values' dot).
+    ``keys_transposed``: k is [b, kh, d, t], the KV cache's layout (and so is its gradient)."""
+    return _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed)[0]
 
 
-def _softmax_attend_fwd(q, k, v, mask, scale, softcap):
-    logits = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False):
+    logits = jnp.einsum(_QK[keys_transposed], q, k, preferred_element_type=jnp.float32) * scale
     capped = None
     if softcap:
         capped = jnp.tanh(logits / softcap)
@@ -172,7 +181,7 @@ def _softmax_attend_fwd(q, k, v, mask, scale, softcap):
     return out, (q, k, v, mask, probs, out, capped)
 
 
-def _softmax_attend_bwd(scale, softcap, res, d_out):
+def _softmax_attend_bwd(scale, softcap, keys_transposed, res, d_out):
     q, k, v, mask, probs, out, capped = res
     f32 = jnp.float32
     d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=f32)
@@ -182,8 +191,8 @@ def _softmax_attend_bwd(scale, softcap, res, d_out):
     if softcap:
         d_logits = d_logits * (1.0 - capped * capped)
     d_logits = (d_logits * scale).astype(q.dtype)
-    dq = jnp.einsum("bkgst,bktd->bkgsd", d_logits, k)
-    dk = jnp.einsum("bkgst,bkgsd->bktd", d_logits, q)
+    dq = jnp.einsum(_DQ[keys_transposed], d_logits, k)
+    dk = jnp.einsum(_DK[keys_transposed], d_logits, q)
     return dq, dk, dv, None
 
 
@@ -191,24 +200,29 @@ _softmax_attend.defvjp(_softmax_attend_fwd, _softmax_attend_bwd)
 
 
 def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scale, softcap,
-                   block: int) -> Array:
+                   block: int, cached: bool = False) -> Array:
     """Blockwise causal attention in plain XLA: query block i only meets key blocks 0..i (and, on a
     sliding layer with a static window, only the blocks the window reaches), so the fully masked
     upper triangle is never computed or stored -- about half the FLOPs and memory of a dense mask.
 
     Used when the queries start at slot 0 (training, scoring, prefill); a decode step (one query at
     slot ``q_offset``) takes the dense path over the whole cache. q: [b, s, h, d], k/v: [b, t, kh, d]
-    are put heads-first once here, not once per block (key block j is read by every later block).
+    are put heads-first once here, not once per block (key block j is read by every later block);
+    ``cached``: k/v are the KV cache's own arrays, heads-first already and the keys transposed
+    (``KVCache``).
     """
     b, s, h, d = q.shape
-    t, kh = k.shape[1], k.shape[2]
+    if cached:
+        kh, t = k.shape[1], k.shape[3]
+    else:
+        t, kh = k.shape[1], k.shape[2]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kh, t, d]
     slots = jnp.arange(max(s, t), dtype=jnp.int32)
     q = q.reshape(b, s, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [b, kh, group, s, d]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kh, t, d]
     # At most 8 query blocks: each block is its own ops in the program, and 32 blocks of 128 at 4k
     # tokens made compiles 4x longer for little more skipping (7/16 of the square instead of 1/2).
     block = max(block, s // 8) if block else 0
-    if isinstance(q_offset, int) and q_offset == 0 and block and s > block and s % block == 0:
+    if not cached and isinstance(q_offset, int) and q_offset == 0 and block and s > block and s % block == 0:
         outs = []
         for i in range(s // block):
             q0, q1 = i * block, (i + 1) * block
@@ -222,7 +236,7 @@ def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scal
         out = jnp.concatenate(outs, axis=3)
     else:
         out = _dense_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slots[:s] + q_offset, slots[:t],
-                               window, scale, softcap)
+                               window, scale, softcap, keys_transposed=cached)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
@@ -419,11 +433,13 @@ def context_saveable(prim, *_, **params) -> bool:
 
 def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_ids: Array,
               q_positions: Array, kv_positions: Array, q_offset: Array | int, sliding: Array | bool,
-              cfg: ModelConfig, generating: bool = False) -> Array:
+              cfg: ModelConfig, generating: bool = False, cached: bool = False) -> Array:
     """The one attention entry point (see the rules above).
 
     Args:
-      q: [batch, s, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim].
+      q: [batch, s, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim] -- or, with ``cached``
+        (a decode step reading the KV cache; the XLA path), the cache's own arrays: k [batch,
+        kv_heads, head_dim, t], v [batch, kv_heads, t, head_dim] (``KVCache``).
       q_segment_ids, q_positions: [batch, s] int32; kv_segment_ids, kv_positions: [batch, t] int32.
       q_offset: the slot of the first query (0 for a full sequence; the cache index when decoding;
         the last slot when only the last position queries, as in a prefill's final layer).
@@ -439,12 +455,12 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
     scale = (cfg.query_pre_attn_scalar or cfg.head_size) ** -0.5
     softcap = cfg.attn_logit_softcap
     W = cfg.sliding_window or None
-    impl = "xla" if generating else resolve_attention(cfg)
+    impl = "xla" if generating or cached else resolve_attention(cfg)
 
     def run(window: int | None) -> Array:
         if impl == "xla":  # (its output is named CONTEXT inside, heads-first: ``_softmax_attend``)
             return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                                  q_offset, window, scale, softcap, cfg.attention_block_size)
+                                  q_offset, window, scale, softcap, cfg.attention_block_size, cached)
         if impl in ("splash", "flash"):
             # GQA natively: each query head reads its group's k/v block (forward and backward), so the
             # [b, s, heads, d] copies of k and v are never made -- unless the mesh's head axis cannot

@@ -241,9 +241,10 @@ class Attention(nnx.Module):
         Returns [b, s, e] -- or, with ``last_only``, [b, 1, e]: the queries of the last position
         alone (keys and values are still every position's).
 
-        With ``cache=(k_all, v_all, layer, meta)`` -- every layer's ``[layers, b, kv_heads, slots,
-        head_dim]`` keys/values and this layer's index (or, with ``layer=None``, this layer's own
-        ``[b, kv_heads, slots, head_dim]`` arrays) and the cache's slot table (already holding this
+        With ``cache=(k_all, v_all, layer, meta)`` -- every layer's keys/values as ``KVCache`` holds
+        them (``[layers, b, kv_heads, head_dim, slots]`` keys, ``[layers, b, kv_heads, slots,
+        head_dim]`` values) and this layer's index (or, with ``layer=None``, this layer's own arrays,
+        without the layer axis) and the cache's slot table (already holding this
         call's tokens) -- the new keys/values are written at slot ``meta.index`` and attention runs
         over this layer's slots; the updated arrays are returned. Writing into the stack itself
         (not into a per-layer slice that is then put back) keeps the update in place: the put-back
@@ -274,18 +275,19 @@ class Attention(nnx.Module):
         # keys: this call's own -- in training, scoring, and a prefill into an empty cache (whose
         # still-empty slots attention then need not read or mask out) -- else the cache's slots
         keys = (k, v, segment_ids, positions, q_from)
-        new = None
+        new, cached = None, False
         if cache is not None:
             k_all, v_all, layer, meta = cache
-            k_all, ck = write_layer(k_all, layer, meta.index, k)
-            v_all, cv = write_layer(v_all, layer, meta.index, v)
+            k_all, ck = write_layer(k_all, layer, meta.index, k, keys=True)
+            v_all, cv = write_layer(v_all, layer, meta.index, v, keys=False)
             new = (k_all, v_all)
             if not (isinstance(meta.index, int) and meta.index == 0):
                 keys = (ck.astype(dt), cv.astype(dt), meta.segment_ids, meta.positions, meta.index + q_from)
+                cached = True  # the cache's own layout (``KVCache``)
         kk, vv, kv_seg, kv_pos, q_offset = keys
         out = attention(q, kk, vv, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
                         kv_positions=kv_pos, q_offset=q_offset, sliding=sliding, cfg=cfg,
-                        generating=cache is not None)
+                        generating=cache is not None, cached=cached)
         out = _project(self, "o", out, "bshd,hde->bse", rng)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
