@@ -24,7 +24,7 @@ class KVCache:
     # wants as leading dimensions; stored [.., slots, kv_heads, ..] every step copied each layer's whole
     # cache into that order first. The keys transposed, head_dim before slots: the score dot q . k
     # then reads them as the plain [head_dim, slots] right-hand matrix of a matmul; given [slots,
-    # head_dim] (contracted on its last axis) XLA:CPU's dot took 1.4-1.7x as long for one query over
+    # head_dim] (contracted on its last axis) XLA:CPU's dot took 1.4-1.8x as long for one query over
     # the cache (0.47 against 0.33 ms a layer at the demo's shape, 128 rows; 0.23-0.26 against 0.15
     # for 32 rows of SmolLM2's). An unrolled model keeps one array per layer: reading layer i out of
     # a stack is a copy of it on XLA:CPU (a slice is not a view), a third of a small model's decode
