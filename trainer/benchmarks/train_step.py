@@ -224,7 +224,7 @@ def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, us
     for name, s in seconds.items():
         row[f"{name}_tokens_per_s"] = tokens / float(np.median(s))
         if name != "ours":
-            row[RATIO_KEYS[name]] = float(np.median(np.asarray(s) / np.asarray(seconds["ours"])))
+            row[f"ratio_vs_{name}"] = float(np.median(np.asarray(s) / np.asarray(seconds["ours"])))
     if ours["peak_bytes"]:
         row["peak_memory_gb"] = ours["peak_bytes"] / 1e9
     peak = peak_flops(jax.devices()[0])
@@ -232,11 +232,6 @@ def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, us
                   if peak else None)
     print("\n".join(_table(row, batch, seq)), flush=True)
     return row
-
-
-# each timed side but ours -> the key of ours / it in ``bench``'s row
-RATIO_KEYS = {"torch": "ratio_vs_torch", "torch_kept_memory": "ratio_vs_torch_kept_memory",
-              "tunix": "ratio_vs_tunix", "tunix_glibc": "ratio_vs_tunix_glibc"}
 
 
 def timed_rounds(sides: dict[str, tuple[float, Any]], rounds: int) -> dict[str, list[float]]:
