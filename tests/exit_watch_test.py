@@ -31,3 +31,34 @@ def test_a_peer_gone_quiet_is_not_read_as_process_0_gone(tmp_path):
     assert "process 0, which hosts JAX's coordination service, is gone" in diagnosis(str(tmp_path / "b.log"))
     (tmp_path / "c.log").write_text("I1203 nothing fatal\n")
     assert diagnosis(str(tmp_path / "c.log")) is None
+
+
+def _watch(tmp_path, lines: list[str]) -> str:
+    """What the watcher prints when the trainer writes ``lines`` through its ``sys.stderr``
+    (``SaysWhy``) and ends, its diagnostics file showing a peer's death (HEARTBEAT)."""
+    import io  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from trainer.exit_watch import SaysWhy  # noqa: PLC0415
+    log = tmp_path / "native.log"
+    log.write_text(HEARTBEAT)
+    r, w = os.pipe()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    watcher = subprocess.Popen([sys.executable, "-m", "trainer.exit_watch", str(r), str(log), "0"],
+                               pass_fds=(r,), stderr=subprocess.PIPE, text=True, cwd=root)
+    os.close(r)
+    os.write(w, b"0 2\n")
+    terminal = SaysWhy(io.StringIO(), w)
+    for line in lines:
+        print(line, file=terminal)
+    os.close(w)  # the trainer ends
+    return watcher.communicate(timeout=60)[1]
+
+
+def test_the_watcher_adds_no_line_to_the_trainers_own(tmp_path):
+    """A survivor whose grace timer printed its error line, with the dead peer in its diagnostics too,
+    showed two error lines (tests/multiprocess_test.py, now and then); the watcher now stays quiet."""
+    assert _watch(tmp_path, ["progress 3/10", "warning: slow"]).count("error: process 0 of 2: JAX's") == 1
+    assert _watch(tmp_path, ["error: the other processes did not reach an agreed stop"]) == ""

@@ -14,7 +14,9 @@ So, with several processes (``divert_native_stderr``, called before ``jax.distri
 * a small watcher process (this module's ``main``; it imports nothing from JAX) waits on a pipe
   whose write end only the trainer holds. The pipe closes when the trainer ends, however it ends; if
   the diagnostics file then shows a native abort, the watcher prints the one line that says what
-  happened, on the trainer's terminal.
+  happened, on the trainer's terminal -- unless the trainer has already printed its own ``error:``
+  line (a peer's death seen from Python: the grace timer of an agreed stop, a failed collective),
+  which it tells the watcher through the same pipe: one line on the terminal, not two.
 """
 
 from __future__ import annotations
@@ -36,17 +38,17 @@ def divert_native_stderr(process_id: int = -1) -> str:
     path = os.environ.get("IFT_NATIVE_LOG") or os.path.join(
         tempfile.gettempdir(), f"flax_ift_native_{os.getpid()}.log")
     terminal = os.dup(2)
+    r, w = os.pipe()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)
     os.close(fd)
     sys.stderr.flush()
-    sys.stderr = os.fdopen(terminal, "w", buffering=1, closefd=False)
+    sys.stderr = SaysWhy(os.fdopen(terminal, "w", buffering=1, closefd=False), w)
     try:  # absl's Python log handler holds the stream it was built with (now the diagnostics file)
         from absl import logging as absl_logging  # noqa: PLC0415
         absl_logging.get_absl_handler().python_handler.stream = sys.stderr
     except Exception:  # noqa: BLE001 -- absl not set up: nothing to re-point
         pass
-    r, w = os.pipe()
     os.set_inheritable(r, True)
     subprocess.Popen(  # noqa: S603 -- our own module, with the running interpreter
         [sys.executable, "-m", "trainer.exit_watch", str(r), path, str(process_id)],
@@ -56,6 +58,28 @@ def divert_native_stderr(process_id: int = -1) -> str:
     os.close(r)
     _identity.append(w)
     return path
+
+
+class SaysWhy:
+    """The trainer's ``sys.stderr`` on the terminal. The first ``error:`` line written through it
+    also writes ``said`` to the watcher's pipe: the trainer has said why it ends, so the watcher
+    stays quiet even when the diagnostics file shows a native abort as well (a SIGKILLed peer: the
+    survivor's grace timer printed its line, and the coordination service logged the peer's death)."""
+
+    def __init__(self, stream, pipe_fd: int):
+        self._stream, self._pipe, self._told = stream, pipe_fd, False
+
+    def write(self, text: str) -> int:
+        if not self._told and text.startswith("error: "):
+            self._told = True
+            try:
+                os.write(self._pipe, b"said\n")
+            except OSError:  # the watcher is gone: nothing to tell
+                pass
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def identify(process_index: int, process_count: int) -> None:
@@ -88,12 +112,16 @@ def diagnosis(native_log: str) -> str | None:
 
 def main(argv: list[str]) -> None:
     fd, native_log, who = int(argv[1]), argv[2], argv[3]
-    count = ""
+    count, said = "", False
     with os.fdopen(fd, "rb") as pipe:
         for line in pipe:  # until the trainer's end closes the pipe
-            who, count = line.decode().split()
+            words = line.decode().split()
+            if words == ["said"]:  # the trainer printed its own error line (SaysWhy)
+                said = True
+            elif len(words) == 2:
+                who, count = words
     what = diagnosis(native_log)
-    if what is not None:
+    if what is not None and not said:
         name = f"process {who}" + (f" of {count}" if count else "") if who != "-1" else "this process"
         print(f"error: {name}: {what}; it exited (rerunning the same command resumes from the last "
               f"checkpoint; JAX's own diagnostics: {native_log})", file=sys.stderr, flush=True)
