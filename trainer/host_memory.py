@@ -32,7 +32,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 # /dev entries of the accelerators JAX drives: NVIDIA, AMD (ROCm), TPU (v4 and older; v5 and newer)
 ACCELERATOR_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
@@ -40,11 +41,14 @@ ACCELERATOR_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8
 OURS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 # glibc's defaults as its dynamic thresholds settle once a program has freed a large block: mmap
-# above 32 MB, trim a free top above 64 MB. The arena count cannot be raised again in a process; with
-# mmap serving the large blocks it did not matter to PyTorch (trainer.bench's PyTorch at its four CPU
-# shapes: 20,252 / 2,821 / 3,882 / 846 tokens/s with the cap, 19,113 / 2,730 / 3,670 / 761-790 with
-# no cap at all; medians of 3, the last of 2)
-GLIBC = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20))
+# above 32 MB. glibc would also trim a free top above 64 MB; not here: the heap is the process's one
+# arena, and a reference's free that trimmed it took back the pages ours' steps keep there (at the
+# demo shape ours then ran 9,500-17,500 tokens/s over the rounds of one `trainer.bench`, 15,700-17,000
+# with the trim left off; sparing the reference its own trims can only make it faster). The arena
+# count cannot be raised again in a process; with mmap serving the large blocks it did not matter to
+# PyTorch (trainer.bench's PyTorch at its four CPU shapes: 20,252 / 2,821 / 3,882 / 846 tokens/s with
+# the cap, 19,113 / 2,730 / 3,670 / 761-790 with no cap at all; medians of 3, the last of 2)
+GLIBC = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20))
 _applied = False
 
 
@@ -81,6 +85,23 @@ def glibc_defaults() -> Iterator[bool]:
     finally:
         if changed:
             _mallopt(OURS)
+
+
+def settle(step: Callable[[], Any], limit: int = 3) -> int:
+    """Runs ``step`` (one blocking train step) until a run of it makes no minor page faults, at most
+    ``limit`` times; returns how many ran. For a benchmark side timed after another side's steps in
+    the same process (``trainer.bench --rounds``): it finds the heap holding the other side's blocks,
+    and its own buffers fault in anew for a step or two before their layout settles -- at the demo
+    shape, after PyTorch's steps, 71k faults and a timed step of 0.33 s against 0.11 s settled. A run
+    of ours alone never meets that heap; a side that faults every step by design (glibc's ``mmap``
+    above 32 MB) simply uses all ``limit`` runs."""
+    import resource  # noqa: PLC0415 (POSIX; the benchmarks only)
+    for n in range(1, limit + 1):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        if resource.getrusage(resource.RUSAGE_SELF).ru_minflt == before:
+            return n
+    return limit
 
 
 def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
