@@ -91,3 +91,21 @@ def test_attention_kernel_benchmark_counts_the_pairs_within_segments():
     assert attention_kernels.useful_flops([[1, 1, 1, 1]], heads=1, head_dim=1) == 14 * 8
     rows = attention_kernels.run(batch=1, seq=128, heads=2, kv_heads=1, head_dim=16, repeats=1)
     assert [r["variant"] for r in rows] == ["xla"] and rows[0]["ms"] > 0
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_torch_reference_runs_in_a_process_of_its_own_with_its_own_malloc_settings(keep):
+    """One heap per side: in ours' process PyTorch's frees trimmed the pages ours keeps, or, spared its
+    trims, PyTorch ran faster than it does on its own (``trainer/benchmarks/torch_reference.py``)."""
+    import os  # noqa: PLC0415
+
+    from trainer import host_memory  # noqa: PLC0415
+    from trainer.benchmarks.torch_reference import TorchProcess  # noqa: PLC0415
+    tiny = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    ref = TorchProcess(tiny, (3, 2, 8, 64), warmup=2, lr=1e-3, dtype="float32", keep_freed_memory=keep)
+    try:
+        assert ref.first["pid"] != os.getpid() and ref.first["seconds"] > 0 and ref.timed() > 0
+        assert ref.first["kept_memory"] is (keep and host_memory._glibc() is not None and host_memory.cpu_only())
+    finally:
+        ref.close()

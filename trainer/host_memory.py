@@ -41,13 +41,14 @@ ACCELERATOR_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8
 OURS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 # glibc's defaults as its dynamic thresholds settle once a program has freed a large block: mmap
-# above 32 MB. glibc would also trim a free top above 64 MB; not here: the heap is the process's one
-# arena, and a reference's free that trimmed it took back the pages ours' steps keep there (at the
-# demo shape ours then ran 9,500-17,500 tokens/s over the rounds of one `trainer.bench`, 15,700-17,000
-# with the trim left off; sparing the reference its own trims can only make it faster). The arena
-# count cannot be raised again in a process; with mmap serving the large blocks it did not matter to
-# PyTorch (trainer.bench's PyTorch at its four CPU shapes: 20,252 / 2,821 / 3,882 / 846 tokens/s with
-# the cap, 19,113 / 2,730 / 3,670 / 761-790 with no cap at all; medians of 3, the last of 2)
+# above 32 MB. glibc would also trim a free top above 64 MB; not here: a process has one heap, and a
+# reference's frees trimmed the pages ours' steps keep there (ours ran 9,500-17,500 tokens/s over the
+# rounds of one `trainer.bench` at the demo shape, 15,700-17,000 without the trim). Spared its own
+# trims a reference runs faster than on its own (PyTorch's train step at vocabulary 32,000: 4,914
+# tokens/s against 2,989), so `trainer.bench` runs PyTorch in a process of its own
+# (benchmarks/torch_reference.py); these settings serve the references that share ours' process
+# (Tunix's step, transformers.generate), to their advantage if anything. The arena count cannot be
+# raised again in a process.
 GLIBC = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20))
 _applied = False
 
@@ -74,10 +75,16 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def applied() -> bool:
+    """Whether ``keep_freed_memory`` changed glibc's settings in this process."""
+    return _applied
+
+
 @contextlib.contextmanager
 def glibc_defaults() -> Iterator[bool]:
-    """glibc's own settings for the duration, ours again after: a reference timed in the same
-    process (PyTorch in ``trainer.bench``) then runs as it does on its own. Yields whether anything
+    """glibc's settings (``GLIBC``: no trimming) for the duration, ours again after: a reference timed
+    in the same process (Tunix's step in ``trainer.bench --tunix``, ``transformers.generate`` in
+    ``trainer.bench_generate``) then runs as it does on its own, or faster. Yields whether anything
     changed (only where ``keep_freed_memory`` had)."""
     changed = _applied and _mallopt(GLIBC)
     try:

@@ -21,24 +21,13 @@ import numpy as np
 from trainer import host_memory
 from trainer import sharding as sharding_lib
 from trainer.benchmarks.memory import compiled_memory, state_bytes
+from trainer.benchmarks.torch_reference import TorchProcess, batches
 from trainer.io import hf as hf_io
 from trainer.models.attention import resolve_attention
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings.spec import RunSpec
 from trainer.training import experiment, modeling
 from trainer.training.step import make_optimizer
-
-
-def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
-        out.append({"inputs": ids[:, :-1], "targets": ids[:, 1:],
-                    "weights": np.ones((batch, seq), np.float32),
-                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-                    "segment_ids": np.ones((batch, seq), np.int32)})
-    return out
 
 
 def bench_ours(config: RunSpec, vocab: int, data: list[dict[str, np.ndarray]], warmup: int) -> dict[str, Any]:
@@ -157,49 +146,6 @@ def bench_lora(config: RunSpec, batch: int, seq: int, steps: int, rank: int = 16
     return rows
 
 
-def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], warmup: int,
-                lr: float, dtype: str = "float32") -> dict[str, Any] | None:
-    """The transformers model, built in ``dtype`` -- the run's compute dtype, never the checkpoint's
-    ``torch_dtype`` (SmolLM2's config says bfloat16: a bf16 reference on a CPU is slow, and the "win"
-    against it was not real)."""
-    try:
-        import torch  # noqa: PLC0415 (test-time/benchmark reference only)
-        import transformers  # noqa: PLC0415
-    except ImportError:
-        return None
-    cfg = transformers.AutoConfig.for_model(**hf_config)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    model = model.to(getattr(torch, dtype))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-
-    def step(b):
-        logits = model(input_ids=torch.from_numpy(b["inputs"]).long()).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                                 torch.from_numpy(b["targets"]).long().flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    for b in data[:warmup]:
-        step(b)
-    last = {}
-
-    def timed() -> float:
-        host_memory.settle(lambda: step(data[0]))  # untimed (``timed_rounds``)
-        t0 = time.perf_counter()
-        for b in data[warmup:]:
-            last["loss"] = step(b)
-        return time.perf_counter() - t0
-
-    seconds = timed()
-    return {"seconds": seconds, "timed": timed, "loss": float(last["loss"]), "threads": torch.get_num_threads(),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-
-
 def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, use_torch: bool = True,
           vocab: int = 32000, tunix: bool = False, rounds: int = 1) -> dict[str, Any]:
     """Runs both sides; returns tokens/s, MFU and the ratio (also printed as a Markdown table).
@@ -219,11 +165,17 @@ def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, us
            "device": jax.devices()[0].device_kind, "dtype": cfg.dtype,
            "attention": resolve_attention(cfg), "scan_layers": cfg.scan_layers, "remat": cfg.remat}
     sides = {"ours": (ours["seconds"], ours["timed"])}
-    if use_torch and jax.default_backend() == "cpu":  # same machine, same cores: a fair comparison
-        row.update(_torch_sides(config, cfg, data, warmup, sides))
-    if tunix:
-        row.update(_tunix_sides(config, cfg, data, warmup, sides))
-    seconds = timed_rounds(sides, rounds)
+    processes: list[TorchProcess] = []
+    try:
+        if use_torch and jax.default_backend() == "cpu":  # same machine, same cores: a fair comparison
+            facts, processes = _torch_sides(config, cfg, (len(data), batch, seq, vocab), warmup, sides)
+            row.update(facts)
+        if tunix:
+            row.update(_tunix_sides(config, cfg, data, warmup, sides))
+        seconds = timed_rounds(sides, rounds)
+    finally:
+        for p in processes:
+            p.close()
     row.update(rounds=rounds, seconds_per_round=seconds)
     for name, s in seconds.items():
         row[f"{name}_tokens_per_s"] = tokens / float(np.median(s))
@@ -265,22 +217,26 @@ def _under_glibc(timed):
     return run
 
 
-def _torch_sides(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], warmup: int,
-                 sides: dict[str, tuple[float, Any]]) -> dict[str, Any]:
-    """Adds PyTorch to ``sides``: as it runs on its own (glibc's malloc settings), and, where ours
-    changed them (``trainer.host_memory``: a CPU run keeps freed memory), the same model again under
-    ours -- they spare PyTorch's step its page faults too. Returns the row's PyTorch facts."""
+def _torch_sides(config: RunSpec, cfg: Any, shape: tuple[int, int, int, int], warmup: int,
+                 sides: dict[str, tuple[float, Any]]) -> tuple[dict[str, Any], list[TorchProcess]]:
+    """Adds PyTorch to ``sides``, in a process of its own (``torch_reference``): as it runs on its own
+    (glibc's malloc settings), and, where ours changed them (``trainer.host_memory``: a CPU run keeps
+    freed memory), in a second process under ours -- they spare PyTorch's step its page faults too.
+    ``shape``: ``batches``' arguments for the same data. Returns the row's PyTorch facts and the
+    processes (``bench`` ends them)."""
     hf_config = modeling.architecture(config)[0] or hf_io.hf_config_from_model(cfg)
-    args = ({**hf_config, "vocab_size": cfg.vocab_size}, data, warmup, config.optimizer.learning_rate,
-            cfg.dtype)
-    with host_memory.glibc_defaults() as changed:
-        ref = bench_torch(*args)
-    if not ref:
-        return {}
-    sides["torch"] = (ref["seconds"], _under_glibc(ref["timed"]))
-    if changed:
-        sides["torch_kept_memory"] = (ref["timed"](), ref["timed"])
-    return {"torch_threads": ref["threads"], "torch_dtype": ref["dtype"]}
+    args = ({**hf_config, "vocab_size": cfg.vocab_size}, shape, warmup, config.optimizer.learning_rate, cfg.dtype)
+    ref = TorchProcess(*args, keep_freed_memory=False)
+    if ref.first is None:  # no torch installed
+        ref.close()
+        return {}, []
+    sides["torch"] = (ref.first["seconds"], ref.timed)
+    processes = [ref]
+    if host_memory.applied():
+        kept = TorchProcess(*args, keep_freed_memory=True)
+        sides["torch_kept_memory"] = (kept.first["seconds"], kept.timed)
+        processes.append(kept)
+    return {"torch_threads": ref.first["threads"], "torch_dtype": ref.first["dtype"]}, processes
 
 
 def _tunix_sides(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], warmup: int,

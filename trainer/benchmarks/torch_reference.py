@@ -1,0 +1,147 @@
+r"""``trainer.bench``'s PyTorch reference, in a process of its own that takes turns with ours.
+
+The reference is the transformers model with ``torch.optim.AdamW``, trained on the same batches
+(``batches``: the same seed, so both processes build the same arrays). It used to run in the bench's
+own process, under glibc's malloc settings for its turns (``host_memory.glibc_defaults``). But a
+process has one heap, and a CPU run of ours keeps its freed pages there (``trainer.host_memory``):
+
+- with glibc's trimming on, PyTorch's frees trimmed the pages ours keeps, and ours ran 9,500-17,500
+  tokens/s over the rounds of one run at the demo shape (15,700-17,000 alone);
+- with it off, PyTorch was spared its own trims and ran faster than it does on its own: 4,914 tokens/s
+  at vocabulary 32,000, against 2,989 in a process with glibc's settings throughout.
+
+In a process of its own each side keeps its own heap and its own settings. The sides still take
+turns on the same minutes (``train_step.timed_rounds``): the bench sends ``time``, the reference runs
+its steps and answers, and the other process waits on its pipe, idle.
+
+Imports neither JAX nor any model code of ours: ``python -m trainer.benchmarks.torch_reference`` is the
+reference's process (its first stdin line: the JSON of ``TorchProcess``'s arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from trainer import host_memory
+
+REPLY = "torch_reference: "  # marks the reference's answers among whatever else it prints
+
+
+def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n`` full-length random batches (``inputs``/``targets``: ``[batch, seq] int32``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
+        out.append({"inputs": ids[:, :-1], "targets": ids[:, 1:],
+                    "weights": np.ones((batch, seq), np.float32),
+                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+                    "segment_ids": np.ones((batch, seq), np.int32)})
+    return out
+
+
+def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], warmup: int,
+                lr: float, dtype: str = "float32") -> dict[str, Any] | None:
+    """The transformers model, built in ``dtype`` -- the run's compute dtype, never the checkpoint's
+    ``torch_dtype`` (SmolLM2's config says bfloat16: a bf16 reference on a CPU is slow, and the "win"
+    against it was not real). Seconds for ``data[warmup:]``; ``timed`` times them again."""
+    try:
+        import torch  # noqa: PLC0415 (test-time/benchmark reference only)
+        import transformers  # noqa: PLC0415
+    except ImportError:
+        return None
+    cfg = transformers.AutoConfig.for_model(**hf_config)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = model.to(getattr(torch, dtype))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(b):
+        logits = model(input_ids=torch.from_numpy(b["inputs"]).long()).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                 torch.from_numpy(b["targets"]).long().flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for b in data[:warmup]:
+        step(b)
+    last = {}
+
+    def timed() -> float:
+        host_memory.settle(lambda: step(data[0]))  # untimed (``train_step.timed_rounds``)
+        t0 = time.perf_counter()
+        for b in data[warmup:]:
+            last["loss"] = step(b)
+        return time.perf_counter() - t0
+
+    seconds = timed()
+    return {"seconds": seconds, "timed": timed, "loss": float(last["loss"]), "threads": torch.get_num_threads(),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
+
+class TorchProcess:
+    """``bench_torch`` in a child process. ``first`` is its answer after the warm-up and the first
+    timing (None where torch is not installed); ``timed()`` times the same steps again there.
+
+    ``keep_freed_memory``: the child applies ours' malloc settings (``trainer.host_memory``) rather
+    than glibc's, to show what they do for PyTorch too."""
+
+    def __init__(self, hf_config: dict[str, Any], shape: tuple[int, int, int, int], warmup: int, lr: float,
+                 dtype: str, keep_freed_memory: bool):
+        env = dict(os.environ, FLAX_IFT_KEEP_FREED_MEMORY="1" if keep_freed_memory else "0")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self._proc = subprocess.Popen(  # noqa: S603 -- our own module, with the running interpreter
+            [sys.executable, "-m", "trainer.benchmarks.torch_reference"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, bufsize=1, env=env, cwd=root)
+        self._send(json.dumps({"hf_config": hf_config, "shape": shape, "warmup": warmup, "lr": lr,
+                               "dtype": dtype}))
+        self.first: dict[str, Any] | None = self._answer()
+
+    def timed(self) -> float:
+        self._send("time")
+        return float(self._answer()["seconds"])
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+
+    def _send(self, line: str) -> None:
+        self._proc.stdin.write(line + "\n")
+        self._proc.stdin.flush()
+
+    def _answer(self) -> Any:
+        for line in self._proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        raise RuntimeError(f"the PyTorch reference's process ended (exit status {self._proc.wait()}); "
+                           "its error is above")
+
+
+def main() -> None:
+    host_memory.keep_freed_memory()  # only where the parent asked (FLAX_IFT_KEEP_FREED_MEMORY)
+    spec = json.loads(sys.stdin.readline())
+    ref = bench_torch(spec["hf_config"], batches(*spec["shape"]), spec["warmup"], spec["lr"], spec["dtype"])
+
+    def reply(obj: Any) -> None:
+        print(REPLY + json.dumps(obj), flush=True)
+
+    reply(None if ref is None else {**{k: v for k, v in ref.items() if k != "timed"}, "pid": os.getpid(),
+                                    "kept_memory": host_memory.applied()})
+    for _ in sys.stdin:  # "time", until the bench closes the pipe
+        reply({"seconds": ref["timed"]()})
+
+
+if __name__ == "__main__":
+    main()
