@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer import host_memory
+from trainer.benchmarks.reference_process import ReferenceProcess, serve_requests
 from trainer.evaluation.generate import generate_all, make_generate_fn
 from trainer.io import hf as hf_io
 
@@ -47,14 +47,66 @@ def _torch_model(model: str, hf_path: str):
     return hf, path
 
 
+def _torch_generate(hf, prompts: list[list[int]], batch: int, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Seconds for ``transformers.generate`` over ``prompts`` in our batches (sorted by length), each
+    left-padded to its longest prompt, after a warm-up batch; and each row's new tokens."""
+    import torch  # noqa: PLC0415
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches_t = []
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        width = max(len(prompts[i]) for i in idx)
+        ids = np.zeros((len(idx), width), np.int64)
+        mask = np.zeros((len(idx), width), np.int64)
+        for j, i in enumerate(idx):
+            ids[j, width - len(prompts[i]):] = prompts[i]
+            mask[j, width - len(prompts[i]):] = 1
+        batches_t.append((idx, torch.from_numpy(ids), torch.from_numpy(mask)))
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
+    with torch.inference_mode():
+        hf.generate(input_ids=batches_t[0][1], attention_mask=batches_t[0][2], max_new_tokens=2,
+                    min_new_tokens=2, **kw)  # warm-up
+        ref: list[list[int]] = [[] for _ in prompts]
+        t0 = time.perf_counter()
+        for idx, ids, mask in batches_t:
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, **kw)[:, ids.shape[1]:].numpy()
+            for i, r in zip(idx, out):
+                ref[i] = r.tolist()
+        return time.perf_counter() - t0, ref
+
+
+class TransformersProcess:
+    """``transformers.generate`` in a child process of its own, with glibc's malloc settings: as it
+    runs on its own (in ours' process it shared one heap and one malloc arena with ours; see
+    ``trainer/benchmarks/torch_reference.py``). ``path``: the model's directory, which ours loads too."""
+
+    def __init__(self, model: str, hf_path: str, threads: int):
+        self._proc = ReferenceProcess("trainer.benchmarks.generation", keep_freed_memory=False)
+        self.first = self._proc.ask({"model": model, "hf_path": hf_path, "threads": threads})
+
+    def generate(self, prompts: list[np.ndarray], batch: int, new_tokens: int) -> tuple[float, list[list[int]]]:
+        answer = self._proc.ask({"prompts": [p.tolist() for p in prompts], "batch": batch,
+                                 "new_tokens": new_tokens})
+        return answer["seconds"], answer["tokens"]
+
+    def close(self) -> None:
+        self._proc.close()
+
+
 def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1, 8, 32),
           prompt_len: int = 64, new_tokens: int = 32, num_batches: int = 2, threads: int = 0,
           seed: int = 0) -> list[dict[str, Any]]:
-    import torch  # noqa: PLC0415
-    if threads:
-        torch.set_num_threads(threads)
-    hf, path = _torch_model(model, hf_path)
-    graphdef, params, cfg = hf_io.load_model(path)
+    ref_proc = TransformersProcess(model, hf_path, threads)
+    try:
+        return _bench(ref_proc, model, hf_path, batches, prompt_len, new_tokens, num_batches, seed)
+    finally:
+        ref_proc.close()
+
+
+def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tuple[int, ...], prompt_len: int,
+           new_tokens: int, num_batches: int, seed: int) -> list[dict[str, Any]]:
+    graphdef, params, cfg = hf_io.load_model(ref_proc.first["path"])
     vocab = cfg.vocab_size
     name = os.path.basename(os.path.normpath(hf_path)) if hf_path else f"{model} shape (random weights)"
     gen = make_generate_fn(graphdef, max_new_tokens=new_tokens, eos_ids=[-1], pad_id=0)
@@ -68,41 +120,36 @@ def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1,
         t0 = time.perf_counter()
         ours = run()
         t_ours = time.perf_counter() - t0
-
-        # transformers: the same batches (sorted by length), each left-padded to its longest prompt.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        batches_t = []
-        for s in range(0, len(order), b):
-            idx = order[s:s + b]
-            width = max(len(prompts[i]) for i in idx)
-            ids = np.zeros((len(idx), width), np.int64)
-            mask = np.zeros((len(idx), width), np.int64)
-            for j, i in enumerate(idx):
-                ids[j, width - len(prompts[i]):] = prompts[i]
-                mask[j, width - len(prompts[i]):] = 1
-            batches_t.append((idx, torch.from_numpy(ids), torch.from_numpy(mask)))
-        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
-        # transformers as it runs on its own: glibc's malloc settings, not the ones a CPU run of ours
-        # keeps (trainer.host_memory)
-        with torch.inference_mode(), host_memory.glibc_defaults():
-            hf.generate(input_ids=batches_t[0][1], attention_mask=batches_t[0][2], max_new_tokens=2,
-                        min_new_tokens=2, **kw)  # warm-up
-            ref: list[list[int] | None] = [None] * len(prompts)
-            t0 = time.perf_counter()
-            for idx, ids, mask in batches_t:
-                out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, **kw)[:, ids.shape[1]:].numpy()
-                for i, r in zip(idx, out):
-                    ref[i] = r.tolist()
-            t_torch = time.perf_counter() - t0
+        t_torch, ref = ref_proc.generate(prompts, b, new_tokens)
         tokens = len(prompts) * new_tokens
         row = {"model": name, "batch": b, "rows": len(prompts), "prompt_len": prompt_len,
                "new_tokens": new_tokens, "ours_tokens_per_s": tokens / t_ours,
                "torch_tokens_per_s": tokens / t_torch, "ratio": t_torch / t_ours,
-               "identical_rows": sum(o == r for o, r in zip(ours, ref)), "torch_threads": torch.get_num_threads()}
+               "identical_rows": sum(list(o) == r for o, r in zip(ours, ref)),
+               "torch_threads": ref_proc.first["threads"]}
         rows.append(row)
         print(f"{name}: batch {b:>3}, {row['rows']} prompts of {prompt_len // 2}-{prompt_len} tokens, "
               f"{new_tokens} new tokens each: ours {row['ours_tokens_per_s']:8.1f} tokens/s, "
               f"transformers {row['torch_tokens_per_s']:8.1f} tokens/s, ratio {row['ratio']:.2f}x, "
               f"identical tokens in {row['identical_rows']}/{row['rows']} rows", flush=True)
     return rows
+
+
+def main() -> None:
+    """The reference's process: builds (or loads) the model, then answers each batch of prompts."""
+    def serve():
+        spec = yield
+        import torch  # noqa: PLC0415 (after serve_requests' malloc settings)
+        if spec["threads"]:
+            torch.set_num_threads(spec["threads"])
+        hf, path = _torch_model(spec["model"], spec["hf_path"])
+        request = yield {"path": path, "threads": torch.get_num_threads()}
+        while True:
+            seconds, tokens = _torch_generate(hf, request["prompts"], request["batch"], request["new_tokens"])
+            request = yield {"seconds": seconds, "tokens": tokens}
+
+    serve_requests(serve())
+
+
+if __name__ == "__main__":
+    main()

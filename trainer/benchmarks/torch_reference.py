@@ -10,28 +10,24 @@ process has one heap, and a CPU run of ours keeps its freed pages there (``train
 - with it off, PyTorch was spared its own trims and ran faster than it does on its own: 4,914 tokens/s
   at vocabulary 32,000, against 2,989 in a process with glibc's settings throughout.
 
-In a process of its own each side keeps its own heap and its own settings. The sides still take
-turns on the same minutes (``train_step.timed_rounds``): the bench sends ``time``, the reference runs
-its steps and answers, and the other process waits on its pipe, idle.
+In a process of its own (``reference_process``) each side keeps its own heap and its own settings.
+The sides still take turns on the same minutes (``train_step.timed_rounds``): the bench asks for a
+timing, the reference runs its steps and answers, and the bench's process waits on the pipe, idle.
 
-Imports neither JAX nor any model code of ours: ``python -m trainer.benchmarks.torch_reference`` is the
-reference's process (its first stdin line: the JSON of ``TorchProcess``'s arguments).
+Imports neither JAX nor any model code of ours (``python -m trainer.benchmarks.torch_reference`` is
+the reference's process).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
 from trainer import host_memory
-
-REPLY = "torch_reference: "  # marks the reference's answers among whatever else it prints
+from trainer.benchmarks.reference_process import ReferenceProcess, serve_requests
 
 
 def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -91,56 +87,37 @@ def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], wa
 
 
 class TorchProcess:
-    """``bench_torch`` in a child process. ``first`` is its answer after the warm-up and the first
-    timing (None where torch is not installed); ``timed()`` times the same steps again there.
-
-    ``keep_freed_memory``: the child applies ours' malloc settings (``trainer.host_memory``) rather
-    than glibc's, to show what they do for PyTorch too."""
+    """``bench_torch`` in a child process (``reference_process``). ``first`` is its answer after the
+    warm-up and the first timing (None where torch is not installed); ``timed()`` times the same steps
+    again there. ``keep_freed_memory``: the child applies ours' malloc settings (``trainer.host_memory``)
+    rather than glibc's, to show what they do for PyTorch too."""
 
     def __init__(self, hf_config: dict[str, Any], shape: tuple[int, int, int, int], warmup: int, lr: float,
                  dtype: str, keep_freed_memory: bool):
-        env = dict(os.environ, FLAX_IFT_KEEP_FREED_MEMORY="1" if keep_freed_memory else "0")
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self._proc = subprocess.Popen(  # noqa: S603 -- our own module, with the running interpreter
-            [sys.executable, "-m", "trainer.benchmarks.torch_reference"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, bufsize=1, env=env, cwd=root)
-        self._send(json.dumps({"hf_config": hf_config, "shape": shape, "warmup": warmup, "lr": lr,
-                               "dtype": dtype}))
-        self.first: dict[str, Any] | None = self._answer()
+        self._proc = ReferenceProcess("trainer.benchmarks.torch_reference", keep_freed_memory)
+        self.first: dict[str, Any] | None = self._proc.ask(
+            {"hf_config": hf_config, "shape": shape, "warmup": warmup, "lr": lr, "dtype": dtype})
 
     def timed(self) -> float:
-        self._send("time")
-        return float(self._answer()["seconds"])
+        return float(self._proc.ask("time")["seconds"])
 
     def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.stdin.close()
-            self._proc.wait(timeout=60)
-
-    def _send(self, line: str) -> None:
-        self._proc.stdin.write(line + "\n")
-        self._proc.stdin.flush()
-
-    def _answer(self) -> Any:
-        for line in self._proc.stdout:
-            if line.startswith(REPLY):
-                return json.loads(line[len(REPLY):])
-        raise RuntimeError(f"the PyTorch reference's process ended (exit status {self._proc.wait()}); "
-                           "its error is above")
+        self._proc.close()
 
 
 def main() -> None:
-    host_memory.keep_freed_memory()  # only where the parent asked (FLAX_IFT_KEEP_FREED_MEMORY)
-    spec = json.loads(sys.stdin.readline())
-    ref = bench_torch(spec["hf_config"], batches(*spec["shape"]), spec["warmup"], spec["lr"], spec["dtype"])
+    def serve():
+        spec = yield
+        ref = bench_torch(spec["hf_config"], batches(*spec["shape"]), spec["warmup"], spec["lr"], spec["dtype"])
+        if ref is None:
+            yield None
+            return
+        yield {**{k: v for k, v in ref.items() if k != "timed"}, "pid": os.getpid(),
+               "kept_memory": host_memory.applied()}
+        while True:
+            yield {"seconds": ref["timed"]()}
 
-    def reply(obj: Any) -> None:
-        print(REPLY + json.dumps(obj), flush=True)
-
-    reply(None if ref is None else {**{k: v for k, v in ref.items() if k != "timed"}, "pid": os.getpid(),
-                                    "kept_memory": host_memory.applied()})
-    for _ in sys.stdin:  # "time", until the bench closes the pipe
-        reply({"seconds": ref["timed"]()})
+    serve_requests(serve())
 
 
 if __name__ == "__main__":
