@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import resolved, tiny_config
+from trainer.benchmarks.timing import host_cpu
 from trainer.benchmarks.train_step import bench, flops_per_token, timed_rounds
 
 
@@ -12,6 +13,7 @@ def test_bench_reports_ours_and_the_torch_reference():
     row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64, rounds=2)
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0 and row["ratio_vs_torch"] > 0
     assert row["mfu"] is None  # no peak FLOP/s for CPUs
+    assert row["cpu"] == host_cpu() and " cores" in row["cpu"]  # a CPU ratio holds for its machine only
     rounds = row["seconds_per_round"]
     assert row["rounds"] == 2 and all(len(s) == 2 for s in rounds.values()), rounds
     # the ratio is the median of the rounds' own ratios (both sides timed on the same minutes)
@@ -48,7 +50,8 @@ def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys):
     (row,) = bench_generate("demo", batches=(4,), prompt_len=24, new_tokens=6, num_batches=2)
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0
     assert row["identical_rows"] == row["rows"] == 8  # greedy tokens equal transformers.generate's
-    assert "ratio" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ratio" in out and f"host CPU: {row['cpu']}" in out
 
 
 def test_loss_benchmark_times_both_sides_and_their_gradients_agree():

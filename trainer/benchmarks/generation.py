@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from trainer.benchmarks.reference_process import ReferenceProcess, serve_requests
+from trainer.benchmarks.timing import host_cpu
 from trainer.evaluation.generate import generate_all, make_generate_fn
 from trainer.io import hf as hf_io
 
@@ -110,6 +111,8 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
     vocab = cfg.vocab_size
     name = os.path.basename(os.path.normpath(hf_path)) if hf_path else f"{model} shape (random weights)"
     gen = make_generate_fn(graphdef, max_new_tokens=new_tokens, eos_ids=[-1], pad_id=0)
+    cpu = host_cpu()
+    print(f"host CPU: {cpu}", flush=True)
     rows = []
     for b in batches:
         rng = np.random.default_rng(seed)
@@ -126,7 +129,7 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
                "new_tokens": new_tokens, "ours_tokens_per_s": tokens / t_ours,
                "torch_tokens_per_s": tokens / t_torch, "ratio": t_torch / t_ours,
                "identical_rows": sum(list(o) == r for o, r in zip(ours, ref)),
-               "torch_threads": ref_proc.first["threads"]}
+               "torch_threads": ref_proc.first["threads"], "cpu": cpu}
         rows.append(row)
         print(f"{name}: batch {b:>3}, {row['rows']} prompts of {prompt_len // 2}-{prompt_len} tokens, "
               f"{new_tokens} new tokens each: ours {row['ours_tokens_per_s']:8.1f} tokens/s, "

@@ -21,6 +21,7 @@ import numpy as np
 from trainer import host_memory
 from trainer import sharding as sharding_lib
 from trainer.benchmarks.memory import compiled_memory, state_bytes
+from trainer.benchmarks.timing import host_cpu
 from trainer.benchmarks.torch_reference import TorchProcess, batches
 from trainer.io import hf as hf_io
 from trainer.models.attention import resolve_attention
@@ -163,7 +164,8 @@ def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, us
     row = {"batch": batch, "seq": seq, "steps": steps, "devices": jax.device_count(),
            "ours_build_s": ours["build_s"], "ours_first_step_s": ours["first_step_s"],
            "device": jax.devices()[0].device_kind, "dtype": cfg.dtype,
-           "attention": resolve_attention(cfg), "scan_layers": cfg.scan_layers, "remat": cfg.remat}
+           "attention": resolve_attention(cfg), "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+           "cpu": host_cpu()}
     sides = {"ours": (ours["seconds"], ours["timed"])}
     processes: list[TorchProcess] = []
     try:
@@ -253,7 +255,8 @@ def _tunix_sides(config: RunSpec, cfg: Any, data: list[dict[str, np.ndarray]], w
 
 
 def _table(row: dict[str, Any], batch: int, seq: int) -> list[str]:
-    lines = ["| device | batch x seq | ours tokens/s (dtype) | MFU | PyTorch tokens/s (dtype) | ratio |",
+    lines = [f"host CPU: {row['cpu']}", "",
+             "| device | batch x seq | ours tokens/s (dtype) | MFU | PyTorch tokens/s (dtype) | ratio |",
              "|---|---|---:|---:|---:|---:|",
              f"| {row['devices']} x {row['device']} | {batch} x {seq} | "
              f"{row['ours_tokens_per_s']:,.0f} ({row['dtype']}) | "
