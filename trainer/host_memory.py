@@ -45,10 +45,10 @@ OURS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 # reference's frees trimmed the pages ours' steps keep there (ours ran 9,500-17,500 tokens/s over the
 # rounds of one `trainer.bench` at the demo shape, 15,700-17,000 without the trim). Spared its own
 # trims a reference runs faster than on its own (PyTorch's train step at vocabulary 32,000: 4,914
-# tokens/s against 2,989), so `trainer.bench` runs PyTorch in a process of its own
-# (benchmarks/torch_reference.py); these settings serve the references that share ours' process
-# (Tunix's step, transformers.generate), to their advantage if anything. The arena count cannot be
-# raised again in a process.
+# tokens/s against 2,989), so the benchmarks run PyTorch and transformers.generate in processes of
+# their own (benchmarks/reference_process.py); these settings serve the one reference that shares
+# ours' process (Tunix's step, a JAX program too), to its advantage if anything. The arena count
+# cannot be raised again in a process.
 GLIBC = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20))
 _applied = False
 
@@ -83,9 +83,8 @@ def applied() -> bool:
 @contextlib.contextmanager
 def glibc_defaults() -> Iterator[bool]:
     """glibc's settings (``GLIBC``: no trimming) for the duration, ours again after: a reference timed
-    in the same process (Tunix's step in ``trainer.bench --tunix``, ``transformers.generate`` in
-    ``trainer.bench_generate``) then runs as it does on its own, or faster. Yields whether anything
-    changed (only where ``keep_freed_memory`` had)."""
+    in the same process (Tunix's step in ``trainer.bench --tunix``) then runs as it does on its own,
+    or faster. Yields whether anything changed (only where ``keep_freed_memory`` had)."""
     changed = _applied and _mallopt(GLIBC)
     try:
         yield changed
