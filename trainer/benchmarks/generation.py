@@ -80,7 +80,7 @@ def _torch_generate(hf, prompts: list[list[int]], batch: int, new_tokens: int) -
 class TransformersProcess:
     """``transformers.generate`` in a child process of its own, with glibc's malloc settings: as it
     runs on its own (in ours' process it shared one heap and one malloc arena with ours; see
-    ``trainer/benchmarks/torch_reference.py``). ``path``: the model's directory, which ours loads too."""
+    ``trainer/benchmarks/torch_reference.py``). ``first["path"]``: the model's directory, which ours loads too."""
 
     def __init__(self, model: str, hf_path: str, threads: int):
         self._proc = ReferenceProcess("trainer.benchmarks.generation", keep_freed_memory=False)
