@@ -68,11 +68,10 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
     """Seconds for ``data[warmup:]``, and for building the model and its first step.
 
     Each batch's ``inputs`` (``[batch, seq]``) are Tunix's ``input_tokens``: the model runs on the same
-    ``seq`` tokens as ours (its loss then has ``seq - 1`` targets a row). Timed twice: ``seconds``
-    under this process's settings (on CPU ours keep freed memory, ``trainer.host_memory``), and
-    ``seconds_glibc`` under glibc's malloc defaults, as Tunix runs on its own (JAX's dispatch stays
-    synchronous: that is fixed when the backend starts). ``timed`` times the same steps again under
-    whatever settings are in force (``trainer.bench --rounds`` has it take turns with ours)."""
+    ``seq`` tokens as ours (its loss then has ``seq - 1`` targets a row). ``seconds``: under this
+    process's settings (on CPU ours keep freed memory, ``trainer.host_memory``). ``timed`` times the
+    same steps again under whatever settings are in force: ``trainer.bench --tunix`` has it take turns
+    with ours, and also runs it under glibc's malloc settings, as Tunix runs on its own."""
     if cfg.dtype != "float32":
         raise ValueError(f"Tunix's Llama 3 computes in float32; this model's dtype is {cfg.dtype}")
     t0 = time.perf_counter()
@@ -101,10 +100,8 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
         return time.perf_counter() - t0
 
     seconds = timed()
-    with host_memory.glibc_defaults() as changed:  # as Tunix runs on its own, malloc-wise
-        seconds_glibc = timed() if changed else seconds
-    return {"seconds": seconds, "seconds_glibc": seconds_glibc, "timed": timed, "loss": float(last["loss"]),
-            "build_s": build_s, "first_step_s": first_step_s}
+    return {"seconds": seconds, "timed": timed, "loss": float(last["loss"]), "build_s": build_s,
+            "first_step_s": first_step_s}
 
 
 def median_table(outdir: str) -> str:
