@@ -55,7 +55,7 @@ def run() -> None:
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:
                 json.dump(row, f, indent=2)
-    launch(body, required=())
+    launch(body, required=(), compile_cache=False)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def run() -> None:
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:
                 json.dump(rows, f, indent=2)
-    launch(body, required=())
+    launch(body, required=(), compile_cache=False)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from data_pipeline.cli import UserError, config_flag, parse_flags  # noqa: F401 (re-exported)
+from trainer import compile_cache as compile_cache_lib
 from trainer import exit_watch, host_memory, tpu_env
 
 flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
@@ -137,11 +138,13 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
           flush=True)
 
 
-def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) -> None:
+def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",), compile_cache: bool = True) -> None:
     """Runs an entry point: absl flags (clean errors), required-flag checks, then ``run_main(body)``.
 
     ``--help`` is answered without importing JAX (seconds on a busy machine); otherwise JAX's own
     flags (``--jax_...``) are registered with absl first, as ``jax.config.config_with_absl`` does.
+    ``compile_cache``: keep compiled programs between runs (``trainer.compile_cache``; the
+    benchmarks and the dry run, which report compile times and analyses, say False).
     """
     threading.excepthook = _thread_failed
     if not any(a in ("--help", "-h", "-?", "--helpfull", "--helpshort") for a in sys.argv[1:]):
@@ -156,6 +159,9 @@ def launch(body: Callable[[], Any], required: tuple[str, ...] = ("workdir",)) ->
         missing = [f"--{name}" for name in required if not flags.FLAGS[name].value]
         if missing:
             raise app.UsageError(f"{' and '.join(missing)} required")
+        if compile_cache:
+            workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else ""
+            compile_cache_lib.configure(workdir or "")
         run_main(body)
 
     app.run(main, flags_parser=parse_flags)
