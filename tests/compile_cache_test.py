@@ -26,7 +26,7 @@ def test_the_default_directory_names_this_hosts_cpu(monkeypatch, tmp_path):
     assert (compile_cache.host_fingerprint(CPUINFO.format(extra=""))
             == compile_cache.host_fingerprint(CPUINFO.format(extra="") + "other processors differ"))
     # a pod's gs:// workdir: the restarted hosts find the programs there
-    assert compile_cache.default_dir("gs://bucket/runs/x/") == "gs://bucket/runs/x/xla_cache"
+    assert compile_cache.default_dir("gs://bucket/runs/x/") == "gs://bucket/runs/x/compile_cache"
 
 
 @pytest.fixture

@@ -58,9 +58,13 @@ def test_a_run_in_a_bucket_trains_is_killed_resumes_evaluates_and_exports(gcs_en
     wd = "gs://bkt/runs/tiny"
     train = _cmd("trainer.train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", wd,
                  "--config.train.num_steps=20", "--config.train.checkpoint_every=10",
-                 "--config.train.eval_every=10", "--config.train.log_every=1")
+                 "--config.train.eval_every=10", "--config.train.log_every=1", "--jax_log_compiles")
+    # the compilation cache where a pod's run keeps it, in the workdir (trainer.compile_cache), rather
+    # than the tests' own; the tiny model compiles under JAX's 1-second threshold for writing one
+    train_env = {k: v for k, v in gcs_env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    train_env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     fs = _fs(gcs_env)
-    proc = subprocess.Popen(train, cwd=tmp_path, env=gcs_env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train, cwd=tmp_path, env=train_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once the first checkpoint is there
@@ -75,9 +79,12 @@ def test_a_run_in_a_bucket_trains_is_killed_resumes_evaluates_and_exports(gcs_en
     fs.invalidate_cache()
     assert fs.exists("bkt/runs/tiny/config.json") and fs.exists("bkt/runs/tiny/tokenizer")
 
-    r = subprocess.run(train, cwd=tmp_path, env=gcs_env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(train, cwd=tmp_path, env=train_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "resumed from the checkpoint at step" in r.stdout, r.stdout[:3000]
+    # the killed run's compiled train step, read back from the bucket by the resumed one
+    assert any("/jit_train_step-" in p for p in fs.ls("bkt/runs/tiny/compile_cache"))
+    assert "Persistent compilation cache hit for 'jit_train_step'" in r.stderr, r.stderr[-3000:]
     assert "took over the lock" in r.stdout  # the killed run's lock, in the bucket
     fs.invalidate_cache()
     rows = [json.loads(line) for line in fs.cat("bkt/runs/tiny/metrics.jsonl").decode().splitlines()]

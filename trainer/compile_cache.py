@@ -10,8 +10,9 @@ that differ (a cluster's NFS home). Where (``configure``):
 
 - ``--jax_compilation_cache_dir DIR`` or ``JAX_COMPILATION_CACHE_DIR``: the user's choice, left
   alone (an empty value turns the cache off);
-- a ``gs://`` workdir: ``WORKDIR/xla_cache``, where the hosts of a preempted pod find it again when
+- a ``gs://`` workdir: ``WORKDIR/compile_cache``, where the hosts of a preempted pod find it again when
   it restarts on new machines (process 0 writes, every process reads: JAX's own rule);
+  ``launch/tpu_pod.sh`` names that directory itself, for a shared-filesystem workdir too;
 - else ``~/.cache/flax_ift/xla/<this CPU>``, shared by the runs on this machine, at most
   ``MAX_BYTES`` (least recently used entries go first; ``--jax_compilation_cache_max_size`` sets it).
 
@@ -50,7 +51,7 @@ def host_fingerprint(cpuinfo: str | None = None) -> str:
 def default_dir(workdir: str = "") -> str:
     """The cache directory a run uses unless the user chose one (see the module docstring)."""
     if "://" in workdir:
-        return workdir.rstrip("/") + "/xla_cache"
+        return workdir.rstrip("/") + "/compile_cache"
     return os.path.join(os.path.expanduser(os.path.join("~", ".cache", "flax_ift", "xla")), host_fingerprint())
 
 
