@@ -30,7 +30,6 @@ import os
 import platform
 import sys
 
-ENV = "JAX_COMPILATION_CACHE_DIR"
 MAX_BYTES = 4 << 30
 
 
