@@ -51,8 +51,9 @@ def host_fingerprint(cpuinfo: str | None = None) -> str:
 
 def default_dir(workdir: str = "") -> str:
     """The cache directory a run uses unless the user chose one (see the module docstring)."""
-    if "://" in workdir:
-        return workdir.rstrip("/") + "/compile_cache"
+    from trainer.io import paths  # noqa: PLC0415 (etils, after the flags: --help stays quick)
+    if paths.is_remote(workdir):
+        return paths.join(workdir, "compile_cache")
     return os.path.join(os.path.expanduser(os.path.join("~", ".cache", "flax_ift", "xla")), host_fingerprint())
 
 
@@ -70,14 +71,14 @@ def configure(workdir: str = "") -> str:
     import jax  # noqa: PLC0415
     if _chosen("jax_compilation_cache_dir"):
         return jax.config.jax_compilation_cache_dir or ""
+    from trainer.io import paths  # noqa: PLC0415
     path = default_dir(workdir)
     try:
-        from trainer.io import paths  # noqa: PLC0415 (etils: local paths and gs:// alike)
         paths.makedirs(path)
     except Exception as e:  # noqa: BLE001 -- any filesystem's error: the run goes on, uncached
         print(f"warning: no compilation cache ({path}: {type(e).__name__}: {e})", file=sys.stderr, flush=True)
         return ""
     jax.config.update("jax_compilation_cache_dir", path)
-    if "://" not in path and not _chosen("jax_compilation_cache_max_size"):
+    if not paths.is_remote(path) and not _chosen("jax_compilation_cache_max_size"):
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
