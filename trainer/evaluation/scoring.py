@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer.imports import import_without
 from trainer.settings import options
 from trainer.settings.spec import Normalization
 
@@ -55,7 +56,8 @@ class Scorer:
     """
 
     def __init__(self, pattern: str = "", normalize: Normalization = Normalization()):
-        from rouge_score import rouge_scorer  # noqa: PLC0415 (slow imports, only when scoring)
+        # slow imports, only when scoring; without scipy.stats (nltk's, unused): trainer.imports
+        rouge_scorer = import_without("rouge_score.rouge_scorer", "scipy.stats")
         from sacrebleu.metrics import CHRF  # noqa: PLC0415
         self.pattern, self.normalize = pattern, normalize
         self._rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)

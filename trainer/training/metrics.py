@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from trainer.imports import import_without
 from trainer.io import paths
 
 
@@ -59,9 +60,8 @@ class MetricWriter:
                 from trainer.training.rundir import truncate_metrics  # noqa: PLC0415
                 self.dropped = truncate_metrics(local, resumed_at)
             self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a", buffering=1)
-            from tensorboardX import (
-                SummaryWriter,  # imported lazily: slow import, process 0 only
-            )
+            # imported lazily (process 0 only), and without torch: trainer.imports
+            SummaryWriter = import_without("tensorboardX", "torch").SummaryWriter
             self._tb = SummaryWriter(os.path.join(local, "tensorboard"),
                                      purge_step=None if resumed_at is None else resumed_at + 1)
 
