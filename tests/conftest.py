@@ -50,14 +50,15 @@ def reference(name: str):
     return pytest.importorskip(name)
 
 
-# The files that took longest in a `--durations=0` run (2026-12-03: 660, 590, 350, 340, 320, 310, 280,
-# 270, 250, 170, 150, 130 and 100 s), run first. `launch/test.sh` hands out whole files in collection
+# The files that took longest in a `--durations=0` run (2026-12-06: 655, 542, 218, 213, 183, 159, 158,
+# 149, 135, 126, 111, 97, 88 and 83 s), run first. `launch/test.sh` hands out whole files in collection
 # order (`--dist loadfile --no-loadscope-reorder`), so each worker takes the next-longest file and the
 # short ones fill the end; xdist's default order is by number of tests per file, which puts a file of
 # a few long tests (the multi-process ones) wherever its count falls, possibly last.
-SLOW_FILES_FIRST = ("multiprocess_test.py", "fault_tolerance_test.py", "hf_run_test.py", "real_data_test.py",
-                    "cli_test.py", "lora_test.py", "dry_run_test.py", "gguf_test.py", "remote_workdir_test.py",
-                    "scan_test.py", "lora_peft_test.py", "families_test.py", "topology_test.py")
+SLOW_FILES_FIRST = ("multiprocess_test.py", "fault_tolerance_test.py", "gguf_test.py", "hf_run_test.py",
+                    "dry_run_test.py", "lora_test.py", "cli_test.py", "topology_test.py", "attention_test.py",
+                    "families_test.py", "real_data_test.py", "generate_test.py", "lora_peft_test.py",
+                    "scan_test.py")
 
 
 def pytest_collection_modifyitems(items):
