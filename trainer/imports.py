@@ -12,6 +12,7 @@ features this project does not call, each inside ``try: import X / except Import
 ``import_without`` hides those modules while the library is imported (``sys.modules[name] = None``
 makes ``import name`` raise ImportError, the library's own fallback), then unhides them, so a later
 ``import torch`` anywhere in the process works as usual. A module already imported is not hidden.
+Meant for start-up: another thread importing a hidden module at that moment would find it absent.
 """
 
 from __future__ import annotations
