@@ -154,15 +154,13 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
     grads, checkpoints = {}, {}
     for mode in ("none", remat):
         loss, params = _loss_under_remat(mode, rows=4)
-        grads[mode] = jax.jit(jax.grad(loss))(params)  # jitted, as the train step is
+        grads[mode] = jax.grad(loss)(params)
         jaxpr = str(jax.make_jaxpr(loss)(params))
         checkpoints[mode] = jaxpr.count("checkpoint") + jaxpr.count("remat")
     # it is really on: the blocks add checkpoints (to the loss tiles' own, when the loss is tiled)
     assert checkpoints[remat] > checkpoints["none"]
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat]), strict=True):
-        # 1e-5: jitted, remat changes what XLA fuses and so float32 rounding (1.2e-6 seen in 1 of 2,048
-        # elements); a wrong residual moves gradients of size 0.01-1 by far more
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_remat_dots_with_context_recomputes_only_the_attention_scores():
