@@ -45,9 +45,15 @@ def test_flops_per_token_counts_matmuls_and_attention():
     assert flops_per_token(cfg, 8) == 6 * 184 + 12 * 1 * 2 * 2 * 8 / 2
 
 
-def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys):
+def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys, tmp_path, monkeypatch):
+    import tempfile  # noqa: PLC0415
+
     from trainer.benchmarks.generation import bench as bench_generate  # noqa: PLC0415
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # this process's temp directory and the reference's
+    monkeypatch.setattr(tempfile, "tempdir", None)
     (row,) = bench_generate("demo", batches=(4,), prompt_len=24, new_tokens=6, num_batches=2)
+    # the random-weight model's files are gone (each SmolLM2 run left 514 MB)
+    assert list(tmp_path.glob("bench_generate_*")) == []
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0
     assert row["identical_rows"] == row["rows"] == 8  # greedy tokens equal transformers.generate's
     out = capsys.readouterr().out

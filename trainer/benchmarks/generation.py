@@ -35,7 +35,9 @@ SHAPES = {  # LlamaConfig kwargs
 }
 
 
-def _torch_model(model: str, hf_path: str):
+def _torch_model(model: str, hf_path: str, save_to: str):
+    """The reference model: ``hf_path``'s, or a random-weight one of ``model``'s shape saved to
+    ``save_to`` (for ours to load). Returns it and its directory."""
     import torch  # noqa: PLC0415 (benchmark-time reference only)
     import transformers  # noqa: PLC0415
     if hf_path:
@@ -43,9 +45,8 @@ def _torch_model(model: str, hf_path: str):
             hf_path, torch_dtype=torch.float32).eval(), hf_path
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[model])).eval()
-    path = tempfile.mkdtemp(prefix=f"bench_generate_{model}_")
-    hf.save_pretrained(path)
-    return hf, path
+    hf.save_pretrained(save_to)
+    return hf, save_to
 
 
 def _torch_generate(hf, prompts: list[list[int]], batch: int, new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -80,11 +81,13 @@ def _torch_generate(hf, prompts: list[list[int]], batch: int, new_tokens: int) -
 class TransformersProcess:
     """``transformers.generate`` in a child process of its own, with glibc's malloc settings: as it
     runs on its own (in ours' process it shared one heap and one malloc arena with ours; see
-    ``trainer/benchmarks/torch_reference.py``). ``first["path"]``: the model's directory, which ours loads too."""
+    ``trainer/benchmarks/torch_reference.py``). ``first["path"]``: the model's directory
+    (``hf_path``, or ``save_to`` where the random-weight model is saved), which ours loads too."""
 
-    def __init__(self, model: str, hf_path: str, threads: int):
+    def __init__(self, model: str, hf_path: str, threads: int, save_to: str):
         self._proc = ReferenceProcess("trainer.benchmarks.generation", keep_freed_memory=False)
-        self.first = self._proc.ask({"model": model, "hf_path": hf_path, "threads": threads})
+        self.first = self._proc.ask({"model": model, "hf_path": hf_path, "threads": threads,
+                                     "save_to": save_to})
 
     def generate(self, prompts: list[np.ndarray], batch: int, new_tokens: int) -> tuple[float, list[list[int]]]:
         answer = self._proc.ask({"prompts": [p.tolist() for p in prompts], "batch": batch,
@@ -98,11 +101,14 @@ class TransformersProcess:
 def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1, 8, 32),
           prompt_len: int = 64, new_tokens: int = 32, num_batches: int = 2, threads: int = 0,
           seed: int = 0) -> list[dict[str, Any]]:
-    ref_proc = TransformersProcess(model, hf_path, threads)
-    try:
-        return _bench(ref_proc, model, hf_path, batches, prompt_len, new_tokens, num_batches, seed)
-    finally:
-        ref_proc.close()
+    # The random-weight model's files live as long as the benchmark: each run left SmolLM2's 514 MB
+    # in the temp directory.
+    with tempfile.TemporaryDirectory(prefix=f"bench_generate_{model}_") as save_to:
+        ref_proc = TransformersProcess(model, hf_path, threads, save_to)
+        try:
+            return _bench(ref_proc, model, hf_path, batches, prompt_len, new_tokens, num_batches, seed)
+        finally:
+            ref_proc.close()
 
 
 def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tuple[int, ...], prompt_len: int,
@@ -145,7 +151,7 @@ def main() -> None:
         import torch  # noqa: PLC0415 (after serve_requests' malloc settings)
         if spec["threads"]:
             torch.set_num_threads(spec["threads"])
-        hf, path = _torch_model(spec["model"], spec["hf_path"])
+        hf, path = _torch_model(spec["model"], spec["hf_path"], spec["save_to"])
         request = yield {"path": path, "threads": torch.get_num_threads()}
         while True:
             seconds, tokens = _torch_generate(hf, request["prompts"], request["batch"], request["new_tokens"])
