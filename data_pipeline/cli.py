@@ -2,8 +2,8 @@
 
 User errors become one ``error:`` line with exit status 2, not a traceback. Entry points define their
 absl flags in ``run()``/``__main__`` rather than on import, so modules such as ``trainer.train`` and
-``trainer.eval`` can be imported into one process (the tests) without a duplicate-flag error. (Lives in ``data_pipeline``
-because the data pipeline must not import trainer code; ``trainer.cli`` re-exports it.)
+``trainer.eval`` can be imported into one process (the tests) without a duplicate-flag error. (Lives in
+``data_pipeline`` because the data pipeline must not import trainer code; ``trainer.cli`` re-exports it.)
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from data_pipeline.templating import (
     plan,
     tokenize_plans,
 )
+from data_pipeline.user_cache import user_cache_dir
 
 CACHE_VERSION = "2"  # bump when tokenisation or the cache's files change meaning
 LENGTH_POLICIES = ("drop", "truncate")
@@ -190,7 +191,7 @@ def cache_key(rows: list[dict[str, Any]], tok, t: Template, data_cfg: Any) -> st
 
 
 def _cache_dir(data_cfg: Any) -> str:
-    return os.path.expanduser(data_cfg.cache_dir or os.path.join("~", ".cache", "flax_ift", "tokenized"))
+    return os.path.expanduser(data_cfg.cache_dir) if data_cfg.cache_dir else user_cache_dir("tokenized")
 
 
 def tokenize_split(data_cfg: Any, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]]

@@ -16,6 +16,7 @@ CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 {ext
 
 
 def test_the_default_directory_names_this_hosts_cpu(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     fp = compile_cache.host_fingerprint()
     assert len(fp) == 12 and int(fp, 16) >= 0
@@ -39,6 +40,7 @@ def jax_cache_config():
 
 
 def test_configure_uses_the_default_unless_the_user_chose(monkeypatch, tmp_path, jax_cache_config, capsys):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache.configure() == jax.config.jax_compilation_cache_dir  # the user's, untouched
@@ -54,6 +56,7 @@ def test_configure_uses_the_default_unless_the_user_chose(monkeypatch, tmp_path,
     # a directory that cannot be made: one warning line, and the run compiles uncached
     jax.config.update("jax_compilation_cache_dir", None)
     (tmp_path / "file").write_text("")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "file"))
     assert compile_cache.configure() == ""
     assert jax.config.jax_compilation_cache_dir is None
@@ -62,7 +65,7 @@ def test_configure_uses_the_default_unless_the_user_chose(monkeypatch, tmp_path,
 
 
 def _train(tmp_path, name, *extra):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME")}
     # the tiny model compiles in well under JAX's 1-second threshold for writing an entry
     env.update(HOME=str(tmp_path / "home"), PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, "-m", "trainer.train", "--config", "configs/tiny.py", "--jax_log_compiles", *extra]

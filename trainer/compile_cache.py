@@ -15,7 +15,8 @@ Where (``configure``):
 - a ``gs://`` workdir: ``WORKDIR/compile_cache``, where the hosts of a preempted pod find it again when
   it restarts on new machines (process 0 writes, every process reads: JAX's own rule);
   ``launch/tpu_pod.sh`` names that directory itself, for a shared-filesystem workdir too;
-- else ``~/.cache/flax_ift/xla/<this CPU>``, shared by the runs on this machine, at most
+- else ``~/.cache/flax_ift/xla/<this CPU>`` (``$XDG_CACHE_HOME/flax_ift/...`` where that is set:
+  ``data_pipeline.user_cache``), shared by the runs on this machine, at most
   ``MAX_BYTES`` (least recently used entries go first; ``--jax_compilation_cache_max_size`` sets it).
 
 JAX writes only programs that took at least a second to compile
@@ -29,6 +30,8 @@ import hashlib
 import os
 import platform
 import sys
+
+from data_pipeline.user_cache import user_cache_dir
 
 MAX_BYTES = 4 << 30
 
@@ -54,7 +57,7 @@ def default_dir(workdir: str = "") -> str:
     from trainer.io import paths  # noqa: PLC0415 (etils, after the flags: --help stays quick)
     if paths.is_remote(workdir):
         return paths.join(workdir, "compile_cache")
-    return os.path.join(os.path.expanduser(os.path.join("~", ".cache", "flax_ift", "xla")), host_fingerprint())
+    return user_cache_dir("xla", host_fingerprint())
 
 
 def _chosen(flag: str) -> bool:
