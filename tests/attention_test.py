@@ -87,16 +87,18 @@ def test_xla_path_gradients_match_the_naive_formula(block, softcap, window):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [2, 1])
 @pytest.mark.parametrize("softcap,window", [(0.0, None), (5.0, 24)], ids=["plain", "softcap_window"])
-def test_xla_path_reads_the_kv_caches_layout(softcap, window):
+def test_xla_path_reads_the_kv_caches_layout(softcap, window, rows):
     """k and v as the KV cache holds them (``cached``: k [b, kv_heads, head_dim, slots], v [b,
     kv_heads, slots, head_dim]) give the same output, and the same gradients in that layout, as the
-    [b, slots, kv_heads, head_dim] form: packed segments, padding, GQA, a query offset."""
+    [b, slots, kv_heads, head_dim] form: packed segments, padding, GQA, a query offset. One row
+    takes products and sums instead of the dots (``_softmax_attend_fwd``)."""
     b = batch(b=2, s=64)
-    seg, pos = jnp.asarray(b["segment_ids"]), jnp.asarray(b["positions"])
+    seg, pos = jnp.asarray(b["segment_ids"])[:rows], jnp.asarray(b["positions"])[:rows]
     rng = np.random.default_rng(2)
-    q = jnp.asarray(rng.normal(size=(2, 3, 4, 16)), jnp.float32)  # the last 3 slots query
-    k, v = (jnp.asarray(rng.normal(size=(2, 64, 2, 16)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(rows, 3, 4, 16)), jnp.float32)  # the last 3 slots query
+    k, v = (jnp.asarray(rng.normal(size=(rows, 64, 2, 16)), jnp.float32) for _ in range(2))
     w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
     def run(q, k, v, cached):
