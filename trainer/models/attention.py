@@ -174,9 +174,10 @@ def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False):
     # dimension is 1 around a reshape that drops it, fuses the cache's update into both sides of
     # that reshape, and then copies every layer's keys and values 4 times a decode step to give each
     # fusion its own buffer (240 copies a step at SmolLM2's shape; none at 8 or 32 rows). Without
-    # the dots: SmolLM2's one-row decode step 28.9 against 30.4 ms with 64-token prompts, 34.0
-    # against 49.4 with 1,024 (medians of 3). At more rows the dots stay: written this way, the
-    # step's attention ran 1.1x slower at the demo's 128 rows and 2.2x at SmolLM2's 32 (README).
+    # the dots, SmolLM2's one-row decode step took 34.8 and 35.1 ms with 1,024-token prompts, against
+    # 45.3 and 39.5 (two alternating runs, medians of 5); with 64-token prompts the change is within
+    # the noise. At more rows the dots stay: written this way, the step's attention ran 1.1x slower
+    # at the demo's 128 rows and 2.2x at SmolLM2's 32 (README).
     one_row = keys_transposed and q.shape[0] == 1
     f32 = jnp.float32
     if one_row:  # q [1, kh, g, s, d] x k [1, kh, d, t] -> [1, kh, g, s, t]
