@@ -123,13 +123,16 @@ def test_completion_only_loss_matches_labels(pair):
     np.testing.assert_allclose(float(sums["loss_sum"] / sums["tokens"]), ref, rtol=1e-5)
 
 
-def test_greedy_generation_matches_generate(pair):
+@pytest.mark.parametrize("batch_size", [3, 1])
+def test_greedy_generation_matches_generate(pair, batch_size):
+    """In batches of 3, and of 1: a decode step's attention at one row takes products and sums
+    instead of dots (``trainer.models.attention._softmax_attend_fwd``)."""
     family, hf, graphdef, params, _, _ = pair
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, VOCAB, n).astype(np.int32) for n in (5, 9, 3)]
     new = 24
     gen = make_generate_fn(graphdef, max_new_tokens=new, eos_ids=[-1], pad_id=0)
-    ours = generate_all(gen, params, prompts, batch_size=3, pad_id=0, eos_ids=[-1])
+    ours = generate_all(gen, params, prompts, batch_size=batch_size, pad_id=0, eos_ids=[-1])
     width = max(map(len, prompts))
     ids = np.zeros((3, width), np.int64)
     att = np.zeros((3, width), np.int64)
