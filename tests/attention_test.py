@@ -93,7 +93,7 @@ def test_xla_path_reads_the_kv_caches_layout(softcap, window, rows):
     """k and v as the KV cache holds them (``cached``: k [b, kv_heads, head_dim, slots], v [b,
     kv_heads, slots, head_dim]) give the same output, and the same gradients in that layout, as the
     [b, slots, kv_heads, head_dim] form: packed segments, padding, GQA, a query offset. One row
-    takes products and sums instead of the dots (``_softmax_attend_fwd``)."""
+    takes products and sums instead of the dots (``products``, ``_softmax_attend_fwd``)."""
     b = batch(b=2, s=64)
     seg, pos = jnp.asarray(b["segment_ids"])[:rows], jnp.asarray(b["positions"])[:rows]
     rng = np.random.default_rng(2)
@@ -103,7 +103,7 @@ def test_xla_path_reads_the_kv_caches_layout(softcap, window, rows):
 
     def run(q, k, v, cached):
         out = attention_lib._xla_attention(q, k, v, seg[:, -3:], seg, pos[:, -3:], pos, 61, window, 0.3,
-                                           softcap, 0, cached)
+                                           softcap, 0, cached, products=cached and rows == 1)
         return jnp.sum(out * w)
 
     grad = jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2)), static_argnums=3)

@@ -129,7 +129,8 @@ def _cudnn_packed_attention(q: Array, k: Array, v: Array, segment_ids: Array, ma
 
 def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, q_pos: Array,
                      kv_pos: Array, q_slot: Array, kv_slot: Array, window: int | None,
-                     scale: float, softcap: float, keys_transposed: bool = False) -> Array:
+                     scale: float, softcap: float, keys_transposed: bool = False, products: bool = False
+                     ) -> Array:
     """Reference attention with the mask built here, heads-first: q: [b, kh, group, s, d]; k/v:
     [b, kh, t, d] (k [b, kh, d, t] with ``keys_transposed``: the KV cache's layout); *_seg/*_pos:
     [b, s] and [b, t]; q_slot [s], kv_slot [t]: slot indices. Returns [b, kh, group, s, d]. Softmax
@@ -145,7 +146,7 @@ def _dense_attention(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array, 
             & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0))
     if window is not None:
         mask = mask & (q_pos[:, :, None] - kv_pos[:, None, :] < window)
-    return _softmax_attend(q, k, v, mask, scale, softcap, keys_transposed)
+    return _softmax_attend(q, k, v, mask, scale, softcap, keys_transposed, products)
 
 
 # the score dot (q . k) and its two transposes, by whether k is [b, kh, t, d] or (the cache's) [b, kh, d, t]
@@ -154,9 +155,9 @@ _DQ = {False: "bkgst,bktd->bkgsd", True: "bkgst,bkdt->bkgsd"}
 _DK = {False: "bkgst,bkgsd->bktd", True: "bkgst,bkgsd->bkdt"}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, scale: float, softcap: float,
-                    keys_transposed: bool = False) -> Array:
+                    keys_transposed: bool = False, products: bool = False) -> Array:
     """softmax(mask(q . k * scale)) . v, heads-first (``_dense_attention``; mask: [b, s, t]), with its
     backward written out: the softmax's backward takes its row sums from the output (``sum(d_out *
     out)`` over the head dim, as flash attention's does) instead of from a pass over the [s, t]
@@ -165,11 +166,12 @@ def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, scale: float, sof
 
     The output is named ``CONTEXT`` here, in the layout the backward reads it: remat's
     "dots_with_context" keeps it, so the backward recomputes the scores only (not the values' dot).
-    ``keys_transposed``: k is [b, kh, d, t], the KV cache's layout (and so is its gradient)."""
-    return _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed)[0]
+    ``keys_transposed``: k is [b, kh, d, t], the KV cache's layout (and so is its gradient).
+    ``products``: the two dots as products and sums (one row over a layer's own cache arrays)."""
+    return _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed, products)[0]
 
 
-def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False):
+def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False, products=False):
     # One row over the KV cache: products and sums, not dots. XLA:CPU rewrites a dot whose batch
     # dimension is 1 around a reshape that drops it, fuses the cache's update into both sides of
     # that reshape, and then copies every layer's keys and values 4 times a decode step to give each
@@ -177,10 +179,12 @@ def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False):
     # the dots, SmolLM2's one-row decode step took 34.8 and 35.1 ms with 1,024-token prompts, against
     # 45.3 and 39.5 (two alternating runs, medians of 5); with 64-token prompts the change is within
     # the noise. At more rows the dots stay: written this way, the step's attention ran 1.1x slower
-    # at the demo's 128 rows and 2.2x at SmolLM2's 32 (README).
-    one_row = keys_transposed and q.shape[0] == 1
+    # at the demo's 128 rows and 2.2x at SmolLM2's 32 (README). Only where the cache is the layer's
+    # own arrays (an unrolled model): reading layer i of a scanned model's stack this way fused the
+    # read into the products, and XLA then copied the whole stack each step (a one-row SmolLM2
+    # decode 19% slower); there the dots read a copy of the one layer, as before.
     f32 = jnp.float32
-    if one_row:  # q [1, kh, g, s, d] x k [1, kh, d, t] -> [1, kh, g, s, t]
+    if products:  # q [1, kh, g, s, d] x k [1, kh, d, t] -> [1, kh, g, s, t]
         logits = jnp.sum(q[..., None].astype(f32) * k[:, :, None, None].astype(f32), axis=-2) * scale
     else:
         logits = jnp.einsum(_QK[keys_transposed], q, k, preferred_element_type=f32) * scale
@@ -190,7 +194,7 @@ def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False):
         logits = softcap * capped
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    if one_row:  # probs [1, kh, g, s, t] x v [1, kh, t, d] -> [1, kh, g, s, d]
+    if products:  # probs [1, kh, g, s, t] x v [1, kh, t, d] -> [1, kh, g, s, d]
         out = jnp.sum(probs[..., None].astype(f32) * v[:, :, None, None].astype(f32), axis=-2).astype(v.dtype)
     else:
         out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
@@ -198,7 +202,7 @@ def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False):
     return out, (q, k, v, mask, probs, out, capped)
 
 
-def _softmax_attend_bwd(scale, softcap, keys_transposed, res, d_out):
+def _softmax_attend_bwd(scale, softcap, keys_transposed, products, res, d_out):
     q, k, v, mask, probs, out, capped = res
     f32 = jnp.float32
     d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=f32)
@@ -217,7 +221,7 @@ _softmax_attend.defvjp(_softmax_attend_fwd, _softmax_attend_bwd)
 
 
 def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scale, softcap,
-                   block: int, cached: bool = False) -> Array:
+                   block: int, cached: bool = False, products: bool = False) -> Array:
     """Blockwise causal attention in plain XLA: query block i only meets key blocks 0..i (and, on a
     sliding layer with a static window, only the blocks the window reaches), so the fully masked
     upper triangle is never computed or stored -- about half the FLOPs and memory of a dense mask.
@@ -253,7 +257,7 @@ def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scal
         out = jnp.concatenate(outs, axis=3)
     else:
         out = _dense_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slots[:s] + q_offset, slots[:t],
-                               window, scale, softcap, keys_transposed=cached)
+                               window, scale, softcap, keys_transposed=cached, products=products)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
@@ -450,7 +454,8 @@ def context_saveable(prim, *_, **params) -> bool:
 
 def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_ids: Array,
               q_positions: Array, kv_positions: Array, q_offset: Array | int, sliding: Array | bool,
-              cfg: ModelConfig, generating: bool = False, cached: bool = False) -> Array:
+              cfg: ModelConfig, generating: bool = False, cached: bool = False, products: bool = False
+              ) -> Array:
     """The one attention entry point (see the rules above).
 
     Args:
@@ -465,6 +470,8 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
         (the kernels want lengths in multiples of their blocks, and cuDNN's causal mask alone would
         let prompts attend to their left padding). Otherwise q and k/v are the same full sequences
         from slot 0 (training, scoring), which the configured backend takes.
+      products: with ``cached``, one row over a layer's own cache arrays (an unrolled model): the
+        XLA path's two dots as products and sums (``_softmax_attend_fwd`` says why).
 
     Returns:
       [batch, s, heads, head_dim] in the compute dtype.
@@ -477,7 +484,8 @@ def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_
     def run(window: int | None) -> Array:
         if impl == "xla":  # (its output is named CONTEXT inside, heads-first: ``_softmax_attend``)
             return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                                  q_offset, window, scale, softcap, cfg.attention_block_size, cached)
+                                  q_offset, window, scale, softcap, cfg.attention_block_size, cached,
+                                  products)
         if impl in ("splash", "flash"):
             # GQA natively: each query head reads its group's k/v block (forward and backward), so the
             # [b, s, heads, d] copies of k and v are never made -- unless the mesh's head axis cannot

@@ -275,7 +275,7 @@ class Attention(nnx.Module):
         # keys: this call's own -- in training, scoring, and a prefill into an empty cache (whose
         # still-empty slots attention then need not read or mask out) -- else the cache's slots
         keys = (k, v, segment_ids, positions, q_from)
-        new, cached = None, False
+        new, cached, products = None, False, False
         if cache is not None:
             k_all, v_all, layer, meta = cache
             k_all, ck = write_layer(k_all, layer, meta.index, k, keys=True)
@@ -284,10 +284,11 @@ class Attention(nnx.Module):
             if not (isinstance(meta.index, int) and meta.index == 0):
                 keys = (ck.astype(dt), cv.astype(dt), meta.segment_ids, meta.positions, meta.index + q_from)
                 cached = True  # the cache's own layout (``KVCache``)
+                products = layer is None and x.shape[0] == 1  # one row, this layer's own arrays
         kk, vv, kv_seg, kv_pos, q_offset = keys
         out = attention(q, kk, vv, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
                         kv_positions=kv_pos, q_offset=q_offset, sliding=sliding, cfg=cfg,
-                        generating=cache is not None, cached=cached)
+                        generating=cache is not None, cached=cached, products=products)
         out = _project(self, "o", out, "bshd,hde->bse", rng)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
