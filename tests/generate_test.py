@@ -93,8 +93,8 @@ def test_decode_steps_copy_no_layer_of_the_cache(rows):
 
 
 def _decode_hlo(cfg: ModelConfig, rows: int = 3) -> tuple[nnx.State, str]:
-    """An unrolled model of ``cfg`` (its parameters), and the compiled text of generating 5 tokens
-    for ``rows`` left-padded 7-token prompts."""
+    """A model of ``cfg`` (its parameters), and the compiled text of generating 5 tokens for
+    ``rows`` left-padded 7-token prompts."""
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     toks, valid = left_pad([np.arange(3, 10, dtype=np.int32)] * rows, 16, 0)
     gen = make_generate_fn(graphdef, max_new_tokens=5, eos_ids=[], pad_id=0)
@@ -311,12 +311,9 @@ def test_scanned_decode_steps_copy_no_cache_stack(rows):
     straight out of the stack, and XLA then copied both whole stacks every step: 19% slower for
     SmolLM2; the scanned model keeps the dots."""
     # (head_dim 64: with 8, XLA fused the read another way and made no copy either way)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, scan_layers=True)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    toks, valid = left_pad([np.arange(3, 10, dtype=np.int32)] * rows, 16, 0)
-    hlo = make_generate_fn(graphdef, max_new_tokens=5, eos_ids=[], pad_id=0).lower(
-        params, toks, valid, jax.random.key(0)).compile().as_text()
+    _, hlo = _decode_hlo(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                     scan_layers=True), rows)
     stack = re.compile(rf"%(?P<name>\S+) = f32\[3,{rows},(2,64,21|2,21,64)\]\S* (?P<op>[\w-]+)\(")
     copies = [line.strip()[:160] for line in _while_bodies(hlo)
               if (m := stack.search(line)) and (m["op"] == "copy" or "copy" in m["name"])]
