@@ -172,17 +172,11 @@ def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, scale: float, sof
 
 
 def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False, products=False):
-    # One row over the KV cache: products and sums, not dots. XLA:CPU rewrites a dot whose batch
-    # dimension is 1 around a reshape that drops it, fuses the cache's update into both sides of
-    # that reshape, and then copies every layer's keys and values 4 times a decode step to give each
-    # fusion its own buffer (240 copies a step at SmolLM2's shape; none at 8 or 32 rows). Without
-    # the dots, SmolLM2's one-row decode step took 34.8 and 35.1 ms with 1,024-token prompts, against
-    # 45.3 and 39.5 (two alternating runs, medians of 5); with 64-token prompts the change is within
-    # the noise. At more rows the dots stay: written this way, the step's attention ran 1.1x slower
-    # at the demo's 128 rows and 2.2x at SmolLM2's 32 (README). Only where the cache is the layer's
-    # own arrays (an unrolled model): reading layer i of a scanned model's stack this way fused the
-    # read into the products, and XLA then copied the whole stack each step (a one-row SmolLM2
-    # decode 19% slower); there the dots read a copy of the one layer, as before.
+    # ``products``, one row over an unrolled model's cache: XLA:CPU turns a dot's batch dimension of
+    # 1 into a reshape, fuses the cache's update on both sides of it and copies every layer's keys
+    # and values 4 times a decode step (a SmolLM2 step with 1,024-token prompts: ~35 ms without the
+    # dots, 40-45 with them; README). More rows keep the dots (products ran 1.1-2.2x slower there),
+    # and so does a scanned model, whose stack XLA then copied whole every step.
     f32 = jnp.float32
     if products:  # q [1, kh, g, s, d] x k [1, kh, d, t] -> [1, kh, g, s, t]
         logits = jnp.sum(q[..., None].astype(f32) * k[:, :, None, None].astype(f32), axis=-2) * scale
