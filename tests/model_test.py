@@ -131,3 +131,45 @@ def test_generation_stops_at_eos_and_pads():
     gen = make_generate_fn(graphdef, max_new_tokens=8, eos_ids=[stop], pad_id=0)
     out = generate_all(gen, params, prompt, batch_size=1, pad_id=0, eos_ids=[stop])[0]
     assert out == free[: free.index(stop)]
+
+
+def test_rope_from_a_table_equals_plain_rope_and_marks_positions_past_the_bound():
+    """On a CPU, a call over its own tokens reads cos/sin from a [length, d/2] table by position:
+    the same values as the plain form, and NaN (not a wrong angle) for a position past the bound."""
+    from trainer.models.transformer import rope  # noqa: PLC0415
+    inv = 1.0 / (10000 ** (np.arange(0, 16, 2, dtype=np.float32) / 16))
+    x = jax.random.normal(jax.random.key(0), (2, 6, 3, 16))
+    pos = jnp.asarray([[0, 1, 2, 0, 1, 5], [3, 4, 5, 2, 1, 0]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(rope(x, pos, inv, below=6)), np.asarray(rope(x, pos, inv)))
+    past = np.asarray(rope(x, pos.at[1, 2].set(6), inv, below=6))
+    assert np.isnan(past[1, 2]).all() and not np.isnan(np.delete(past.reshape(12, -1), 8, 0)).any()
+
+
+def _fusion_roots_with(txt: str, ops: tuple[str, ...]) -> list[int]:
+    """Element counts of the outputs of the compiled fused computations that evaluate any of ``ops``."""
+    import re  # noqa: PLC0415
+    counts = []
+    for m in re.finditer(r"\n%?[\w.\-]+ \([^\n]*\) -> ([^\n]*) \{\n(.*?)\n\}", txt, re.S):
+        if any(f" {op}(" in m.group(2) for op in ops):
+            for dims in re.findall(r"\[([\d,]*)\]", m.group(1)):
+                counts.append(int(np.prod([int(n) for n in dims.split(",") if n] or [1])))
+    return counts
+
+
+def test_cpu_training_evaluates_cos_and_sin_once_per_position():
+    """XLA:CPU fused a plain cos/sin into rope's consumers and evaluated them for every element of q
+    and k (every head), forward and backward. Compiled now, no fusion that evaluates them writes
+    more than one value per token and frequency."""
+    hf_cfg, hf = hf_llama(False)
+    graphdef, params = ours(hf_cfg, hf)
+    b, s = 2, 16
+    tokens = jnp.ones((b, s), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+
+    def loss(p):
+        return jnp.sum(nnx.merge(graphdef, p).forward_logits(tokens, positions, jnp.ones((b, s), jnp.int32)))
+
+    txt = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    counts = _fusion_roots_with(txt, ("cosine", "sine"))
+    half = hf_cfg.hidden_size // hf_cfg.num_attention_heads // 2
+    assert counts and max(counts) <= b * s * half, counts

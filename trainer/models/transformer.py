@@ -27,7 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from trainer.models import remat as remat_lib
-from trainer.models.attention import attention
+from trainer.models.attention import attention, kernel_platform
 from trainer.models.config import SLIDING, ModelConfig
 from trainer.models.kv_cache import KVCache, write_layer
 from trainer.settings import options
@@ -123,16 +123,28 @@ def rope_inv_freq(cfg: ModelConfig, head_dim: int, local: bool = False) -> np.nd
     return inv.astype(np.float32)
 
 
-def rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-    """Rotary embedding in HF's "rotate half" layout. x: [b, s, h, d]; positions: [b, s] int32."""
+def rope(x: Array, positions: Array, inv_freq: np.ndarray, below: int | None = None) -> Array:
+    """Rotary embedding in HF's "rotate half" layout. x: [b, s, h, d]; positions: [b, s] int32.
+
+    ``below``: a bound on ``positions`` known when tracing (a call over its own tokens: its length).
+    Compiled for a CPU, cos and sin then come from a ``[below, d/2]`` table read by position:
+    XLA:CPU fuses a plain cos/sin into each consumer and evaluates them once per element of q and
+    of k (every head), forward and backward (README, "CPU: the train step against PyTorch"). The
+    values are the same cos of the same float32 angles; a position at or past ``below`` reads NaN,
+    never a wrong angle. Other platforms keep the plain form: a TPU evaluates it once per position
+    anyway, and its cost model put the gather above it."""
     d = x.shape[-1]
-    ang = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, s, d/2]
-    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+    if below and kernel_platform() == "cpu":
+        ang = jnp.arange(below, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq)  # [below, d/2]
+        cos, sin = (jnp.take(f(ang), positions, axis=0, mode="fill", fill_value=jnp.nan)
+                    for f in (jnp.cos, jnp.sin))
+    else:
+        ang = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, s, d/2]
+        cos, sin = jnp.cos(ang), jnp.sin(ang)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 # The projections LoRA can adapt, with how many leading axes of each weight are its input (``o`` is
@@ -270,8 +282,11 @@ class Attention(nnx.Module):
             if cfg.rope_local_theta and sliding is not False:
                 local = rope_inv_freq(cfg, cfg.head_size, local=True)
                 inv_freq = local if sliding is True else jnp.where(sliding, local, inv_freq)
-            q = rope(q, q_pos, inv_freq)
-            k = rope(k, positions, inv_freq)
+            # this call's own tokens (no cache, or a prefill into an empty one): positions < length
+            own = cache is None or (isinstance(cache[3].index, int) and cache[3].index == 0)
+            below = x.shape[1] if own else None
+            q = rope(q, q_pos, inv_freq, below)
+            k = rope(k, positions, inv_freq, below)
         # keys: this call's own -- in training, scoring, and a prefill into an empty cache (whose
         # still-empty slots attention then need not read or mask out) -- else the cache's slots
         keys = (k, v, segment_ids, positions, q_from)
