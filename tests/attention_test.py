@@ -68,14 +68,17 @@ def _naive_attention(q, k, v, seg, pos, window, scale, softcap):
 
 @pytest.mark.parametrize("block", [0, 32], ids=["dense", "blockwise"])
 @pytest.mark.parametrize("softcap,window", [(0.0, None), (5.0, 24)], ids=["plain", "softcap_window"])
-def test_xla_path_gradients_match_the_naive_formula(block, softcap, window):
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_xla_path_gradients_match_the_naive_formula(block, softcap, window, head_dim):
     """The XLA path's hand-written backward (row sums from the output, one pass for mask and softmax)
-    against JAX's autodiff of the textbook formula: packed segments, padding, GQA, float32."""
+    against JAX's autodiff of the textbook formula: packed segments, padding, GQA, float32. Key
+    blocks of 32-128 slots take the keys' and values' gradients in both operand orders (head_dim 16:
+    swapped from 64 slots on; 64: never)."""
     b = batch(b=2, s=128)
     seg, pos = jnp.asarray(b["segment_ids"]), jnp.asarray(b["positions"])
     rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, 128, h, 16)), jnp.float32) for h in (4, 2, 2))
-    w = jnp.asarray(rng.normal(size=(2, 128, 4, 16)), jnp.float32) * (seg > 0)[:, :, None, None]
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 128, h, head_dim)), jnp.float32) for h in (4, 2, 2))
+    w = jnp.asarray(rng.normal(size=(2, 128, 4, head_dim)), jnp.float32) * (seg > 0)[:, :, None, None]
 
     def loss(fn):
         return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))
