@@ -209,8 +209,8 @@ def _softmax_attend_bwd(scale, softcap, keys_transposed, products, res, d_out):
     # The keys' and values' gradients contract the [s, t] probabilities and score gradient over
     # their rows, and XLA:CPU's batched dot copies that operand transposed. From t = 4 d on they are
     # taken as [d, s] x [s, t] instead, so the copy is of the [s, d] operand (a quarter or less):
-    # the demo's train step ran 8% faster. At t = 2 d (SmolLM2's 128-token rows) the swapped dots ran
-    # 4-6% slower, at 3 d the same (README, "CPU: the train step against PyTorch").
+    # the demo's train step ran 7-9% faster. At t = 2 d (SmolLM2's 128-token rows) the swapped dots ran
+    # 4-7% slower, at 3 d within 2% (README, "CPU: the train step against PyTorch").
     if probs.shape[-1] >= 4 * q.shape[-1]:
         dv = jnp.einsum("bkgsd,bkgst->bkdt", d_out.astype(probs.dtype), probs).swapaxes(-1, -2)
         dk = jnp.einsum("bkgsd,bkgst->bkdt", q, d_logits)
