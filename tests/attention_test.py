@@ -282,7 +282,7 @@ def test_blockwise_xla_equals_dense(cfg):
     the window) give the dense path's logits on packed, padded rows."""
     b = batch(s=128)
     outs = []
-    for block in (0, 16):  # 0: one dense block; 16 at 128 tokens: 8 blocks
+    for block in (0, 16):  # 0: one dense block; 16 at 128 tokens: 4 blocks (at least 2 x head_dim)
         model = Transformer(dataclasses.replace(cfg, attention_impl="xla", attention_block_size=block),
                             rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(model)

@@ -246,7 +246,10 @@ def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scal
     q = q.reshape(b, s, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [b, kh, group, s, d]
     # At most 8 query blocks: each block is its own ops in the program, and 32 blocks of 128 at 4k
     # tokens made compiles 4x longer for little more skipping (7/16 of the square instead of 1/2).
-    block = max(block, s // 8) if block else 0
+    # At least 2 x head_dim rows: narrower blocks' dots ran slower than the FLOPs they skip saved
+    # (CPU train steps: head_dim 32 at 128 tokens, blocks of 64 ran 6-10% faster than one dense block
+    # and 32 no faster; head_dim 64 at 512 tokens, blocks of 64 ran 7% slower than 128; README).
+    block = max(block, 2 * d, s // 8) if block else 0
     if not cached and isinstance(q_offset, int) and q_offset == 0 and block and s > block and s % block == 0:
         outs = []
         for i in range(s // block):

@@ -36,8 +36,9 @@ class ModelConfig:
     # The most segments a packed row holds (data.max_segments_per_row; 0: no bound): cuDNN's attention
     # over packed rows needs one.
     max_segments: int = 0
-    # Query block of the XLA attention path: blocks above the causal diagonal are skipped (0: dense).
-    attention_block_size: int = 128
+    # Query block of the XLA attention path: blocks above the causal diagonal are skipped (0: dense);
+    # raised to 2 x head_dim and to s / 8 where smaller (``attention._xla_attention``).
+    attention_block_size: int = 64
     # Splash's query/key block (0: the largest of 512, 256, 128 dividing the sequence) and whether its
     # backward is the one fused kernel (see ``attention._splash_attention``).
     splash_block_size: int = 0

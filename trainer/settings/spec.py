@@ -97,7 +97,7 @@ class Model:
     # xla (blockwise: query blocks of attention_block_size skip the blocks above the diagonal).
     # Resolved for the target devices by modeling.model_config.
     attention_impl: str = "auto"  # auto | xla | cudnn | flash | splash
-    attention_block_size: int = 128
+    attention_block_size: int = 64  # (raised to 2 x head_dim and to max_length / 8 where smaller)
     # Splash (TPU): its block for queries and keys, forward and backward, in tokens (0: the largest of
     # 512, 256 and 128 that divides data.max_length; else a multiple of 128 that divides it), and its
     # fused backward kernel (dQ computed beside dK/dV: 5 block matmuls instead of 7, with a partial dQ
