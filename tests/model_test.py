@@ -146,12 +146,16 @@ def test_rope_from_a_table_equals_plain_rope_and_marks_positions_past_the_bound(
 
 
 def _fusion_roots_with(txt: str, ops: tuple[str, ...]) -> list[int]:
-    """Element counts of the outputs of the compiled fused computations that evaluate any of ``ops``."""
+    """Element counts of the results of the compiled computations that evaluate any of ``ops``."""
     import re  # noqa: PLC0415
+
+    from trainer.benchmarks import topology  # noqa: PLC0415
     counts = []
-    for m in re.finditer(r"\n%?[\w.\-]+ \([^\n]*\) -> ([^\n]*) \{\n(.*?)\n\}", txt, re.S):
-        if any(f" {op}(" in m.group(2) for op in ops):
-            for dims in re.findall(r"\[([\d,]*)\]", m.group(1)):
+    for lines in topology._computations(txt)[0].values():
+        if any(f" {op}(" in line for line in lines for op in ops):
+            root = next(line for line in lines if line.lstrip().startswith("ROOT "))
+            result = re.match(r"\s*ROOT \S+ = (\([^)]*\)|\S+)", root).group(1)  # a shape or a tuple of them
+            for dims in re.findall(r"\[([\d,]*)\]", result):
                 counts.append(int(np.prod([int(n) for n in dims.split(",") if n] or [1])))
     return counts
 
