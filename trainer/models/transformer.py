@@ -277,18 +277,17 @@ class Attention(nnx.Module):
                        v + self.v_bias[...].astype(dt))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        # keys: this call's own -- in training, scoring, and a prefill into an empty cache (whose
+        # still-empty slots attention then need not read or mask out) -- else the cache's slots
+        own = cache is None or (isinstance(cache[3].index, int) and cache[3].index == 0)
         if cfg.position_embedding == "rope":  # (numpy constants: an array attribute would be state)
             inv_freq = rope_inv_freq(cfg, cfg.head_size)
             if cfg.rope_local_theta and sliding is not False:
                 local = rope_inv_freq(cfg, cfg.head_size, local=True)
                 inv_freq = local if sliding is True else jnp.where(sliding, local, inv_freq)
-            # this call's own tokens (no cache, or a prefill into an empty one): positions < length
-            own = cache is None or (isinstance(cache[3].index, int) and cache[3].index == 0)
-            below = x.shape[1] if own else None
+            below = x.shape[1] if own else None  # the call's own positions are below its length
             q = rope(q, q_pos, inv_freq, below)
             k = rope(k, positions, inv_freq, below)
-        # keys: this call's own -- in training, scoring, and a prefill into an empty cache (whose
-        # still-empty slots attention then need not read or mask out) -- else the cache's slots
         keys = (k, v, segment_ids, positions, q_from)
         new, cached, products = None, False, False
         if cache is not None:
@@ -296,7 +295,7 @@ class Attention(nnx.Module):
             k_all, ck = write_layer(k_all, layer, meta.index, k, keys=True)
             v_all, cv = write_layer(v_all, layer, meta.index, v, keys=False)
             new = (k_all, v_all)
-            if not (isinstance(meta.index, int) and meta.index == 0):
+            if not own:
                 keys = (ck.astype(dt), cv.astype(dt), meta.segment_ids, meta.positions, meta.index + q_from)
                 cached = True  # the cache's own layout (``KVCache``)
                 products = layer is None and x.shape[0] == 1  # one row, this layer's own arrays
