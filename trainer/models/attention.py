@@ -208,9 +208,8 @@ def _softmax_attend_bwd(scale, softcap, keys_transposed, products, res, d_out):
     dq = jnp.einsum(_DQ[keys_transposed], d_logits, k)
     # The keys' and values' gradients contract the [s, t] probabilities and score gradient over
     # their rows, and XLA:CPU's batched dot copies that operand transposed. From t = 4 d on they are
-    # taken as [d, s] x [s, t] instead, so the copy is of the [s, d] operand (a quarter or less):
-    # the demo's train step ran 7-9% faster. At t = 2 d (SmolLM2's 128-token rows) the swapped dots ran
-    # 4-7% slower, at 3 d within 2% (README, "CPU: the train step against PyTorch").
+    # taken as [d, s] x [s, t] instead, so the copy is of the [s, d] operand (a quarter or less); at
+    # 2 d the swapped dots ran slower (README, "CPU: the train step against PyTorch").
     if probs.shape[-1] >= 4 * q.shape[-1]:
         dv = jnp.einsum("bkgsd,bkgst->bkdt", d_out.astype(probs.dtype), probs).swapaxes(-1, -2)
         dk = jnp.einsum("bkgsd,bkgst->bkdt", q, d_logits)
@@ -246,9 +245,8 @@ def _xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_offset, window, scal
     q = q.reshape(b, s, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [b, kh, group, s, d]
     # At most 8 query blocks: each block is its own ops in the program, and 32 blocks of 128 at 4k
     # tokens made compiles 4x longer for little more skipping (7/16 of the square instead of 1/2).
-    # At least 2 x head_dim rows: narrower blocks' dots ran slower than the FLOPs they skip saved
-    # (CPU train steps: head_dim 32 at 128 tokens, blocks of 64 ran 6-10% faster than one dense block
-    # and 32 no faster; head_dim 64 at 512 tokens, blocks of 64 ran 7% slower than 128; README).
+    # At least 2 x head_dim rows: narrower blocks' dots cost more than the FLOPs they skip (CPU
+    # train steps at head_dim 32 and 64, README "CPU: the train step against PyTorch").
     block = max(block, 2 * d, s // 8) if block else 0
     if not cached and isinstance(q_offset, int) and q_offset == 0 and block and s > block and s % block == 0:
         outs = []
