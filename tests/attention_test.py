@@ -12,6 +12,7 @@ from flax import nnx
 
 from trainer import sharding as sharding_lib
 from trainer.models import attention as attention_lib
+from trainer.models import attention_kernels as kernels
 from trainer.models.attention import resolve_attention
 from trainer.models.config import ModelConfig
 from trainer.models.transformer import Transformer
@@ -221,7 +222,7 @@ def test_dots_with_context_runs_the_gpu_kernels_forward_once(impl, packed, monke
         monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
         monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
     primitive, name = (("pallas_call", "mha_forward") if impl == "flash"
-                       else (attention_lib.CUDNN_FORWARD, None))
+                       else (kernels.CUDNN_FORWARD, None))
     b = {k: jnp.asarray(v) for k, v in batch(b=2, s=64).items()}
     calls = {}
     for remat in ("none", "dots", "dots_with_context"):
@@ -238,18 +239,18 @@ def test_segment_layout_is_cudnns_packed_layout():
     """Lengths and offsets of each row's segments, -1 past the last (JAX's documented example: rows
     of 3 and 2 segments of one token give offsets [[0, 1, 2, -1], [0, 1, -1, -1]])."""
     seg = jnp.asarray([[1, 2, 3, 0], [1, 2, 0, 0], [1, 1, 2, 2], [0, 0, 0, 0]], jnp.int32)
-    lengths, offsets = attention_lib.segment_layout(seg, 3)
+    lengths, offsets = kernels.segment_layout(seg, 3)
     np.testing.assert_array_equal(lengths, [[1, 1, 1], [1, 1, -1], [2, 2, -1], [-1, -1, -1]])
     np.testing.assert_array_equal(offsets, [[0, 1, 2, -1], [0, 1, -1, -1], [0, 2, -1, -1], [-1, -1, -1, -1]])
 
 
 def test_auto_takes_cudnn_for_packed_rows_only_with_a_segment_bound_on_hopper(monkeypatch):
     packed = dataclasses.replace(BASE, dtype="bfloat16", packed_inputs=True)
-    monkeypatch.setattr(attention_lib, "_hopper_or_later", lambda: True)
+    monkeypatch.setattr(kernels, "hopper_or_later", lambda: True)
     assert resolve_attention(packed, "gpu") == "flash"  # no bound: cuDNN cannot take the rows
     assert resolve_attention(dataclasses.replace(packed, max_segments=64), "gpu") == "cudnn"
     assert resolve_attention(dataclasses.replace(packed, max_segments=64, attention_impl="cudnn"), "gpu") == "cudnn"
-    monkeypatch.setattr(attention_lib, "_hopper_or_later", lambda: False)
+    monkeypatch.setattr(kernels, "hopper_or_later", lambda: False)
     assert resolve_attention(dataclasses.replace(packed, max_segments=64), "gpu") == "flash"
 
 

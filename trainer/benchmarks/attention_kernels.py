@@ -26,10 +26,11 @@ from absl import app, flags
 
 from trainer.benchmarks.timing import median_seconds
 from trainer.models import attention as attention_lib
+from trainer.models import attention_kernels as kernels
 from trainer.models.config import ModelConfig
 
 # (block_q, block_k, block_q_dkv, block_kv_dkv, block_q_dq, block_kv_dq) of the Pallas GPU kernel;
-# the first is ours (``_flash_gpu_attention`` at 128), the second the library's default
+# the first is ours (``attention_kernels.flash_gpu_attention`` at 128), the second the library's default
 BLOCKS = ((128, 128, 64, 128, 128, 64), (128, 128, 32, 32, 32, 32), (128, 128, 128, 128, 128, 128),
           (128, 64, 64, 64, 64, 64), (64, 64, 64, 64, 64, 64))
 
@@ -59,7 +60,7 @@ def _grad_fn(impl: str, cfg: ModelConfig, seg, pos, blocks=None):
             from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # noqa: PLC0415
             groups = q.shape[2] // k.shape[2] if impl == "repeat" else 1
             sizes = pallas_gpu.BlockSizes(*blocks)
-            out = attention_lib.pallas_gpu_mha(q, jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2), seg,
+            out = kernels.pallas_gpu_mha(q, jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2), seg,
                                                q.shape[-1] ** -0.5, sizes, False)
         return jnp.sum(out.astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -40,7 +40,7 @@ from trainer.errors import UserError
 from trainer.evaluation.generate import make_generate_fn, model_gather_plan
 from trainer.io import base_checkpoint as base_ckpt
 from trainer.models import flops as flops_lib
-from trainer.models.attention import splash_block
+from trainer.models.attention_kernels import splash_block
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings import checks as config_checks
 from trainer.settings.spec import RunSpec

@@ -40,7 +40,7 @@ class ModelConfig:
     # raised to 2 x head_dim and to s / 8 where smaller (``attention._xla_attention``).
     attention_block_size: int = 64
     # Splash's query/key block (0: the largest of 512, 256, 128 dividing the sequence) and whether its
-    # backward is the one fused kernel (see ``attention._splash_attention``).
+    # backward is the one fused kernel (see ``attention_kernels.splash_attention``).
     splash_block_size: int = 0
     splash_fused_backward: bool = False
     # Mesh axes that attention's batch and head dimensions are split over (from the sharding rules),

@@ -27,7 +27,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from trainer.models import remat as remat_lib
-from trainer.models.attention import attention, kernel_platform
+from trainer.models.attention import attention
+from trainer.models.attention_kernels import kernel_platform
 from trainer.models.config import SLIDING, ModelConfig
 from trainer.models.kv_cache import KVCache, write_layer
 from trainer.settings import options

@@ -26,7 +26,8 @@ from trainer.io import paths
 from trainer.io import peft as peft_io
 from trainer.models import lora as lora_lib
 from trainer.models import quant
-from trainer.models.attention import resolve_attention, splash_block
+from trainer.models.attention import resolve_attention
+from trainer.models.attention_kernels import splash_block
 from trainer.models.config import ModelConfig
 from trainer.models.transformer import Transformer, keys_per_block
 from trainer.settings.spec import RunSpec
