@@ -6,12 +6,12 @@ import pytest
 
 from data_pipeline import loader
 from tests import helpers
-from trainer.training import experiment
-from trainer.io.checkpoint import Checkpointer
-from trainer.errors import UserError
-from trainer.training.step import make_train_step
-from trainer.training.loop import train
 from tests.helpers import resolved
+from trainer.errors import UserError
+from trainer.io.checkpoint import Checkpointer
+from trainer.training import experiment
+from trainer.training.loop import train
+from trainer.training.step import make_train_step
 
 
 def test_save_restore_is_bitwise(tmp_path):

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from configs import demo
-from trainer.settings import checks as config_checks
 from tests.helpers import resolved
+from trainer.settings import checks as config_checks
 
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
     os.path.dirname(__file__), "..", "configs", "*.py")) if not p.endswith("__init__.py"))

@@ -8,9 +8,9 @@ import jax
 import pytest
 
 from tests import helpers
+from tests.helpers import resolved
 from trainer.benchmarks import dry_run
 from trainer.errors import UserError
-from tests.helpers import resolved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))

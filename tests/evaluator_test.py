@@ -15,12 +15,12 @@ from data_pipeline.templating import prompt_completion_messages
 from data_pipeline.tokenizer import train_demo_tokenizer
 from tests import helpers
 from tests.cli_test import run
-from trainer.training import experiment
-from trainer.io.checkpoint import Checkpointer
-from trainer.evaluation.evaluator import Evaluator, sample_rows
-from trainer.settings.options import parse_baselines
-from trainer.training.step import TrainState, make_train_step
 from tests.helpers import resolved
+from trainer.evaluation.evaluator import Evaluator, sample_rows
+from trainer.io.checkpoint import Checkpointer
+from trainer.settings.options import parse_baselines
+from trainer.training import experiment
+from trainer.training.step import TrainState, make_train_step
 
 
 def rows_and_tok():

@@ -7,18 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.conftest import reference
-from flax import nnx
 
 torch = reference("torch")
 transformers = reference("transformers")
 
-from trainer.io import hf as hf_io  # noqa: E402
+from tests.helpers import our_logits  # noqa: E402
 from trainer.evaluation.generate import generate_all, make_generate_fn  # noqa: E402
+from trainer.io import hf as hf_io  # noqa: E402
 from trainer.models.transformer import Transformer  # noqa: E402
 from trainer.training.step import token_loss  # noqa: E402
-from tests.helpers import our_logits  # noqa: E402
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

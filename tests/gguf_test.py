@@ -23,10 +23,10 @@ gguf = reference("gguf")
 reference("accelerate")  # transformers needs it to load GGUF files
 
 from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
-from trainer.io import gguf as gguf_io  # noqa: E402
-from trainer.io import hf as hf_io
 from tests.helpers import load_base, our_logits  # noqa: E402
 from trainer.evaluation.generate import generate_all, make_generate_fn  # noqa: E402
+from trainer.io import gguf as gguf_io  # noqa: E402
+from trainer.io import hf as hf_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = gguf.GGMLQuantizationType

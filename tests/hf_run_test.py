@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.conftest import reference
-from flax import nnx
 
 torch = reference("torch")
 transformers = reference("transformers")
@@ -19,9 +19,9 @@ from data_pipeline.synthetic import synthetic_splits  # noqa: E402
 from data_pipeline.templating import prompt_completion_messages  # noqa: E402
 from data_pipeline.tokenizer import train_demo_tokenizer  # noqa: E402
 from tests.cli_test import run  # noqa: E402
+from tests.helpers import resolved
 from trainer.training import modeling  # noqa: E402
 from trainer.training.runs import open_run  # noqa: E402
-from tests.helpers import resolved
 
 
 @pytest.fixture(scope="module")

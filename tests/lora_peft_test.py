@@ -11,16 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from tests.conftest import reference
 from flax import nnx
 
 from tests import helpers
+from tests.conftest import reference
 from tests.lora_test import ALL, randomize_b
-from trainer.training import experiment, modeling, rundir
-from trainer.io import hf as hf_io, peft as peft_io
+from trainer.io import hf as hf_io
+from trainer.io import peft as peft_io
 from trainer.models import lora
 from trainer.models.transformer import Transformer
+from trainer.training import experiment, modeling, rundir
 
 torch = reference("torch")
 transformers = reference("transformers")

@@ -13,13 +13,12 @@ import pytest
 from flax import nnx
 
 from tests import helpers
-from trainer.training import experiment
-from trainer.models import lora
-from trainer.models import quant
-from trainer.errors import UserError
-from trainer.models.transformer import LORA_TARGETS, Transformer
-from trainer.training.step import make_forward
 from tests.helpers import resolved
+from trainer.errors import UserError
+from trainer.models import lora, quant
+from trainer.models.transformer import LORA_TARGETS, Transformer
+from trainer.training import experiment
+from trainer.training.step import make_forward
 
 VOCAB, SEQ = 64, 36
 ALL = tuple(LORA_TARGETS)

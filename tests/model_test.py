@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.conftest import reference
-from flax import nnx
 
 torch = reference("torch")
 transformers = reference("transformers")

@@ -195,6 +195,7 @@ def test_sigterm_to_four_processes_lands_a_slow_checkpoint_and_resumes_bitwise(t
     to an uninterrupted 4-process run -- although its restore fails once on process 1 (retried by
     all, nothing set aside)."""
     import signal  # noqa: PLC0415
+
     from tests.fault_tolerance_test import final_state, metric_steps, tree_equal, wait_for_step  # noqa: PLC0415
     port = 21000 + os.getpid() % 8000
     ref, wd = tmp_path / "ref", tmp_path / "run"

@@ -9,11 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
-from data_pipeline import loader, packing, pipeline, sources, tokenizer as tokenizer_lib
+from data_pipeline import loader, packing, pipeline, sources
+from data_pipeline import tokenizer as tokenizer_lib
 from tests import helpers
-from trainer.training.modeling import model_config
-from trainer.models.transformer import Transformer
 from tests.helpers import resolved
+from trainer.models.transformer import Transformer
+from trainer.training.modeling import model_config
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

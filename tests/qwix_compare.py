@@ -40,5 +40,6 @@ print(f"ours: codes {ours.codes.dtype} (two per byte) {ours.codes.nbytes / 2**20
       f"{ours.scale.nbytes / 2**20:.1f} MiB, quantised on the host before placement, {seconds:.2f} s")
 back_qwix = np.asarray(numerics.nf4_to_fp(codes).reshape(IN // 64, 64, OUT) * scale).reshape(IN, OUT)
 back_ours = np.asarray(quant.dequantize(ours))
-print(f"dequantised: {np.sum(back_qwix != back_ours)} of {w.size} values differ (a tie between two levels); max |ours - qwix| "
+print(f"dequantised: {np.sum(back_qwix != back_ours)} of {w.size} values differ (a tie between two levels); "
+      "max |ours - qwix| "
       f"{np.max(np.abs(back_ours - back_qwix)):.2e}; max |w - ours| {np.max(np.abs(w - back_ours)):.2e}")

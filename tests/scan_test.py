@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainer.io import hf as hf_io
 from trainer.evaluation.generate import generate_all, make_generate_fn
+from trainer.io import hf as hf_io
 from trainer.models.config import ModelConfig
 from trainer.models.transformer import Transformer, stack_layers, unstack_layers
 from trainer.training.step import make_forward

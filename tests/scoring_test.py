@@ -44,6 +44,7 @@ def test_normalisation_options():
     assert exact_match("New   York\n", "new york", normalize=Normalization(lowercase=True, whitespace=True))
     assert not exact_match(" a", "a", normalize=Normalization(strip=False))
     import pytest  # noqa: PLC0415
+
     from trainer.settings.spec import RunSpec, SpecError  # noqa: PLC0415
     with pytest.raises(SpecError, match="eval.normalize: unknown key 'lower'"):
         RunSpec.from_dict({"eval": {"normalize": {"lower": True}}})

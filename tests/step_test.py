@@ -6,9 +6,9 @@ import optax
 import pytest
 
 from tests import helpers
+from tests.helpers import resolved
 from trainer.training import experiment, modeling
 from trainer.training.step import make_optimizer, make_train_step, token_loss
-from tests.helpers import resolved
 
 VOCAB, SEQ = 64, 16
 
@@ -140,6 +140,7 @@ def _loss_under_remat(mode: str, rows: int, attention_impl: str = "auto"):
     """The tiny model's loss_sum as a function of its parameters under ``model.remat=mode``, on one
     device and a fixed random batch; and the initial parameters."""
     import jax.numpy as jnp  # noqa: PLC0415
+
     from trainer.training.step import make_forward  # noqa: PLC0415
     config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
     config.model.remat, config.model.attention_impl = mode, attention_impl
@@ -182,10 +183,11 @@ def test_remat_dots_with_context_recomputes_only_the_attention_scores():
 
 def test_weight_decay_spares_biases_and_norms_whatever_their_rank():
     """Qwen2's per-head biases are 2-D ([heads, head_dim]): a rank-based mask would decay them."""
+    from flax import nnx  # noqa: PLC0415
+
     from trainer.models.config import ModelConfig  # noqa: PLC0415
     from trainer.models.transformer import Transformer  # noqa: PLC0415
     from trainer.training.step import decay_mask  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
     cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, qkv_bias=True, qk_norm=True)
     params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
@@ -278,6 +280,7 @@ def test_update_is_optax_adamw_on_the_mean_loss_gradient(max_norm):
     optax's own ``clip_by_global_norm`` and ``adamw`` (same schedule, same decay mask). The step
     divides, takes the norm and clips in its own order (a scalar factor fused into the update)."""
     import jax.numpy as jnp  # noqa: PLC0415
+
     from trainer.training.step import decay_mask, make_forward  # noqa: PLC0415
     config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
     config.optimizer.max_grad_norm = max_norm

@@ -200,12 +200,14 @@ def test_alpaca_headers_with_and_without_input(rich_tok):
     """The alpaca template's header depends on the row's own input (it used to test the assistant
     message's, and an empty input failed the template-fidelity check)."""
     from ml_collections import ConfigDict  # noqa: PLC0415
+
     from data_pipeline.formats import to_messages  # noqa: PLC0415
     from data_pipeline.sources import source  # noqa: PLC0415
     tok = rich_tok
     t = templating.Template.create(tok, "alpaca")
     spec = source(format="alpaca")
-    no_input = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    no_input = ("Below is an instruction that describes a task. "
+                "Write a response that appropriately completes the request.")
     with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
                   "context. Write a response that appropriately completes the request.")
     for rec, header, middle in (

@@ -11,9 +11,9 @@ import pytest
 
 from tests import helpers
 from tests.conftest import reference
+from tests.helpers import resolved
 from trainer.benchmarks import topology
 from trainer.errors import UserError
-from tests.helpers import resolved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

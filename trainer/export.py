@@ -35,11 +35,11 @@ def export(workdir: str, out: str, checkpoint: str = "best", dtype: str = "auto"
     what was written."""
     # Imported here so that ``--help`` answers without loading JAX and transformers.
     import jax  # noqa: PLC0415
-    from trainer import console  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     from data_pipeline import pipeline  # noqa: PLC0415
+    from trainer import console  # noqa: PLC0415
     from trainer.io import hf as hf_io  # noqa: PLC0415
     from trainer.models import lora
     from trainer.training.runs import open_run  # noqa: PLC0415
@@ -138,10 +138,10 @@ def _write_adapter(spec, config, tok, host, model_type: str, step: int, workdir:
                    dtype: str) -> dict[str, Any]:
     """A PEFT adapter directory: adapter_config.json, adapter_model.safetensors, the tokenizer."""
     import jax  # noqa: PLC0415
-    from trainer import console  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from safetensors.numpy import save_file  # noqa: PLC0415
 
+    from trainer import console  # noqa: PLC0415
     from trainer.io import hf as hf_io  # noqa: PLC0415
     from trainer.io import peft as peft_io
     from trainer.models import lora

@@ -8,6 +8,7 @@ Imports nothing, so an entry point can call it before JAX.
 
 import os
 
+
 def quiet_libtpu() -> None:
     """Keeps libtpu from probing for a TPU VM's metadata (and printing a page of warnings) on a
     machine without TPU chips. Called before JAX starts a backend; a TPU VM is left as it is."""

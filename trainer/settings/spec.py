@@ -65,7 +65,8 @@ class Data:
     max_row_bytes: int = 1_000_000  # a longer line is a bad row
     cache: bool = True  # cache tokenised splits (keyed by data, tokenizer, template, lengths)
     cache_dir: str = ""  # "": ~/.cache/flax_ift/tokenized ($XDG_CACHE_HOME/flax_ift/tokenized where set)
-    num_proc: int = 0  # tokenisation processes (0: one per 50k rows up to the CPU count, or 1 in a large or JAX process)
+    # tokenisation processes (0: one per 50k rows up to the CPU count, or 1 in a large or JAX process)
+    num_proc: int = 0
     loader: FrozenConfigDict = _frozen(dict(read_threads=2, prefetch=8, worker_count=0))
 
 

@@ -17,8 +17,9 @@ One mechanism per kind of run:
 The grace timer (several processes) covers only *agreeing*: it starts when the notice reaches the
 coordination service (a thread watches for it there, since the main thread may be waiting in a
 collective), and if the processes have not reached the agreed step ``grace_s`` later (one of them
-died, or hangs in a collective), this one leaves in one line. Once agreed, the timer is cancelled and the checkpoint is written to the end,
-however long it takes (``checkpoint.timeout_s`` bounds it). A second Ctrl-C exits at once.
+died, or hangs in a collective), this one leaves in one line. Once agreed, the timer is cancelled
+and the checkpoint is written to the end, however long it takes (``checkpoint.timeout_s`` bounds
+it). A second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
