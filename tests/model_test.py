@@ -136,7 +136,7 @@ def test_generation_stops_at_eos_and_pads():
 def test_rope_from_a_table_equals_plain_rope_and_marks_positions_past_the_bound():
     """On a CPU, a call over its own tokens reads cos/sin from a [length, d/2] table by position:
     the same values as the plain form, and NaN (not a wrong angle) for a position past the bound."""
-    from trainer.models.transformer import rope  # noqa: PLC0415
+    from trainer.models.rope import rope  # noqa: PLC0415
     inv = 1.0 / (10000 ** (np.arange(0, 16, 2, dtype=np.float32) / 16))
     x = jax.random.normal(jax.random.key(0), (2, 6, 3, 16))
     pos = jnp.asarray([[0, 1, 2, 0, 1, 5], [3, 4, 5, 2, 1, 0]], jnp.int32)
