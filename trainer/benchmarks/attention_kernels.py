@@ -61,7 +61,7 @@ def _grad_fn(impl: str, cfg: ModelConfig, seg, pos, blocks=None):
             groups = q.shape[2] // k.shape[2] if impl == "repeat" else 1
             sizes = pallas_gpu.BlockSizes(*blocks)
             out = kernels.pallas_gpu_mha(q, jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2), seg,
-                                               q.shape[-1] ** -0.5, sizes, False)
+                                         q.shape[-1] ** -0.5, sizes, False)
         return jnp.sum(out.astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from trainer.models import attention_kernels as kernels
-from trainer.models.attention_kernels import CONTEXT, CUDNN_FORWARD, kernel_platform
 from trainer.models.config import ModelConfig
 from trainer.settings import options
 
@@ -41,7 +40,7 @@ def resolve_attention(cfg: ModelConfig, platform: str | None = None) -> str:
     packed ones; otherwise XLA (blockwise, skipping blocks above the diagonal). An explicit choice the
     model cannot use raises ``ValueError`` naming the reason.
     """
-    platform = platform or kernel_platform()
+    platform = platform or kernels.kernel_platform()
     impl = cfg.attention_impl
     low_precision = cfg.dtype in ("bfloat16", "float16")
     if impl == "auto":
@@ -135,7 +134,7 @@ def _softmax_attend_fwd(q, k, v, mask, scale, softcap, keys_transposed=False, pr
         out = jnp.sum(probs[..., None].astype(f32) * v[:, :, None, None].astype(f32), axis=-2).astype(v.dtype)
     else:
         out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
-    out = checkpoint_name(out, CONTEXT)
+    out = checkpoint_name(out, kernels.CONTEXT)
     return out, (q, k, v, mask, probs, out, capped)
 
 
@@ -214,7 +213,8 @@ def context_saveable(prim, *_, **params) -> bool:
     carries the name ``CONTEXT`` (the XLA path's output; splash's and the Pallas GPU kernel's output
     and log-sum-exp), and the outputs of cuDNN's forward call (output and softmax statistics: JAX's
     rule passes them on unnamed, straight from this primitive)."""
-    return (prim.name == CUDNN_FORWARD or (prim.name == "name" and params.get("name") == CONTEXT))
+    return (prim.name == kernels.CUDNN_FORWARD
+            or (prim.name == "name" and params.get("name") == kernels.CONTEXT))
 
 
 def attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_ids: Array,
