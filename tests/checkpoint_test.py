@@ -8,6 +8,7 @@ from data_pipeline import loader
 from tests import helpers
 from tests.helpers import resolved
 from trainer.errors import UserError
+from trainer.evaluation.in_training import scheduled_evals
 from trainer.io.checkpoint import Checkpointer
 from trainer.training import experiment
 from trainer.training.loop import train
@@ -80,9 +81,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     c.train.eval_every = 100
     c.optimizer.warmup_steps = 2
 
-    whole = train(resolved(c), str(tmp_path / "whole"))
-    train(resolved(c), str(tmp_path / "split"), stop_at=3)
-    resumed = train(resolved(c), str(tmp_path / "split"))
+    whole = train(resolved(c), str(tmp_path / "whole"), evaluators=scheduled_evals)
+    train(resolved(c), str(tmp_path / "split"), evaluators=scheduled_evals, stop_at=3)
+    resumed = train(resolved(c), str(tmp_path / "split"), evaluators=scheduled_evals)
     assert int(whole.step) == int(resumed.step) == 6
     assert helpers.tree_equal(whole.params, resumed.params)
     assert helpers.tree_equal(whole.opt_state, resumed.opt_state)

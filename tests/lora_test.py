@@ -127,6 +127,7 @@ def test_sharded_lora_run_equals_one_device():
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     """Adapters, optimizer state and every logged loss: stopped at step 2 and resumed vs straight
     through (dropout on, so its keys must follow the step too)."""
+    from trainer.evaluation.in_training import scheduled_evals  # noqa: PLC0415
     from trainer.training import loop  # noqa: PLC0415
 
     def config():
@@ -134,9 +135,9 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         c.train.num_steps, c.train.checkpoint_every, c.train.eval_every = 4, 2, 2
         return c
 
-    straight = loop.train(resolved(config()), str(tmp_path / "a"))
-    loop.train(resolved(config()), str(tmp_path / "b"), stop_at=2)
-    resumed = loop.train(resolved(config()), str(tmp_path / "b"))
+    straight = loop.train(resolved(config()), str(tmp_path / "a"), evaluators=scheduled_evals)
+    loop.train(resolved(config()), str(tmp_path / "b"), evaluators=scheduled_evals, stop_at=2)
+    resumed = loop.train(resolved(config()), str(tmp_path / "b"), evaluators=scheduled_evals)
     assert helpers.tree_equal(jax.device_get(straight.params), jax.device_get(resumed.params))
     assert helpers.tree_equal(jax.device_get(straight.opt_state), jax.device_get(resumed.opt_state))
     losses = [[json.loads(line) for line in open(tmp_path / w / "metrics.jsonl")] for w in "ab"]

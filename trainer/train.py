@@ -53,7 +53,9 @@ def run() -> None:
         _virtual_devices(sys.argv)
 
     def body():
-        from trainer.training.loop import train  # noqa: PLC0415 (JAX & co. only once the flags are parsed)
+        # JAX & co. are imported only once the flags are parsed.
+        from trainer.evaluation.in_training import scheduled_evals  # noqa: PLC0415
+        from trainer.training.loop import train  # noqa: PLC0415
         config = config_flag()
         if FLAGS.hf_path:
             config.model.hf_path = FLAGS.hf_path
@@ -67,7 +69,7 @@ def run() -> None:
                 from trainer.benchmarks.topology import tpu_devices  # noqa: PLC0415
                 devices = tpu_devices(FLAGS.topology)
             return dry_run(config, devices, FLAGS.device_memory_gb or None)
-        return train(config, FLAGS.workdir)
+        return train(config, FLAGS.workdir, evaluators=scheduled_evals)
     # A dry run reports its compiles (time, memory, FLOPs): it compiles afresh, uncached.
     launch(body, required=() if dry else ("workdir",), compile_cache=not dry)
 

@@ -1,4 +1,4 @@
-"""The training loop: ``train(config, workdir)`` (the CLI is ``trainer.train``).
+"""The training loop: ``train(config, workdir, evaluators=...)`` (the CLI is ``trainer.train``).
 
 Resumes from the newest checkpoint that restores when ``workdir`` already has one. Fault tolerance:
 one run per workdir (``rundir.RunLock``); SIGTERM/SIGINT finish the step, checkpoint it and exit
@@ -9,13 +9,13 @@ training; a resumed run's logs hold every step once.
 The shape, as in big_vision's ``train.py``: ``Trainer.create`` builds everything once -- mesh, data,
 model, the jitted step, the evaluators as ``(name, evaluate, every)``, the checkpointer -- and
 ``Trainer.loop`` is the loop body as named steps: train a step, log the interval, evaluate what is
-due, checkpoint, stop when asked.
+due, checkpoint, stop when asked. What is evaluated comes from the caller (``evaluators``: for a
+run, ``trainer.evaluation.in_training.scheduled_evals``), so this package never imports evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +27,7 @@ from data_pipeline import loader
 from trainer import console
 from trainer import sharding as sharding_lib
 from trainer.errors import UserError
-from trainer.evaluation.evaluator import Evaluator, log_pattern_warning, sample_rows
-from trainer.io.checkpoint import VAL_METRIC, Checkpointer
+from trainer.io.checkpoint import Checkpointer
 from trainer.models.flops import flops_per_token, peak_flops
 from trainer.settings.spec import RunSpec
 from trainer.training import experiment, modeling, rundir
@@ -38,12 +37,15 @@ from trainer.training.rundir import RunLock
 from trainer.training.step import TrainState, make_optimizer
 
 
-def train(config: RunSpec, workdir: str, stop_at: int | None = None) -> TrainState:
+def train(config: RunSpec, workdir: str, *, evaluators: EvalsFactory, stop_at: int | None = None
+          ) -> TrainState:
     """Trains (or resumes) the run in ``workdir``; returns the final state.
 
     Args:
       config: the run spec (``RunSpec.from_config`` of a preset and its overrides).
       workdir: run directory; resumed from its latest checkpoint if it has one.
+      evaluators: builds the run's ``ScheduledEval``s once the model and data exist
+        (``trainer.evaluation.in_training.scheduled_evals``, what ``trainer.train`` passes).
       stop_at: stop after this step, checkpointing it, as a preempted job would; the LR schedule
         still spans ``train.num_steps``, so a later call resumes the same run.
     """
@@ -53,7 +55,7 @@ def train(config: RunSpec, workdir: str, stop_at: int | None = None) -> TrainSta
         console.log(warning)
     try:
         with StopRequests() as stops:
-            trainer = Trainer.create(config, workdir)
+            trainer = Trainer.create(config, workdir, evaluators)
             try:
                 start, state = trainer.restore_or_init()
                 if start >= config.train.num_steps:
@@ -83,6 +85,10 @@ class ScheduledEval:
         return bool(self.every and step % self.every == 0) or (is_checkpoint and self.at_checkpoints)
 
 
+# (config, spec, tokenizer, rows by split, tokenised data, batch sharding) -> the evaluators
+EvalsFactory = Callable[[RunSpec, modeling.ModelSpec, Any, dict, Any, Any], list[ScheduledEval]]
+
+
 @dataclasses.dataclass
 class Trainer:
     """Everything one training run needs, built once by ``create``."""
@@ -103,7 +109,7 @@ class Trainer:
     writer: metrics_lib.MetricWriter | None = None
 
     @classmethod
-    def create(cls, config: RunSpec, workdir: str) -> Trainer:
+    def create(cls, config: RunSpec, workdir: str, evaluators: EvalsFactory) -> Trainer:
         old_num_steps = rundir.save_or_check_config(config, workdir)
         mesh = modeling.make_mesh(config)
         batch_sh = sharding_lib.batch_sharding(mesh, modeling.rules(config))
@@ -118,7 +124,7 @@ class Trainer:
         chunk = experiment.loss_chunk_tokens(config, batch_sh)
         train_step = experiment.jit_train_step(spec, tx, schedule, config.train.grad_accum_steps, state_sh,
                                                batch_sh, chunk, config.seed)
-        evals = _evaluators(config, spec, tok, rows, data, batch_sh)
+        evals = evaluators(config, spec, tok, rows, data, batch_sh)
         ckpt = Checkpointer.for_run(config, workdir, base=modeling.base_identity(spec, config.seed))
         return cls(config, workdir, old_num_steps, train_iter, batch_sh, spec, tx, schedule, state_sh,
                    train_step, evals, ckpt, num_params)
@@ -332,30 +338,3 @@ def _data(config: RunSpec, workdir: str, batch_sh):
     except ValueError as e:
         raise UserError(f"data: {e}") from e
     return rows, tok, data, iter(train_ds)
-
-
-def _evaluators(config: RunSpec, spec, tok, rows, data, batch_sh) -> list[ScheduledEval]:
-    """The validation loss on the whole split (every ``train.eval_every`` steps and at every
-    checkpoint), then the generation metrics -- exact match, ROUGE, chrF: the ``trainer.eval`` code --
-    on a fixed seeded sample of it (every ``eval.every_steps``, and at every checkpoint when
-    ``checkpoint.best_metric`` is one of them)."""
-    ecfg = config.eval
-    eval_step = experiment.jit_eval_step(spec, batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
-    loss = functools.partial(experiment.split_loss, eval_step, examples=data.examples["validation"],
-                             config=config, pad_id=tok.pad_token_id, batch_sh=batch_sh)
-    evals = [ScheduledEval(
-        "loss", loss, config.train.eval_every, at_checkpoints=True,
-        describe=lambda step, v: (f"step {step}: val loss {v.get('loss', float('nan')):.4f}, "
-                                  f"token accuracy {v.get('token_accuracy', float('nan')):.4f}"))]
-    best_metric = config.checkpoint.best_metric
-    gen_every = ecfg.every_steps
-    if gen_every or best_metric != VAL_METRIC:
-        sample = sample_rows(rows["validation"], ecfg.in_training_examples, config.seed)
-        generation = Evaluator.create(config, tok, spec, sample, rows["train"], name="val")
-        log_pattern_warning(generation)
-        evals.append(ScheduledEval(
-            "generation", generation, gen_every, at_checkpoints=best_metric != VAL_METRIC,
-            describe=lambda step, g: f"step {step}: " + ", ".join(
-                f"{k} {100 * g[k]:.1f}%" for k in ("exact_match", "rougeL", "chrf")) +
-                f" on {len(generation.rows)} validation rows ({g['gen_tokens_per_s']:.0f} generated tokens/s)"))
-    return evals
