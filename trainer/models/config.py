@@ -10,6 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# How a model runs (dtypes, attention backend, remat, layer scanning) and its adapters are the run
+# spec's keys: their defaults are read from there, so each is written once.
+from trainer.settings.spec import LoraConfig
+from trainer.settings.spec import Model as RunModel
+
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
@@ -28,9 +33,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
-    dtype: str = "float32"        # compute dtype
-    param_dtype: str = "float32"  # storage dtype
-    attention_impl: str = "auto"  # auto | xla | cudnn | flash | splash (see ``resolve_attention``)
+    dtype: str = RunModel.dtype              # compute dtype
+    param_dtype: str = RunModel.param_dtype  # storage dtype
+    attention_impl: str = RunModel.attention_impl  # auto | xla | cudnn | flash | splash (``resolve_attention``)
     # Whether rows pack several segments (data.packing): picks the GPU kernel that takes segment ids.
     packed_inputs: bool = False
     # The most segments a packed row holds (data.max_segments_per_row; 0: no bound): cuDNN's attention
@@ -38,11 +43,11 @@ class ModelConfig:
     max_segments: int = 0
     # Query block of the XLA attention path: blocks above the causal diagonal are skipped (0: dense);
     # raised to 2 x head_dim and to s / 8 where smaller (``attention._xla_attention``).
-    attention_block_size: int = 64
+    attention_block_size: int = RunModel.attention_block_size
     # Splash's query/key block (0: the largest of 512, 256, 128 dividing the sequence) and whether its
     # backward is the one fused kernel (see ``attention_kernels.splash_attention``).
-    splash_block_size: int = 0
-    splash_fused_backward: bool = False
+    splash_block_size: int = RunModel.splash_block_size
+    splash_fused_backward: bool = RunModel.splash_fused_backward
     # Mesh axes that attention's batch and head dimensions are split over (from the sharding rules),
     # for kernels GSPMD cannot partition itself (splash runs under shard_map over them).
     attention_batch_axes: tuple[str, ...] = ()
@@ -73,16 +78,16 @@ class ModelConfig:
     rope_local_theta: float = 0.0  # Gemma 3: sliding layers' theta, unscaled (0: same as global)
     # Rematerialisation of each block in the backward pass: none | full (keep only block inputs) |
     # dots (keep matmul outputs without a batch dimension); trades compute for activation memory.
-    remat: str = "none"
+    remat: str = RunModel.remat
     # Layers as one Block with stacked [layers, ...] params under ``lax.scan``: program size and
     # compile time independent of depth (the accelerator presets turn it on).
-    scan_layers: bool = False
+    scan_layers: bool = RunModel.scan_layers
     # ---- LoRA (trainer.models.lora): low-rank adapters beside the block projections ----------------
     # out = x W + (alpha / rank) * dropout(x) A B, with A [in..., rank], B [rank, out...]
     # (``nnx.LoRAParam``s, so a filter tells them from the frozen base). rank 0: none.
     lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_alpha: float = LoraConfig.alpha
+    lora_dropout: float = LoraConfig.dropout
     lora_targets: tuple[str, ...] = ()  # of LORA_TARGETS
 
     @property
