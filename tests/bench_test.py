@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import resolved, tiny_config
-from trainer.benchmarks.timing import host_cpu
-from trainer.benchmarks.train_step import bench, flops_per_token, timed_rounds
+from trainer.benchmarks.timing import host_cpu, timed_rounds
+from trainer.benchmarks.train_step import bench, flops_per_token
 
 
 def test_bench_reports_ours_and_the_torch_reference():
@@ -51,11 +51,15 @@ def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys, tmp_
     from trainer.benchmarks.generation import bench as bench_generate  # noqa: PLC0415
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # this process's temp directory and the reference's
     monkeypatch.setattr(tempfile, "tempdir", None)
-    (row,) = bench_generate("demo", batches=(4,), prompt_len=24, new_tokens=6, num_batches=2)
+    (row,) = bench_generate("demo", batches=(4,), prompt_len=24, new_tokens=6, num_batches=2, rounds=2)
     # the random-weight model's files are gone (each SmolLM2 run left 514 MB)
     assert list(tmp_path.glob("bench_generate_*")) == []
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0
     assert row["identical_rows"] == row["rows"] == 8  # greedy tokens equal transformers.generate's
+    # two rounds each side, the ratio the median of the rounds' own ratios
+    rounds = row["seconds_per_round"]
+    assert len(rounds["ours"]) == len(rounds["torch"]) == row["rounds"] == 2
+    assert row["ratio"] == pytest.approx(np.median(np.asarray(rounds["torch"]) / np.asarray(rounds["ours"])))
     out = capsys.readouterr().out
     assert "ratio" in out and f"host CPU: {row['cpu']}" in out
 

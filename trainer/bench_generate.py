@@ -1,6 +1,6 @@
 r"""Generation speed against ``transformers.generate`` (torch, same greedy settings, KV cache on).
 
-    python -m trainer.bench_generate --model demo --batch 1,8,32 [--prompt_len 64 --new_tokens 32]
+    python -m trainer.bench_generate --model demo --batch 1,8,32 [--prompt_len 64 --new_tokens 32] [--rounds 3]
     python -m trainer.bench_generate --model smollm2 --batch 1,8
     python -m trainer.bench_generate --hf_path DIR
 
@@ -27,6 +27,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row (no early stop).")
     flags.DEFINE_integer("num_batches", 2, "Batches per batch size.")
     flags.DEFINE_integer("threads", 0, "torch threads (0: torch's default).")
+    flags.DEFINE_integer("rounds", 1, "Generate this many times per side, the sides taking turns: "
+                         "tokens/s are medians, the ratio the median of the rounds' ratios.", lower_bound=1)
     flags.DEFINE_string("json", "", "Write the numbers as JSON here.")
     flags.adopt_module_key_flags(cli)
 
@@ -37,7 +39,7 @@ def run() -> None:
     def body():
         from trainer.benchmarks.generation import bench  # noqa: PLC0415
         rows = bench(FLAGS.model, FLAGS.hf_path, tuple(int(b) for b in FLAGS.batch), FLAGS.prompt_len,
-                     FLAGS.new_tokens, FLAGS.num_batches, FLAGS.threads)
+                     FLAGS.new_tokens, FLAGS.num_batches, FLAGS.threads, rounds=FLAGS.rounds)
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:
                 json.dump(rows, f, indent=2)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from trainer.benchmarks.reference_process import ReferenceProcess, serve_requests
-from trainer.benchmarks.timing import host_cpu
+from trainer.benchmarks.timing import host_cpu, timed_rounds
 from trainer.evaluation.generate import generate_all, make_generate_fn
 from trainer.io import hf as hf_io
 
@@ -100,19 +100,24 @@ class TransformersProcess:
 
 def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1, 8, 32),
           prompt_len: int = 64, new_tokens: int = 32, num_batches: int = 2, threads: int = 0,
-          seed: int = 0) -> list[dict[str, Any]]:
+          seed: int = 0, rounds: int = 1) -> list[dict[str, Any]]:
+    """One row per batch size. ``rounds``: each side generates for the same prompts this many times,
+    the sides taking turns in alternating order (``timing.timed_rounds``); tokens/s are the medians
+    of the rounds, the ratio the median of the rounds' ratios, the tokens compared those of the
+    first round."""
     # The random-weight model's files live as long as the benchmark: each run left SmolLM2's 514 MB
     # in the temp directory.
     with tempfile.TemporaryDirectory(prefix=f"bench_generate_{model}_") as save_to:
         ref_proc = TransformersProcess(model, hf_path, threads, save_to)
         try:
-            return _bench(ref_proc, model, hf_path, batches, prompt_len, new_tokens, num_batches, seed)
+            return _bench(ref_proc, model, hf_path, batches, prompt_len, new_tokens, num_batches, seed,
+                          rounds)
         finally:
             ref_proc.close()
 
 
 def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tuple[int, ...], prompt_len: int,
-           new_tokens: int, num_batches: int, seed: int) -> list[dict[str, Any]]:
+           new_tokens: int, num_batches: int, seed: int, rounds: int) -> list[dict[str, Any]]:
     graphdef, params, cfg = hf_io.load_model(ref_proc.first["path"])
     vocab = cfg.vocab_size
     name = os.path.basename(os.path.normpath(hf_path)) if hf_path else f"{model} shape (random weights)"
@@ -130,18 +135,31 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
         ours = run()
         t_ours = time.perf_counter() - t0
         t_torch, ref = ref_proc.generate(prompts, b, new_tokens)
+        seconds = timed_rounds({"ours": (t_ours, lambda: _seconds(run)),
+                                "torch": (t_torch, lambda: ref_proc.generate(prompts, b, new_tokens)[0])},
+                               rounds)
+        ours_s, torch_s = np.asarray(seconds["ours"]), np.asarray(seconds["torch"])
         tokens = len(prompts) * new_tokens
         row = {"model": name, "batch": b, "rows": len(prompts), "prompt_len": prompt_len,
-               "new_tokens": new_tokens, "ours_tokens_per_s": tokens / t_ours,
-               "torch_tokens_per_s": tokens / t_torch, "ratio": t_torch / t_ours,
+               "new_tokens": new_tokens, "ours_tokens_per_s": tokens / float(np.median(ours_s)),
+               "torch_tokens_per_s": tokens / float(np.median(torch_s)),
+               "ratio": float(np.median(torch_s / ours_s)), "rounds": rounds,
+               "seconds_per_round": {k: list(v) for k, v in seconds.items()},
                "identical_rows": sum(list(o) == r for o, r in zip(ours, ref)),
                "torch_threads": ref_proc.first["threads"], "cpu": cpu}
         rows.append(row)
         print(f"{name}: batch {b:>3}, {row['rows']} prompts of {prompt_len // 2}-{prompt_len} tokens, "
               f"{new_tokens} new tokens each: ours {row['ours_tokens_per_s']:8.1f} tokens/s, "
               f"transformers {row['torch_tokens_per_s']:8.1f} tokens/s, ratio {row['ratio']:.2f}x, "
-              f"identical tokens in {row['identical_rows']}/{row['rows']} rows", flush=True)
+              f"identical tokens in {row['identical_rows']}/{row['rows']} rows"
+              + (f" (medians of {rounds} rounds)" if rounds > 1 else ""), flush=True)
     return rows
+
+
+def _seconds(run) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""The median time of a jitted, stateless call -- the loss and attention benchmarks' measure -- and
-the host CPU every benchmark row names."""
+"""The median time of a jitted, stateless call -- the loss and attention benchmarks' measure --, the
+rounds in which the train-step and generation benchmarks' sides take turns, and the host CPU every
+benchmark row names."""
 
 from __future__ import annotations
 
@@ -21,6 +22,25 @@ def median_seconds(fn, *args, repeats: int) -> tuple[float, Any]:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), out
+
+
+def timed_rounds(sides: dict[str, tuple[float, Any]], rounds: int) -> dict[str, list[float]]:
+    """Each side's seconds over ``rounds`` rounds: round 1 is each side's first timing (``sides``:
+    name -> (those seconds, a function that times the same work again)); in the later rounds the
+    sides take turns, the order reversed every other round, so no side always runs first.
+
+    ``trainer.bench``'s sides run untimed steps of their own before they start the clock, until one
+    makes no page faults (``host_memory.settle``, at most 3): without one, a side's timing began right after
+    another side's steps, and at the SmolLM2 shape ours ran 117 tokens/s in the round that began right
+    after Tunix's steps, against 192-195 in the rounds it began; with one only, ours at the demo
+    shape still page-faulted through the timed steps that followed PyTorch's (13,156-14,385 tokens/s
+    against 18,969 in the round before PyTorch first ran)."""
+    out = {name: [first] for name, (first, _) in sides.items()}
+    names = list(sides)
+    for r in range(1, rounds):
+        for name in names[::-1] if r % 2 else names:
+            out[name].append(sides[name][1]())
+    return out
 
 
 # Instruction sets that change which kernels both sides of a CPU comparison run.

@@ -11,7 +11,7 @@ process has one heap, and a CPU run of ours keeps its freed pages there (``train
   at vocabulary 32,000, against 2,989 in a process with glibc's settings throughout.
 
 In a process of its own (``reference_process``) each side keeps its own heap and its own settings.
-The sides still take turns on the same minutes (``train_step.timed_rounds``): the bench asks for a
+The sides still take turns on the same minutes (``timing.timed_rounds``): the bench asks for a
 timing, the reference runs its steps and answers, and the bench's process waits on the pipe, idle.
 
 Imports neither JAX nor any model code of ours (``python -m trainer.benchmarks.torch_reference`` is
@@ -75,7 +75,7 @@ def bench_torch(hf_config: dict[str, Any], data: list[dict[str, np.ndarray]], wa
     last = {}
 
     def timed() -> float:
-        host_memory.settle(lambda: step(data[0]))  # untimed (``train_step.timed_rounds``)
+        host_memory.settle(lambda: step(data[0]))  # untimed (``timing.timed_rounds``)
         t0 = time.perf_counter()
         for b in data[warmup:]:
             last["loss"] = step(b)

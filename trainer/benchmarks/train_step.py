@@ -21,7 +21,7 @@ import numpy as np
 from trainer import host_memory
 from trainer import sharding as sharding_lib
 from trainer.benchmarks.memory import compiled_memory, state_bytes
-from trainer.benchmarks.timing import host_cpu
+from trainer.benchmarks.timing import host_cpu, timed_rounds
 from trainer.benchmarks.torch_reference import TorchProcess, batches
 from trainer.io import hf as hf_io
 from trainer.models.attention import resolve_attention
@@ -190,25 +190,6 @@ def bench(config: RunSpec, batch: int, seq: int, steps: int, warmup: int = 2, us
                   if peak else None)
     print("\n".join(_table(row, batch, seq)), flush=True)
     return row
-
-
-def timed_rounds(sides: dict[str, tuple[float, Any]], rounds: int) -> dict[str, list[float]]:
-    """Each side's seconds over ``rounds`` rounds: round 1 is each side's first timing (``sides``:
-    name -> (those seconds, a function that times the same steps again)); in the later rounds the
-    sides take turns, the order reversed every other round, so no side always runs first.
-
-    Each side's function runs untimed steps of its own before it starts the clock, until one makes
-    no page faults (``host_memory.settle``, at most 3): without one, a side's timing began right after
-    another side's steps, and at the SmolLM2 shape ours ran 117 tokens/s in the round that began right
-    after Tunix's steps, against 192-195 in the rounds it began; with one only, ours at the demo
-    shape still page-faulted through the timed steps that followed PyTorch's (13,156-14,385 tokens/s
-    against 18,969 in the round before PyTorch first ran)."""
-    out = {name: [first] for name, (first, _) in sides.items()}
-    names = list(sides)
-    for r in range(1, rounds):
-        for name in names[::-1] if r % 2 else names:
-            out[name].append(sides[name][1]())
-    return out
 
 
 def _under_glibc(timed):

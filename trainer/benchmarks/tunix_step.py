@@ -91,7 +91,7 @@ def bench_tunix(cfg: ModelConfig, data: list[dict[str, np.ndarray]], warmup: int
 
     def timed() -> float:
         """Seconds for the timed batches, after untimed steps until one makes no page faults
-        (``train_step.timed_rounds``)."""
+        (``timing.timed_rounds``)."""
         host_memory.settle(lambda: jax.block_until_ready(step(inputs[0])[0]))
         t0 = time.perf_counter()
         for x in inputs[warmup:]:
