@@ -88,16 +88,20 @@ def test_tiny_model_compiles_for_a_v5p_slice_with_splash():
 def test_cli_dry_run_on_a_topology_is_quiet():
     reference("libtpu")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
-    out = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "trainer.train", "--config", "configs/tiny.py", "--dry_run",
          "--topology", "v6e:2x2", "--config.data.max_length=128", "--config.mesh.data=-1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "dry run: 4 x TPU v6 lite" in out.stdout and "attention=splash" in out.stdout
-    assert "verdict: fits in 32 GB per device" in out.stdout
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "dry run: 4 x TPU v6 lite" in stdout and "attention=splash" in stdout
+    assert "verdict: fits in 32 GB per device" in stdout
     # libtpu's VM-metadata warnings (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES) are kept quiet.
-    assert "TPU_ACCELERATOR_TYPE" not in out.stderr and "TPU_WORKER_HOSTNAMES" not in out.stderr, \
-        out.stderr[-3000:]
+    assert "TPU_ACCELERATOR_TYPE" not in stderr and "TPU_WORKER_HOSTNAMES" not in stderr, stderr[-3000:]
+    # ... and it leaves no log files: libtpu names its files in /tmp/tpu_logs after the process id.
+    logs = "/tmp/tpu_logs"
+    left = [f for f in (os.listdir(logs) if os.path.isdir(logs) else []) if f.endswith(f".{proc.pid}")]
+    assert not left, left
 
 
 def test_remat_dots_with_context_runs_splash_forward_once():
