@@ -2,8 +2,8 @@
 
 Installed, libtpu is loaded by every JAX process that starts its backends: its initialisation looks
 for a TPU VM's metadata and prints a page of warnings about ``TPU_ACCELERATOR_TYPE`` and
-``TPU_WORKER_HOSTNAMES``, and it writes log files to ``/tmp/tpu_logs`` (three for each process, kept
-forever: 620 files there after a few days of this project's tests). ``quiet_libtpu`` gives it values
+``TPU_WORKER_HOSTNAMES``, and it writes log files to ``/tmp/tpu_logs`` (two or three a process, kept
+forever: 620 files there after 18 hours of this project's tests). ``quiet_libtpu`` gives it values
 that mean "no TPU here" and no log files before it starts. Imports nothing, so an entry point can
 call it before JAX.
 """
