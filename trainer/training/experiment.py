@@ -27,6 +27,7 @@ from trainer.io import paths
 from trainer.settings import checks as config_checks
 from trainer.settings.spec import RunSpec
 from trainer.training import metrics as metrics_lib
+from trainer.training.loss import CHUNK_TOKENS
 from trainer.training.modeling import (
     ModelSpec,
     abstract_with_shardings,
@@ -155,7 +156,7 @@ def init_train_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: in
 
 def jit_train_step(spec: ModelSpec, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    grad_accum_steps: int, state_sh: TrainState, batch_sh: NamedSharding,
-                   loss_chunk: int = 1024, seed: int = 0):
+                   loss_chunk: int = CHUNK_TOKENS, seed: int = 0):
     """``make_train_step`` under ``jax.jit``: explicit in/out shardings, donated state, traced with
     the mesh current (for the model's shard_map kernels)."""
     rep = sharding_lib.replicated(spec.mesh)

@@ -32,6 +32,10 @@ from trainer.models.transformer import softcap_logits
 
 SUMS = ("loss_sum", "tokens", "correct")
 
+# Tokens per tile over the whole batch, for a caller that names none (tests, a library user). A run
+# names its own: ``train.loss_chunk_tokens`` per device (``experiment.loss_chunk_tokens``).
+CHUNK_TOKENS = 1024
+
 
 def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
     """The unchunked reference: masked cross-entropy sums from full logits, in float32.
@@ -54,7 +58,7 @@ def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dic
 
 
 def chunked_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
-                       chunk: int = 1024, softcap: float = 0.0) -> dict[str, jax.Array]:
+                       chunk: int = CHUNK_TOKENS, softcap: float = 0.0) -> dict[str, jax.Array]:
     """``token_loss(softcap(hidden @ head), targets, weights)`` without the full logits.
 
     Args:

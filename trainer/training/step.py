@@ -23,7 +23,12 @@ from jax.sharding import PartitionSpec
 
 from trainer.models.lora import combine
 from trainer.models.transformer import Transformer
-from trainer.training.loss import SUMS, chunked_token_loss, token_loss  # noqa: F401 (token_loss: re-exported)
+from trainer.training.loss import (  # noqa: F401 (token_loss: re-exported)
+    CHUNK_TOKENS,
+    SUMS,
+    chunked_token_loss,
+    token_loss,
+)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -99,7 +104,7 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_forward(graphdef: nnx.GraphDef, loss_chunk: int = 1024
+def make_forward(graphdef: nnx.GraphDef, loss_chunk: int = CHUNK_TOKENS
                  ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """Returns ``forward(params, batch) -> loss sums`` for a model graph split once, outside the loop.
     The model returns hidden states; the loss applies the head a chunk of tokens at a time."""
@@ -132,7 +137,7 @@ def micro_batches(batch: Batch, k: int, spec: PartitionSpec | None = None) -> Ba
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1, loss_chunk: int = 1024,
+                    schedule: optax.Schedule, grad_accum_steps: int = 1, loss_chunk: int = CHUNK_TOKENS,
                     batch_spec: PartitionSpec | None = None, dropout_seed: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure train step (to be wrapped in ``jax.jit`` by the caller with shardings).
@@ -198,7 +203,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss_chunk: int = 1024
+def make_eval_step(graphdef: nnx.GraphDef, loss_chunk: int = CHUNK_TOKENS
                    ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """``eval_step(params, batch) -> {loss_sum, tokens, correct}``; sum over batches, then divide."""
     return make_forward(graphdef, loss_chunk)
