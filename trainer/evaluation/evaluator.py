@@ -166,11 +166,7 @@ class Evaluator:
         loss_fn = None
         if examples:
             batch_sh = sharding_lib.batch_sharding(spec.mesh, modeling.rules(config))
-            eval_step = experiment.jit_eval_step(spec, batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
-
-            def loss_fn(params):
-                return experiment.split_loss(eval_step, params, examples, config, tok.pad_token_id,
-                                             batch_sh)
+            loss_fn = experiment.split_loss_fn(config, spec, examples, tok.pad_token_id, batch_sh)
         return cls(rows=rows, train_rows=train_rows, tok=tok,
                    template=pipeline.template_for(config.data, tok), graphdef=spec.graphdef,
                    mesh=spec.mesh, eval_cfg=config.eval, seed=config.seed,

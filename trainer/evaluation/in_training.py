@@ -6,7 +6,6 @@ never imports evaluation: the loop only calls a ``ScheduledEval``'s ``evaluate``
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from jax.sharding import NamedSharding
@@ -26,9 +25,7 @@ def scheduled_evals(config: RunSpec, spec: modeling.ModelSpec, tok, rows: dict[s
     on a fixed seeded sample of it (every ``eval.every_steps``, and at every checkpoint when
     ``checkpoint.best_metric`` is one of them)."""
     ecfg = config.eval
-    eval_step = experiment.jit_eval_step(spec, batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
-    loss = functools.partial(experiment.split_loss, eval_step, examples=data.examples["validation"],
-                             config=config, pad_id=tok.pad_token_id, batch_sh=batch_sh)
+    loss = experiment.split_loss_fn(config, spec, data.examples["validation"], tok.pad_token_id, batch_sh)
     evals = [ScheduledEval(
         "loss", loss, config.train.eval_every, at_checkpoints=True,
         describe=lambda step, v: (f"step {step}: val loss {v.get('loss', float('nan')):.4f}, "

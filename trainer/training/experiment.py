@@ -8,7 +8,9 @@ first ``trainer.train`` call, so ``trainer.eval --workdir`` needs nothing else.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -193,6 +195,16 @@ def loader_shard(batch_sh: NamedSharding) -> dict[str, int]:
     """The loader's ``process_index``/``process_count``: this process's block of every batch."""
     index, count = sharding_lib.process_rows(batch_sh)
     return {"process_index": index, "process_count": count}
+
+
+def split_loss_fn(config: RunSpec, spec: ModelSpec, examples: list[loader.Example], pad_id: int,
+                  batch_sh: NamedSharding) -> Callable[[Any], dict[str, float]]:
+    """``params -> split_loss(...)`` over ``examples`` with the run's one eval step (its loss tile
+    sized per device): the training loop's validation loss and ``trainer.eval``'s teacher-forced
+    loss are this same function."""
+    eval_step = jit_eval_step(spec, batch_sh, loss_chunk_tokens(config, batch_sh))
+    return functools.partial(split_loss, eval_step, examples=examples, config=config, pad_id=pad_id,
+                             batch_sh=batch_sh)
 
 
 def split_loss(eval_step, params: Any, examples: list[loader.Example],
