@@ -2,6 +2,8 @@
 is checked against transformers in model_test.py)."""
 
 import re
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,9 @@ from trainer import sharding as sharding_lib
 from trainer.benchmarks import topology
 from trainer.evaluation.generate import (
     GATHER_BUDGET,
+    MIN_STREAM_ROWS,
     PREFILL_TOKENS,
+    CompiledGenerate,
     _pick,
     bucket_length,
     cut_at_stop,
@@ -25,6 +29,7 @@ from trainer.evaluation.generate import (
     left_pad,
     make_generate_fn,
     prefill_chunks,
+    row_streams,
 )
 from trainer.models import quant
 from trainer.models.config import ModelConfig
@@ -174,6 +179,57 @@ def test_prefill_in_row_chunks_generates_the_same_tokens(scan):
                                    pad_id=0, eos_ids=[]) for t in (PREFILL_TOKENS, 32))
     assert chunked == whole
     assert len({tuple(r) for r in whole}) > 1
+
+
+def test_row_streams_generate_each_batch_as_equal_groups_at_once_with_the_same_tokens():
+    """A batch's rows split into streams: each group of ``batch / streams`` rows is generated in a
+    thread of its own, the groups of a batch at the same time, and every row's greedy tokens and
+    place are those of the batch generated whole."""
+    graphdef, params = _small()
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 64, int(rng.integers(2, 30))).astype(np.int32) for _ in range(14)]
+    gen = make_generate_fn(graphdef, max_new_tokens=6, eos_ids=[5], pad_id=0)
+    whole = generate_all(gen, params, prompts, batch_size=8, pad_id=0, eos_ids=[5])
+    assert len({tuple(r) for r in whole}) > 1
+
+    compiled = CompiledGenerate(gen)
+    calls, running, overlapped = [], [0], []
+    lock = threading.Lock()
+
+    def spy(params, toks, valid, rng):
+        with lock:
+            running[0] += 1
+            calls.append((threading.current_thread().name, toks.shape[0]))
+        time.sleep(0.2)  # long enough for the batch's other group to start meanwhile
+        with lock:
+            overlapped.append(running[0] > 1)
+            running[0] -= 1
+        return compiled(params, toks, valid, rng)
+
+    for streams in (2, 4):
+        calls.clear(), overlapped.clear()
+        assert generate_all(spy, params, prompts, batch_size=8, pad_id=0, eos_ids=[5], streams=streams) == whole
+        assert [rows for _, rows in calls] == [8 // streams] * (2 * streams)  # 2 batches
+        assert all(name.startswith("generate") for name, _ in calls) and any(overlapped)
+    with pytest.raises(ValueError, match="3 row streams do not divide batches of 8 rows"):
+        generate_all(gen, params, prompts, batch_size=8, pad_id=0, eos_ids=[5], streams=3)
+
+
+class _Device:
+    def __init__(self, platform):
+        self.platform = platform
+
+
+def test_row_streams_one_per_core_of_a_single_cpu_device_in_greedy_decoding():
+    cpu = [_Device("cpu")]
+    assert MIN_STREAM_ROWS == 16
+    assert [row_streams(r, devices=cpu, cores=2) for r in (1, 8, 16, 24, 32, 128)] == [1, 1, 1, 1, 2, 2]
+    assert [row_streams(r, devices=cpu, cores=8) for r in (32, 48, 96, 100, 128, 256)] == [2, 3, 6, 5, 8, 8]
+    assert row_streams(128, devices=cpu, cores=1) == 1
+    assert row_streams(128, greedy=False, devices=cpu, cores=2) == 1  # a sample depends on the grouping
+    assert row_streams(128, devices=cpu * 2, cores=2) == 1  # several devices: collectives in issue order
+    assert row_streams(128, devices=[_Device("gpu")], cores=2) == 1
+    assert row_streams(128, devices=[_Device("tpu")], cores=2) == 1
 
 
 def test_prefill_in_row_chunks_under_a_mesh_moves_no_rows():

@@ -4,8 +4,9 @@ prompts (the CLI is ``trainer.bench_generate``).
 Both sides decode greedily in float32 with a KV cache, generate exactly ``new_tokens`` per row (no
 early EOS stop, so the work is equal), and get the same rows in the same batches: the prompts sorted
 by length (what ``generate_all`` does in every eval), each batch left-padded -- to its longest prompt
-for transformers, to our bucket (16 x a power of two, at least as long) for ours. Ours is timed after
-its shapes are compiled; transformers after a warm-up batch. Tokens are compared row by row.
+for transformers, to our bucket (16 x a power of two, at least as long) for ours, which runs a batch in
+row streams where ``trainer.eval`` would (``row_streams``). Ours is timed after its shapes are
+compiled; transformers after a warm-up batch. Tokens are compared row by row.
 
 The model is a random-weight Llama of the demo's shape or SmolLM2-135M's (``--model``), or any HF
 directory (``--hf_path``); torch is a benchmark-time reference only.
@@ -22,7 +23,7 @@ import numpy as np
 
 from trainer.benchmarks.reference_process import ReferenceProcess, serve_requests
 from trainer.benchmarks.timing import host_cpu, timed_rounds
-from trainer.evaluation.generate import generate_all, make_generate_fn
+from trainer.evaluation.generate import generate_all, make_generate_fn, row_streams
 from trainer.io import hf as hf_io
 
 SHAPES = {  # LlamaConfig kwargs
@@ -129,7 +130,9 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
         rng = np.random.default_rng(seed)
         prompts = [rng.integers(3, vocab, int(rng.integers(max(1, prompt_len // 2), prompt_len + 1))
                                ).astype(np.int32) for _ in range(b * num_batches)]
-        run = lambda: generate_all(gen, params, prompts, batch_size=b, pad_id=0, eos_ids=[-1])  # noqa: E731
+        streams = row_streams(b)  # as trainer.eval runs its batches
+        run = lambda: generate_all(gen, params, prompts, batch_size=b, pad_id=0, eos_ids=[-1],  # noqa: E731
+                                   streams=streams)
         run()  # compiles every bucket shape
         t0 = time.perf_counter()
         ours = run()
@@ -140,7 +143,7 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
                                rounds)
         ours_s, torch_s = np.asarray(seconds["ours"]), np.asarray(seconds["torch"])
         tokens = len(prompts) * new_tokens
-        row = {"model": name, "batch": b, "rows": len(prompts), "prompt_len": prompt_len,
+        row = {"model": name, "batch": b, "streams": streams, "rows": len(prompts), "prompt_len": prompt_len,
                "new_tokens": new_tokens, "ours_tokens_per_s": tokens / float(np.median(ours_s)),
                "torch_tokens_per_s": tokens / float(np.median(torch_s)),
                "ratio": float(np.median(torch_s / ours_s)), "rounds": rounds,
@@ -148,7 +151,8 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
                "identical_rows": sum(list(o) == r for o, r in zip(ours, ref)),
                "torch_threads": ref_proc.first["threads"], "cpu": cpu}
         rows.append(row)
-        print(f"{name}: batch {b:>3}, {row['rows']} prompts of {prompt_len // 2}-{prompt_len} tokens, "
+        print(f"{name}: batch {b:>3} in {streams} row stream{'s' if streams > 1 else ''}, {row['rows']} prompts of "
+              f"{prompt_len // 2}-{prompt_len} tokens, "
               f"{new_tokens} new tokens each: ours {row['ours_tokens_per_s']:8.1f} tokens/s, "
               f"transformers {row['torch_tokens_per_s']:8.1f} tokens/s, ratio {row['ratio']:.2f}x, "
               f"identical tokens in {row['identical_rows']}/{row['rows']} rows"

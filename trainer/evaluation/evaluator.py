@@ -32,6 +32,7 @@ from trainer.evaluation.generate import (
     cut_at_stop,
     generate_all,
     make_generate_fn,
+    row_streams,
 )
 from trainer.settings import spec as spec_lib
 from trainer.training import experiment, modeling
@@ -154,6 +155,7 @@ class Evaluator:
             graphdef, max_new_tokens=eval_cfg.max_new_tokens, eos_ids=template.stop_ids,
             pad_id=tok.pad_token_id, mesh=mesh, param_shardings=param_shardings,
             gather=eval_cfg.gather_weights))
+        self._streams = row_streams(eval_cfg.batch_size)  # greedy
         self._loss_fn = loss_fn
         self._prompts: dict[int, tuple[list[np.ndarray], dict[str, float], list[list[Row]]]] = {}
 
@@ -218,7 +220,7 @@ class Evaluator:
         t0, compile0 = time.perf_counter(), self._generate.compile_seconds
         ids = generate_all(self._generate, params, prompts, batch_size=self.ecfg.batch_size,
                            pad_id=self.tok.pad_token_id, eos_ids=self.template.stop_ids, seed=self.seed,
-                           on_batch=bar.update if bar is not None else None)
+                           streams=self._streams, on_batch=bar.update if bar is not None else None)
         compile_s = self._generate.compile_seconds - compile0
         seconds = time.perf_counter() - t0 - compile_s
         if bar is not None:
