@@ -232,6 +232,12 @@ def test_row_streams_one_per_core_of_a_single_cpu_device_in_greedy_decoding():
     assert row_streams(128, devices=[_Device("tpu")], cores=2) == 1
 
 
+def test_row_streams_count_the_cores_where_the_os_has_no_affinity_call(monkeypatch):
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)  # macOS
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert row_streams(128, devices=[_Device("cpu")]) == 4
+
+
 def test_prefill_in_row_chunks_under_a_mesh_moves_no_rows():
     """Batch split 4 ways, kv heads 2 ways: 2 rows per device, prefilled one per device at a time.
     The tokens equal the unsharded whole prefill's, and chunking adds no collective to the program."""

@@ -332,8 +332,16 @@ def row_streams(rows: int, *, greedy: bool = True, devices: Sequence[jax.Device]
     devices = jax.devices() if devices is None else devices
     if not greedy or len(devices) != 1 or devices[0].platform != "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    cores = _cores() if cores is None else cores
     return max(s for s in range(1, cores + 1) if rows % s == 0 and (s == 1 or rows // s >= MIN_STREAM_ROWS))
+
+
+
+def _cores() -> int:
+    """The CPUs this process may run on (macOS has no affinity call: all of them there)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def generate_all(generate, params, prompts: Sequence[np.ndarray], *, batch_size: int, pad_id: int,
