@@ -107,7 +107,7 @@ class Result:
     predictions: list[str]
     scores: dict[str, np.ndarray]   # metric -> [n] per-example scores
     summary: dict[str, Any]         # scoring.summarize: means, intervals, per task
-    generation: dict[str, float]    # tokens, seconds, tokens_per_s, rows_per_s
+    generation: dict[str, float]    # tokens, seconds, tokens_per_s, rows_per_s, row_streams
     prompts: dict[str, float]       # mean exemplars used, questions cut
     loss: dict[str, float] | None   # teacher-forced: loss, perplexity, token_accuracy, tokens
     pattern_misses: int = 0         # predictions the answer pattern does not match
@@ -230,7 +230,8 @@ class Evaluator:
         # Generated tokens include each row's EOS (computed like any other token).
         tokens = sum(min(len(x) + 1, self.ecfg.max_new_tokens) for x in ids)
         return texts, {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                       "rows_per_s": len(ids) / seconds, "compile_seconds": compile_s}
+                       "rows_per_s": len(ids) / seconds, "compile_seconds": compile_s,
+                       "row_streams": self._streams}
 
     def loss(self, params) -> dict[str, float] | None:
         """Teacher-forced loss, perplexity and token accuracy on the rows' completion tokens

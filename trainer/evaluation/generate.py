@@ -179,6 +179,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     eos = jnp.asarray(list(eos_ids), jnp.int32)
     n = max_new_tokens
 
+    def pick(logits, rng):
+        return _pick(logits, rng, temperature, top_k, top_p)
+
     def shard(x, *names):
         """``x`` constrained to the mesh axes the model's batch/head dimensions map to."""
         if mesh is None:
@@ -215,28 +218,8 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
         else:
             last, cache = _in_row_chunks(prefill, chunks, cfg.scan_layers, prompts, prompt_valid, positions)
         rng, sub = jax.random.split(rng)
-        tok = _pick(model.logits(last[:, None])[:, 0], sub, temperature, top_k, top_p)
-        out = jnp.full((b, n), pad_id, jnp.int32)
-        done = jnp.zeros((b,), bool)
-        pos = positions[:, -1]
-        ones = jnp.ones((b, 1), jnp.int32)
-
-        def cond(carry):
-            t, _, _, _, done, _, _ = carry
-            return (t < n) & ~jnp.all(done)
-
-        def body(carry):
-            t, tok, pos, cache, done, out, rng = carry
-            out = out.at[:, t].set(jnp.where(done, pad_id, tok))
-            done = done | jnp.isin(tok, eos)
-            pos = pos + 1
-            hidden, cache = model(tok[:, None], pos[:, None], ones, cache)
-            rng, sub = jax.random.split(rng)
-            tok = _pick(model.logits(hidden)[:, 0], sub, temperature, top_k, top_p)
-            return t + 1, tok, pos, cache, done, out, rng
-
-        carry = (jnp.int32(0), tok, pos, cache, done, out, rng)
-        return jax.lax.while_loop(cond, body, carry)[5]
+        tok = pick(model.logits(last[:, None])[:, 0], sub)
+        return _decode(model, pick, tok, positions[:, -1], cache, rng, n=n, eos=eos, pad_id=pad_id)
 
     if mesh is None:
         return jax.jit(generate)
@@ -245,6 +228,33 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     # which no process can fetch).
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return with_mesh(mesh, jax.jit(generate, out_shardings=replicated))
+
+
+def _decode(model, pick, tok: jax.Array, pos: jax.Array, cache: KVCache, rng: jax.Array, *, n: int,
+            eos: jax.Array, pad_id: int) -> jax.Array:
+    """The decode loop after a prefill: ``tok`` [batch] the token the prefill picked (the first new
+    one), at the position after ``pos`` [batch], each step feeding the last token through ``model``
+    and its ``cache`` and choosing the next with ``pick(logits, rng)``. -> [batch, n] int32, ``pad_id``
+    after a row's first token in ``eos``; stops once every row has finished."""
+    b = tok.shape[0]
+    ones = jnp.ones((b, 1), jnp.int32)
+
+    def cond(carry):
+        t, _, _, _, done, _, _ = carry
+        return (t < n) & ~jnp.all(done)
+
+    def body(carry):
+        t, tok, pos, cache, done, out, rng = carry
+        out = out.at[:, t].set(jnp.where(done, pad_id, tok))
+        done = done | jnp.isin(tok, eos)
+        pos = pos + 1
+        hidden, cache = model(tok[:, None], pos[:, None], ones, cache)
+        rng, sub = jax.random.split(rng)
+        tok = pick(model.logits(hidden)[:, 0], sub)
+        return t + 1, tok, pos, cache, done, out, rng
+
+    carry = (jnp.int32(0), tok, pos, cache, jnp.zeros((b,), bool), jnp.full((b, n), pad_id, jnp.int32), rng)
+    return jax.lax.while_loop(cond, body, carry)[5]
 
 
 def _in_row_chunks(prefill, chunks: int, stacked: bool, *rows: jax.Array) -> tuple[jax.Array, KVCache]:
