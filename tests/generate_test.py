@@ -207,7 +207,8 @@ def test_row_streams_generate_each_batch_as_equal_groups_at_once_with_the_same_t
         return compiled(params, toks, valid, rng)
 
     for streams in (2, 4):
-        calls.clear(), overlapped.clear()
+        calls.clear()
+        overlapped.clear()
         assert generate_all(spy, params, prompts, batch_size=8, pad_id=0, eos_ids=[5], streams=streams) == whole
         assert [rows for _, rows in calls] == [8 // streams] * (2 * streams)  # 2 batches
         assert all(name.startswith("generate") for name, _ in calls) and any(overlapped)
