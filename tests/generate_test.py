@@ -20,6 +20,7 @@ from trainer.evaluation.generate import (
     MIN_STREAM_ROWS,
     PREFILL_TOKENS,
     CompiledGenerate,
+    _decode,
     _pick,
     bucket_length,
     cut_at_stop,
@@ -187,7 +188,7 @@ def test_row_streams_generate_each_batch_as_equal_groups_at_once_with_the_same_t
     place are those of the batch generated whole."""
     graphdef, params = _small()
     rng = np.random.default_rng(2)
-    prompts = [rng.integers(3, 64, int(rng.integers(2, 30))).astype(np.int32) for _ in range(14)]
+    prompts = [rng.integers(3, 64, int(rng.integers(2, 30))).astype(np.int32) for _ in range(12)]
     gen = make_generate_fn(graphdef, max_new_tokens=6, eos_ids=[5], pad_id=0)
     whole = generate_all(gen, params, prompts, batch_size=8, pad_id=0, eos_ids=[5])
     assert len({tuple(r) for r in whole}) > 1
@@ -206,14 +207,55 @@ def test_row_streams_generate_each_batch_as_equal_groups_at_once_with_the_same_t
             running[0] -= 1
         return compiled(params, toks, valid, rng)
 
-    for streams in (2, 4):
+    # 12 rows in batches of 8: the second batch's 4 rows are one group of 4, or two of 2; a group
+    # of nothing but filler rows is not run.
+    for streams, groups in ((2, [4, 4, 4]), (4, [2, 2, 2, 2, 2, 2])):
         calls.clear()
         overlapped.clear()
         assert generate_all(spy, params, prompts, batch_size=8, pad_id=0, eos_ids=[5], streams=streams) == whole
-        assert [rows for _, rows in calls] == [8 // streams] * (2 * streams)  # 2 batches
+        assert [rows for _, rows in calls] == groups
         assert all(name.startswith("generate") for name, _ in calls) and any(overlapped)
     with pytest.raises(ValueError, match="3 row streams do not divide batches of 8 rows"):
         generate_all(gen, params, prompts, batch_size=8, pad_id=0, eos_ids=[5], streams=3)
+
+
+def test_filler_rows_start_finished_and_do_not_keep_the_decode_loop_running():
+    """A row with no valid prompt token (``generate_all``'s filler) generates only ``pad_id``, leaves
+    the other rows' tokens as they are, and the loop stops when the real rows have finished: the
+    decode steps are counted as they run."""
+    graphdef, params = _small()
+    prompts = [np.arange(3, 3 + n, dtype=np.int32) for n in (5, 9)]
+    free = make_generate_fn(graphdef, max_new_tokens=8, eos_ids=[], pad_id=0)
+    alone = np.asarray(free(params, *left_pad(prompts, 16, 0), jax.random.key(0)))
+    eos = int(alone[0, 2])  # the first row ends at its third token
+    gen = make_generate_fn(graphdef, max_new_tokens=8, eos_ids=[eos], pad_id=0)
+    toks, valid = left_pad(prompts + [np.zeros(0, np.int32)], 16, 0)
+    out = np.asarray(gen(params, toks, valid, jax.random.key(0)))
+    assert (out[2] == 0).all()
+    np.testing.assert_array_equal(out[:2], np.asarray(gen(params, toks[:2], valid[:2], jax.random.key(0))))
+
+    steps = []
+
+    class Counting:  # no token ever ends a row by itself: only ``done`` and the limit stop the loop
+        def __call__(self, tok, pos, valid, cache):
+            jax.debug.callback(lambda: steps.append(1))
+            return jnp.zeros((tok.shape[0], 1, 4)), cache
+
+        def logits(self, hidden):
+            return hidden
+
+    def decode(done):
+        steps.clear()
+        out = jax.jit(lambda done: _decode(Counting(), lambda logits, rng: jnp.full(2, 7, jnp.int32),
+                                           jnp.asarray([5, 7]), jnp.zeros(2, jnp.int32), None,
+                                           jax.random.key(0), n=6, eos=jnp.asarray([5]), pad_id=0,
+                                           done=done))(done)
+        jax.effects_barrier()
+        return np.asarray(out).tolist(), len(steps)
+
+    # Row 0's first token is EOS; row 1 (live) runs to the limit, (filler) not at all.
+    assert decode(jnp.asarray([False, False])) == ([[5, 0, 0, 0, 0, 0], [7] * 6], 6)
+    assert decode(jnp.asarray([False, True])) == ([[5, 0, 0, 0, 0, 0], [0] * 6], 1)
 
 
 class _Device:

@@ -166,7 +166,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
     """Returns jitted ``generate(params, prompts, prompt_valid, rng) -> [batch, max_new_tokens] int32``.
 
     ``prompts``: [batch, P] int32, left-padded; ``prompt_valid``: [batch, P] bool. Output tokens after a
-    row's first EOS are ``pad_id``; the loop stops early once every row has finished. Prefill runs the
+    row's first EOS are ``pad_id``; the loop stops early once every row has finished. A row with no
+    valid prompt token (a last batch's filler, ``generate_all``) starts finished: all ``pad_id``, and
+    it never keeps the loop running for the real rows. Prefill runs the
     final layer's queries, attention and MLP and the LM head at the last position only (every
     position's keys and values still go into the cache), in row chunks of at most ``prefill_tokens``
     prompt tokens per device (``prefill_chunks``). With ``mesh``, the prompts and the KV cache are
@@ -219,7 +221,8 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
             last, cache = _in_row_chunks(prefill, chunks, cfg.scan_layers, prompts, prompt_valid, positions)
         rng, sub = jax.random.split(rng)
         tok = pick(model.logits(last[:, None])[:, 0], sub)
-        return _decode(model, pick, tok, positions[:, -1], cache, rng, n=n, eos=eos, pad_id=pad_id)
+        return _decode(model, pick, tok, positions[:, -1], cache, rng, n=n, eos=eos, pad_id=pad_id,
+                       done=~prompt_valid.any(axis=1))
 
     if mesh is None:
         return jax.jit(generate)
@@ -231,11 +234,12 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_ids: Se
 
 
 def _decode(model, pick, tok: jax.Array, pos: jax.Array, cache: KVCache, rng: jax.Array, *, n: int,
-            eos: jax.Array, pad_id: int) -> jax.Array:
+            eos: jax.Array, pad_id: int, done: jax.Array) -> jax.Array:
     """The decode loop after a prefill: ``tok`` [batch] the token the prefill picked (the first new
     one), at the position after ``pos`` [batch], each step feeding the last token through ``model``
     and its ``cache`` and choosing the next with ``pick(logits, rng)``. -> [batch, n] int32, ``pad_id``
-    after a row's first token in ``eos``; stops once every row has finished."""
+    after a row's first token in ``eos`` and in every row ``done`` [batch] bool at the start; stops
+    once every row has finished."""
     b = tok.shape[0]
     ones = jnp.ones((b, 1), jnp.int32)
 
@@ -253,7 +257,7 @@ def _decode(model, pick, tok: jax.Array, pos: jax.Array, cache: KVCache, rng: ja
         tok = pick(model.logits(hidden)[:, 0], sub)
         return t + 1, tok, pos, cache, done, out, rng
 
-    carry = (jnp.int32(0), tok, pos, cache, jnp.zeros((b,), bool), jnp.full((b, n), pad_id, jnp.int32), rng)
+    carry = (jnp.int32(0), tok, pos, cache, done, jnp.full((b, n), pad_id, jnp.int32), rng)
     return jax.lax.while_loop(cond, body, carry)[5]
 
 
@@ -365,11 +369,13 @@ def generate_all(generate, params, prompts: Sequence[np.ndarray], *, batch_size:
     filled with empty prompts -- so a few short-prompt batches never pay for one long prompt, and the
     number of compiled shapes stays logarithmic. Greedy results do not depend on the batching.
     ``streams`` (``row_streams``; it must divide ``batch_size``): each batch's rows run as that many
-    equal groups at once, each in a thread of its own, with the same random key.
+    equal groups at once, each in a thread of its own, with the same random key. The last batch
+    runs only the groups that hold a prompt, and its filler rows (empty prompts) start finished.
     ``on_batch(rows)`` is called after each batch (a progress bar).
     """
     if batch_size % streams:
         raise ValueError(f"{streams} row streams do not divide batches of {batch_size} rows")
+    group = batch_size // streams
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     rng = jax.random.key(seed)
     results: list[list[int] | None] = [None] * len(prompts)
@@ -377,10 +383,11 @@ def generate_all(generate, params, prompts: Sequence[np.ndarray], *, batch_size:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             chunk = [prompts[i] for i in idx]
-            chunk += [np.asarray([pad_id], np.int32)] * (batch_size - len(idx))
+            groups = -(-len(idx) // group)  # a group of nothing but filler would be all prefill, no use
+            chunk += [np.zeros(0, np.int32)] * (groups * group - len(idx))
             toks, valid = left_pad(chunk, bucket_length(max(len(x) for x in chunk), multiple), pad_id)
             rng, sub = jax.random.split(rng)
-            out = _in_streams(generate, params, toks, valid, sub, pool, streams)[:len(idx)]
+            out = _in_streams(generate, params, toks, valid, sub, pool, groups)[:len(idx)]
             for i, row in zip(idx, out):
                 ids = []
                 for t in row.tolist():
