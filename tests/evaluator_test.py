@@ -4,6 +4,7 @@ in-training generation eval at the right steps, and best-by-metric checkpoint se
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -97,6 +98,8 @@ def test_generation_metrics_score_the_predictions(setup):
                                   [p.strip() == r["messages"][-1]["content"] for p, r in zip(result.predictions, rows)])
     m = ev(spec.init_params(0))
     assert set(m) >= {"exact_match", "rouge1", "rouge2", "rougeL", "chrf", "gen_tokens_per_s"}
+    # The first call compiled (and so first ran) the programs; the second reused them.
+    assert result.generation["compile_seconds"] > 0 and m["gen_compile_seconds"] == 0
 
 
 def test_in_training_eval_at_its_steps_and_best_checkpoint_by_that_metric(tmp_path):
@@ -109,6 +112,9 @@ def test_in_training_eval_at_its_steps_and_best_checkpoint_by_that_metric(tmp_pa
     rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
     # every_steps=3 -> step 3; best_metric is a generation metric -> also every checkpoint (2, 4)
     assert [x["step"] for x in rows if "val/chrf" in x] == [2, 3, 4]
+    # Only the first eval ran newly compiled programs, and its log line says so.
+    assert [x["val/gen_compile_seconds"] > 0 for x in rows if "val/chrf" in x] == [True, False, False]
+    assert len(re.findall(r"generated tokens/s, the first run of newly compiled programs\)", r.stdout + r.stderr)) == 1
     assert [x["step"] for x in rows if "val/loss" in x] == [2, 4]
     chrf = {x["step"]: x["val/chrf"] for x in rows if "val/chrf" in x and x["step"] in (2, 4)}
     ck = Checkpointer(wd, read_only=True, best_metric="val/chrf")

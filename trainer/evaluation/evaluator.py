@@ -116,6 +116,9 @@ class Result:
         """Flat numbers for logs: every score's mean, generation speed, and the loss if computed."""
         out = {m: v["mean"] for m, v in self.summary["metrics"].items()}
         out["gen_tokens_per_s"] = self.generation["tokens_per_s"]
+        # > 0: this call compiled programs and ran them for the first time, which on XLA:CPU sets up
+        # each library fusion (YNNPACK) as it first runs -- time that falls into gen_tokens_per_s.
+        out["gen_compile_seconds"] = self.generation["compile_seconds"]
         if self.loss and "loss" in self.loss:
             out.update(loss=self.loss["loss"], perplexity=self.loss["perplexity"],
                        token_accuracy=self.loss["token_accuracy"])

@@ -40,5 +40,6 @@ def scheduled_evals(config: RunSpec, spec: modeling.ModelSpec, tok, rows: dict[s
             "generation", generation, gen_every, at_checkpoints=best_metric != VAL_METRIC,
             describe=lambda step, g: f"step {step}: " + ", ".join(
                 f"{k} {100 * g[k]:.1f}%" for k in ("exact_match", "rougeL", "chrf")) +
-                f" on {len(generation.rows)} validation rows ({g['gen_tokens_per_s']:.0f} generated tokens/s)"))
+                f" on {len(generation.rows)} validation rows ({g['gen_tokens_per_s']:.0f} generated tokens/s"
+                + (", the first run of newly compiled programs" if g["gen_compile_seconds"] else "") + ")"))
     return evals
