@@ -188,10 +188,10 @@ def test_row_streams_generate_each_batch_as_equal_groups_at_once_with_the_same_t
     place are those of the batch generated whole."""
     graphdef, params = _small()
     rng = np.random.default_rng(2)
-    prompts = [rng.integers(3, 64, int(rng.integers(2, 30))).astype(np.int32) for _ in range(12)]
+    prompts = [rng.integers(3, 64, int(rng.integers(2, 30))).astype(np.int32) for _ in range(14)]
     gen = make_generate_fn(graphdef, max_new_tokens=6, eos_ids=[5], pad_id=0)
-    whole = generate_all(gen, params, prompts, batch_size=8, pad_id=0, eos_ids=[5])
-    assert len({tuple(r) for r in whole}) > 1
+    whole = {n: generate_all(gen, params, prompts[:n], batch_size=8, pad_id=0, eos_ids=[5]) for n in (12, 14)}
+    assert len({tuple(r) for r in whole[14]}) > 1
 
     compiled = CompiledGenerate(gen)
     calls, running, overlapped = [], [0], []
@@ -207,12 +207,12 @@ def test_row_streams_generate_each_batch_as_equal_groups_at_once_with_the_same_t
             running[0] -= 1
         return compiled(params, toks, valid, rng)
 
-    # 12 rows in batches of 8: the second batch's 4 rows are one group of 4, or two of 2; a group
-    # of nothing but filler rows is not run.
-    for streams, groups in ((2, [4, 4, 4]), (4, [2, 2, 2, 2, 2, 2])):
+    # In batches of 8, 12 rows leave a second batch of 4: one group of 4, or two of 2 (a group of
+    # nothing but filler rows is not run); 14 rows leave 6, so one group holds real and filler rows.
+    for n, streams, groups in ((12, 2, [4, 4, 4]), (12, 4, [2] * 6), (14, 2, [4] * 4), (14, 4, [2] * 7)):
         calls.clear()
         overlapped.clear()
-        assert generate_all(spy, params, prompts, batch_size=8, pad_id=0, eos_ids=[5], streams=streams) == whole
+        assert generate_all(spy, params, prompts[:n], batch_size=8, pad_id=0, eos_ids=[5], streams=streams) == whole[n]
         assert [rows for _, rows in calls] == groups
         assert all(name.startswith("generate") for name, _ in calls) and any(overlapped)
     with pytest.raises(ValueError, match="3 row streams do not divide batches of 8 rows"):
