@@ -107,7 +107,7 @@ class Result:
     predictions: list[str]
     scores: dict[str, np.ndarray]   # metric -> [n] per-example scores
     summary: dict[str, Any]         # scoring.summarize: means, intervals, per task
-    generation: dict[str, float]    # tokens, seconds, tokens_per_s, rows_per_s, row_streams
+    generation: dict[str, float]    # tokens, seconds, tokens_per_s, rows_per_s, compile_seconds, row_streams
     prompts: dict[str, float]       # mean exemplars used, questions cut
     loss: dict[str, float] | None   # teacher-forced: loss, perplexity, token_accuracy, tokens
     pattern_misses: int = 0         # predictions the answer pattern does not match
