@@ -8,6 +8,7 @@ from trainer.benchmarks.timing import host_cpu, timed_rounds
 from trainer.benchmarks.train_step import bench, flops_per_token
 
 
+@pytest.mark.slow
 def test_bench_reports_ours_and_the_torch_reference():
     # 8 virtual devices, data-parallel; two rounds of each side
     row = bench(resolved(tiny_config()), batch=8, seq=16, steps=1, vocab=64, rounds=2)

@@ -180,6 +180,7 @@ def llama_dir(tmp_path_factory):
     return path, os.path.abspath(data)
 
 
+@pytest.mark.slow
 def test_eval_of_an_hf_model_with_no_workdir(llama_dir, tmp_path):
     path, data = llama_dir
     out = str(tmp_path / "report")
@@ -197,6 +198,7 @@ def test_eval_of_an_hf_model_with_no_workdir(llama_dir, tmp_path):
     assert not os.path.exists(os.path.join(out, "training.png"))  # no run, no curves
 
 
+@pytest.mark.slow
 def test_eval_bad_inputs_are_one_line_each(llama_dir, tmp_path, workdir):
     import shutil  # noqa: PLC0415
     path, data = llama_dir

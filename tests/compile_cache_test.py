@@ -81,6 +81,7 @@ def _metrics(workdir):
     return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in rows if "train/loss" in r or "val/loss" in r]
 
 
+@pytest.mark.slow
 def test_a_second_run_loads_its_train_step_from_the_cache(tmp_path):
     hit = "Persistent compilation cache hit for 'jit_train_step'"
     first = _train(tmp_path, "a")

@@ -76,6 +76,7 @@ def _convert_on_one_device(hf_path, out, chunk_mb):
     return sum(f.stat().st_size for f in pathlib.Path(out, "params").rglob("*") if f.is_file())
 
 
+@pytest.mark.slow
 def test_four_processes_each_read_about_a_quarter_of_a_converted_base(bigger_hf_dir, tmp_path):
     """A base converted on one device, restored by 4 processes x 2 devices under FSDP over all 8:
     each process reads (TensorStore's byte counter, around the restore) about its quarter of the stored

@@ -22,6 +22,7 @@ def _load(name):
     return importlib.import_module(f"configs.{name}").get_config()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_dry_runs_without_its_checkpoint(name, monkeypatch, capsys):

@@ -18,6 +18,8 @@ import pytest
 
 from tests.cli_test import ROOT, assert_clean_error, run
 
+pytestmark = pytest.mark.slow  # trainer processes, each compiling: `-m "not slow"` skips them
+
 TINY = ["--config", "configs/tiny.py"]
 LONG = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=1",
         "--config.train.eval_every=1000", "--config.train.keep_checkpoints=2"]

@@ -229,6 +229,7 @@ def test_cli_reports_a_truncated_gguf_in_one_line(gguf_file, tmp_path):
     assert len(errors) == 1 and "cut.gguf" in errors[0], r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_fine_tune_from_gguf_then_export_for_transformers(gguf_file, tmp_path):
     """--gguf end to end: the file's tokenizer is saved in the workdir, the base rows of the eval use the
     GGUF weights, and the export is a plain HF directory that transformers loads with our logits."""

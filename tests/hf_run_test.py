@@ -67,6 +67,7 @@ def logits_both(spec, params, out_dir):
     return np.asarray(ours), ref
 
 
+@pytest.mark.slow
 def test_train_eval_export_from_hf_checkpoint(hf_dir, tmp_path):
     wd, out = str(tmp_path / "run"), str(tmp_path / "export")
     r = run("trainer.train", "--config", "configs/tiny.py", "--workdir", wd, f"--hf_path={hf_dir}",
@@ -88,6 +89,7 @@ def test_train_eval_export_from_hf_checkpoint(hf_dir, tmp_path):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_of_a_model_trained_from_scratch(tmp_path):
     wd, out = str(tmp_path / "run"), str(tmp_path / "export")
     assert run("trainer.train", "--config", "configs/tiny.py", "--workdir", wd).returncode == 0
@@ -132,6 +134,7 @@ def test_import_places_each_shard_on_its_device_only(hf_dir):
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                    "data")), reason="../shared/data absent")
+@pytest.mark.slow
 def test_gpu_preset_runs_with_a_tiny_checkpoint_in_place_of_qwen(hf_dir, tmp_path):
     """The preset's own settings (bf16 compute, packing at 1024, chatml, answer pattern) on CPU."""
     wd = str(tmp_path / "run")

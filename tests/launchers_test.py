@@ -7,6 +7,8 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from tests.cli_test import ROOT
 from tests.fault_tolerance_test import metric_steps, wait_for_step
 
@@ -48,6 +50,7 @@ def test_slurm_time_limit_checkpoints_then_requeues(tmp_path):
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
 
 
+@pytest.mark.slow
 def test_slurm_run_that_finishes_is_not_requeued(tmp_path):
     p, wd = _slurm(tmp_path, "--config.train.num_steps=2")
     out, err = p.communicate(timeout=300)

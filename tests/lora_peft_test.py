@@ -128,6 +128,7 @@ from tests.cli_test import assert_clean_error, run  # noqa: E402
 from tests.hf_run_test import hf_dir  # noqa: E402,F401 (a fixture: tiny Qwen2 + tokenizer)
 
 
+@pytest.mark.slow
 def test_lora_run_exports_what_peft_and_transformers_load(hf_dir, tmp_path):  # noqa: F811
     """train (LoRA) -> eval (base and fine-tuned rows from one base) -> export --adapter (PEFT loads it
     with our logits) and the merged export (transformers, equal to PEFT) -> lora.init_from reads it

@@ -46,6 +46,7 @@ def randomize_b(params, seed=1):
 # Training
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_zero_init_is_the_base_and_a_step_changes_only_adapters():
     config = lora_config()
     _, spec, tx, schedule, state_sh, batch_sh = helpers.setup(config, VOCAB, jax.devices()[:1])
@@ -103,6 +104,7 @@ def test_adapter_gradients_equal_those_of_the_merged_weight_model():
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_ours)) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 def test_sharded_lora_run_equals_one_device():
     """data x fsdp x tensor = 2 x 2 x 2, dropout on, 2 micro-batches: the same adapters as on one
@@ -124,6 +126,7 @@ def test_sharded_lora_run_equals_one_device():
     assert q_b.addressable_shards[0].data.shape == (4, 2, 8)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     """Adapters, optimizer state and every logged loss: stopped at step 2 and resumed vs straight
     through (dropout on, so its keys must follow the step too)."""
@@ -150,6 +153,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert params_bytes < 200_000  # adapters only (the frozen base would add its 160 kB + more)
 
 
+@pytest.mark.slow
 def test_qlora_base_is_quantised_and_close_to_the_float_base():
     """The int8 / NF4 base's loss within 0.2% / 5% (relative) of the float base's on the same batch,
     its projections stored in int8 / packed 4-bit, and a step trains the adapters."""
@@ -192,6 +196,7 @@ def test_quantisers_round_trip_and_nf4_matches_its_levels():
     np.testing.assert_array_equal(np.asarray(layer1[...]), d[1])
 
 
+@pytest.mark.slow
 def test_lora_under_remat_dots_keeps_each_projection_once(monkeypatch):
     """remat="dots" keeps each projection's output; an adapted projection is two matmuls (+ a
     low-rank one), and keeping both outputs made a LoRA step need more memory than full fine-tuning

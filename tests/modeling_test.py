@@ -30,6 +30,7 @@ def test_a_mesh_that_does_not_divide_the_model_is_one_line_naming_the_parameters
 
 @pytest.mark.parametrize("lora", [{}, {"rank": 4, "targets": ("q", "v", "down")},
                                   {"rank": 4, "base_quant": "nf4"}], ids=["full", "lora", "qlora_nf4"])
+@pytest.mark.slow
 def test_an_unscanned_model_made_layer_by_layer_equals_one_program(lora):
     """``ModelSpec.init_params`` (from scratch) and the fresh adapters of a run from a base make an
     unscanned model's layers with one program called per layer (one per parameter per layer compiled

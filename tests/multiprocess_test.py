@@ -13,6 +13,8 @@ import pytest
 
 from tests.cli_test import ROOT
 
+pytestmark = pytest.mark.slow  # trainer processes, each compiling: `-m "not slow"` skips them
+
 ARGS = ["--config.train.num_steps=4", "--config.train.checkpoint_every=4", "--config.train.eval_every=4",
         "--config.data.packing=best_fit", "--config.eval.every_steps=4"]
 GENERATION = ("val/exact_match", "val/rouge1", "val/rouge2", "val/rougeL", "val/chrf")

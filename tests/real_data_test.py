@@ -26,6 +26,7 @@ TINY = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64",
     ("gsm8k", ["--config.data.sources.gsm8k.max_rows=300"]),
     ("t0_mix", ["--config.data.mixture_rows=300", "--config.eval.max_examples=24"]),
 ])
+@pytest.mark.slow
 def test_real_data_trains_and_evaluates(tmp_path, name, extra):
     wd = str(tmp_path / name)
     args = ["--config", f"configs/{name}.py", "--workdir", wd, "--config.data.cache=False", *TINY, *extra]

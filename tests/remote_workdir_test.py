@@ -18,6 +18,8 @@ pytest.importorskip("gcp_storage_emulator")
 
 from tests.cli_test import ROOT  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trainer processes, each compiling: `-m "not slow"` skips them
+
 
 def _free_port() -> int:
     with socket.socket() as s:

