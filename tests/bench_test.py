@@ -52,7 +52,8 @@ def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys, tmp_
     from trainer.benchmarks.generation import bench as bench_generate  # noqa: PLC0415
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # this process's temp directory and the reference's
     monkeypatch.setattr(tempfile, "tempdir", None)
-    (row,) = bench_generate("demo", batches=(4,), prompt_len=24, new_tokens=6, num_batches=2, rounds=2)
+    (row,) = bench_generate("demo", batches=(4,), prompt_len=24, new_tokens=6, num_batches=2, rounds=2,
+                            split=True)
     # the random-weight model's files are gone (each SmolLM2 run left 514 MB)
     assert list(tmp_path.glob("bench_generate_*")) == []
     assert row["ours_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0
@@ -63,6 +64,17 @@ def test_generation_benchmark_runs_both_sides_with_identical_tokens(capsys, tmp_
     assert row["ratio"] == pytest.approx(np.median(np.asarray(rounds["torch"]) / np.asarray(rounds["ours"])))
     out = capsys.readouterr().out
     assert "ratio" in out and f"host CPU: {row['cpu']}" in out
+    # --split: the one-token runs take turns in the same rounds; a batch's time is its prefill and
+    # first token, then 5 decode steps (2 batches a round)
+    assert len(rounds["ours_one_token"]) == len(rounds["torch_one_token"]) == 2
+    split = row["split"]
+    for side in ("ours", "torch"):
+        whole = np.median(rounds[side]) / 2
+        assert split[side]["prefill_s"] == pytest.approx(np.median(rounds[f"{side}_one_token"]) / 2)
+        assert split[side]["prefill_s"] + 5 * split[side]["decode_step_ms"] / 1e3 == pytest.approx(whole)
+    assert split["ours"]["prefill_s"] + 5 * split["decode_step_ms_for_2x"] / 1e3 == pytest.approx(
+        np.median(rounds["torch"]) / 2 / 2)
+    assert "each further token" in out
 
 
 def test_loss_benchmark_times_both_sides_and_their_gradients_agree():

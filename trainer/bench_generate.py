@@ -1,7 +1,7 @@
 r"""Generation speed against ``transformers.generate`` (torch, same greedy settings, KV cache on).
 
     python -m trainer.bench_generate --model demo --batch 1,8,32 [--prompt_len 64 --new_tokens 32] [--rounds 3]
-    python -m trainer.bench_generate --model smollm2 --batch 1,8
+    python -m trainer.bench_generate --model smollm2 --batch 1,8 [--split]
     python -m trainer.bench_generate --hf_path DIR
 
 The logic is ``trainer.benchmarks.generation``; this module imports only absl until the flags are parsed.
@@ -29,6 +29,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("threads", 0, "torch threads (0: torch's default).")
     flags.DEFINE_integer("rounds", 1, "Generate this many times per side, the sides taking turns: "
                          "tokens/s are medians, the ratio the median of the rounds' ratios.", lower_bound=1)
+    flags.DEFINE_bool("split", False, "Also generate one token per row, in the same rounds, and print "
+                      "each side's prefill and decode step apart (and the step 2x would need).")
     flags.DEFINE_string("json", "", "Write the numbers as JSON here.")
     flags.adopt_module_key_flags(cli)
 
@@ -39,7 +41,8 @@ def run() -> None:
     def body():
         from trainer.benchmarks.generation import bench  # noqa: PLC0415
         rows = bench(FLAGS.model, FLAGS.hf_path, tuple(int(b) for b in FLAGS.batch), FLAGS.prompt_len,
-                     FLAGS.new_tokens, FLAGS.num_batches, FLAGS.threads, rounds=FLAGS.rounds)
+                     FLAGS.new_tokens, FLAGS.num_batches, FLAGS.threads, rounds=FLAGS.rounds,
+                     split=FLAGS.split)
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:
                 json.dump(rows, f, indent=2)

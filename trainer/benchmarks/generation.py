@@ -23,6 +23,7 @@ import numpy as np
 
 from trainer.benchmarks.reference_process import ReferenceProcess, serve_requests
 from trainer.benchmarks.timing import host_cpu, timed_rounds
+from trainer.errors import UserError
 from trainer.evaluation.generate import generate_all, make_generate_fn, row_streams
 from trainer.io import hf as hf_io
 
@@ -101,28 +102,33 @@ class TransformersProcess:
 
 def bench(model: str = "demo", hf_path: str = "", batches: tuple[int, ...] = (1, 8, 32),
           prompt_len: int = 64, new_tokens: int = 32, num_batches: int = 2, threads: int = 0,
-          seed: int = 0, rounds: int = 1) -> list[dict[str, Any]]:
+          seed: int = 0, rounds: int = 1, split: bool = False) -> list[dict[str, Any]]:
     """One row per batch size. ``rounds``: each side generates for the same prompts this many times,
     the sides taking turns in alternating order (``timing.timed_rounds``); tokens/s are the medians
     of the rounds, the ratio the median of the rounds' ratios, the tokens compared those of the
-    first round."""
+    first round. ``split``: each side also generates one token per row in the same rounds, which
+    splits its time into the prompt's prefill and the decode steps after it (``_split``)."""
+    if split and new_tokens < 2:
+        raise UserError("--split needs --new_tokens of 2 or more (a decode step is what a token after the "
+                        "first adds)")
     # The random-weight model's files live as long as the benchmark: each run left SmolLM2's 514 MB
     # in the temp directory.
     with tempfile.TemporaryDirectory(prefix=f"bench_generate_{model}_") as save_to:
         ref_proc = TransformersProcess(model, hf_path, threads, save_to)
         try:
             return _bench(ref_proc, model, hf_path, batches, prompt_len, new_tokens, num_batches, seed,
-                          rounds)
+                          rounds, split)
         finally:
             ref_proc.close()
 
 
 def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tuple[int, ...], prompt_len: int,
-           new_tokens: int, num_batches: int, seed: int, rounds: int) -> list[dict[str, Any]]:
+           new_tokens: int, num_batches: int, seed: int, rounds: int, split: bool) -> list[dict[str, Any]]:
     graphdef, params, cfg = hf_io.load_model(ref_proc.first["path"])
     vocab = cfg.vocab_size
     name = os.path.basename(os.path.normpath(hf_path)) if hf_path else f"{model} shape (random weights)"
     gen = make_generate_fn(graphdef, max_new_tokens=new_tokens, eos_ids=[-1], pad_id=0)
+    gen_one = make_generate_fn(graphdef, max_new_tokens=1, eos_ids=[-1], pad_id=0) if split else None
     cpu = host_cpu()
     print(f"host CPU: {cpu}", flush=True)
     rows = []
@@ -131,16 +137,22 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
         prompts = [rng.integers(3, vocab, int(rng.integers(max(1, prompt_len // 2), prompt_len + 1))
                                ).astype(np.int32) for _ in range(b * num_batches)]
         streams = row_streams(b)  # as trainer.eval runs its batches
-        run = lambda: generate_all(gen, params, prompts, batch_size=b, pad_id=0, eos_ids=[-1],  # noqa: E731
-                                   streams=streams)
+
+        def run(g=gen):
+            return generate_all(g, params, prompts, batch_size=b, pad_id=0, eos_ids=[-1], streams=streams)
         run()  # compiles every bucket shape
         t0 = time.perf_counter()
         ours = run()
         t_ours = time.perf_counter() - t0
         t_torch, ref = ref_proc.generate(prompts, b, new_tokens)
-        seconds = timed_rounds({"ours": (t_ours, lambda: _seconds(run)),
-                                "torch": (t_torch, lambda: ref_proc.generate(prompts, b, new_tokens)[0])},
-                               rounds)
+        sides = {"ours": (t_ours, lambda: _seconds(run)),
+                 "torch": (t_torch, lambda: ref_proc.generate(prompts, b, new_tokens)[0])}
+        if split:
+            run(gen_one)  # compiles
+            sides["ours_one_token"] = (_seconds(lambda: run(gen_one)), lambda: _seconds(lambda: run(gen_one)))
+            one = lambda: ref_proc.generate(prompts, b, 1)[0]  # noqa: E731
+            sides["torch_one_token"] = (one(), one)
+        seconds = timed_rounds(sides, rounds)
         ours_s, torch_s = np.asarray(seconds["ours"]), np.asarray(seconds["torch"])
         tokens = len(prompts) * new_tokens
         row = {"model": name, "batch": b, "streams": streams, "rows": len(prompts), "prompt_len": prompt_len,
@@ -157,7 +169,33 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
               f"transformers {row['torch_tokens_per_s']:8.1f} tokens/s, ratio {row['ratio']:.2f}x, "
               f"identical tokens in {row['identical_rows']}/{row['rows']} rows"
               + (f" (medians of {rounds} rounds)" if rounds > 1 else ""), flush=True)
+        if split:
+            row["split"] = _split(seconds, num_batches, new_tokens)
+            _print_split(row["split"])
     return rows
+
+
+def _split(seconds: dict[str, list[float]], num_batches: int, new_tokens: int) -> dict[str, Any]:
+    """Each side's time for one batch split into the prefill (the prompt, and the first token from
+    it: the ``*_one_token`` runs) and one decode step (what each further token adds), from the
+    rounds' medians; and the decode step ours would need, after its prefill as measured, to take half
+    the reference's time for the whole batch."""
+    med = {k: float(np.median(v)) / num_batches for k, v in seconds.items()}
+    steps = new_tokens - 1
+    out: dict[str, Any] = {}
+    for side in ("ours", "torch"):
+        out[side] = {"prefill_s": med[f"{side}_one_token"],
+                     "decode_step_ms": 1e3 * (med[side] - med[f"{side}_one_token"]) / steps}
+    out["decode_step_ms_for_2x"] = 1e3 * (med["torch"] / 2 - out["ours"]["prefill_s"]) / steps
+    return out
+
+
+def _print_split(split: dict[str, Any]) -> None:
+    ours, torch_ = split["ours"], split["torch"]
+    print(f"  a batch's prefill and first token: ours {ours['prefill_s']:.3f} s, transformers "
+          f"{torch_['prefill_s']:.3f} s; each further token: ours {ours['decode_step_ms']:.1f} ms, "
+          f"transformers {torch_['decode_step_ms']:.1f} ms a step; 2x transformers' batch would need "
+          f"{split['decode_step_ms_for_2x']:.1f} ms a step after ours' prefill", flush=True)
 
 
 def _seconds(run) -> float:
