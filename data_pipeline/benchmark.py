@@ -143,7 +143,7 @@ def _stages(config: ConfigDict, tokenizer: str, max_length: int, batch_size: int
     train = data.examples["train"]
     ds = loader.train_dataset(train, seq_len=max_length, pad_id=tok.pad_token_id, batch_size=batch_size,
                               seed=0, packing="best_fit")
-    bins = len(loader.train_rows(train, max_length, "best_fit"))
+    bins = len(loader.row_bins(train, max_length, "best_fit"))
     it = iter(ds)
     for _ in range(bins // batch_size):
         next(it)

@@ -88,6 +88,26 @@ def test_teacher_forced_loss_equals_the_train_steps_loss_on_the_same_batch(setup
     assert got["perplexity"] == pytest.approx(math.exp(got["loss"]))
 
 
+def test_teacher_forced_loss_over_packed_rows_equals_one_example_a_row(setup):
+    """The eval packs its examples as training does (``data.packing``): the same tokens, the same loss
+    and accuracy as one padded example a row, in fewer rows."""
+    config, conv, tok, spec, *_ = setup
+    rows = conv["test"][:40]
+    params = spec.init_params(0)
+    got, batches = {}, {}
+    for method in ("none", "best_fit"):
+        c = config.copy_and_resolve_references()
+        c.data.packing, c.data.max_length = method, 72  # the demo's rows: ~25-token examples, ~2.8 a row
+        examples = experiment.tokenize(resolved(c), tok, {"test": rows}).examples["test"]
+        got[method] = Evaluator.create(resolved(c), tok, spec, rows, conv["train"], examples=examples).loss(params)
+        batches[method] = len(list(loader.eval_batches(examples, seq_len=c.data.max_length, pad_id=0,
+                                                       batch_size=c.train.eval_batch_size, packing=method)))
+    assert got["best_fit"]["tokens"] == got["none"]["tokens"] > 0
+    np.testing.assert_allclose(got["best_fit"]["loss"], got["none"]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["best_fit"]["token_accuracy"], got["none"]["token_accuracy"], rtol=1e-6)
+    assert batches["best_fit"] < batches["none"]
+
+
 def test_generation_metrics_score_the_predictions(setup):
     config, conv, tok, spec, *_ = setup
     rows = conv["test"][:8]

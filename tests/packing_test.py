@@ -132,7 +132,7 @@ def test_packed_loader_state_and_per_process_shards():
     it2.set_state(state)
     assert helpers.tree_equal(take(it2, 3), after)
     # Every example appears in the packed rows of one epoch exactly once.
-    bins = loader.train_rows(exs, 32, "best_fit")
+    bins = loader.row_bins(exs, 32, "best_fit")
     assert sorted(i for b in bins for i in b) == list(range(len(exs)))
 
 
@@ -166,3 +166,35 @@ def test_background_worker_processes_give_the_same_batches_and_state():
     it2 = iter(loader.train_dataset(exs, worker_count=1, **kw))
     it2.set_state(state)
     assert helpers.tree_equal(take(it2, 3), threads[3:])
+
+
+@pytest.mark.parametrize("packing_method", ["none", "best_fit"])
+def test_eval_batches_hold_every_example_once_in_rows_that_do_not_depend_on_the_process_count(packing_method):
+    """The eval's batches: every example's shifted tokens exactly once, as a segment of its own; the
+    rows the same for one process as the union of two processes' shares; one row per example
+    unpacked, fewer packed."""
+    exs = examples([3, 17, 5, 9, 12, 2, 7, 30, 4, 6, 11])
+    kw = dict(seq_len=32, pad_id=0, batch_size=4, packing=packing_method)
+    single = list(loader.eval_batches(exs, **kw))
+    rows = {k: np.concatenate([b[k] for b in single]) for k in loader.FIELDS}
+    # Each example is one segment of one row: its inputs, targets, loss weights and positions.
+    found = []
+    for r in range(len(rows["inputs"])):
+        for seg in range(1, rows["segment_ids"][r].max() + 1):
+            at = rows["segment_ids"][r] == seg
+            found.append((rows["inputs"][r][at].tolist(), rows["targets"][r][at].tolist(),
+                          rows["weights"][r][at].tolist(), rows["positions"][r][at].tolist()))
+    want = [(e.ids[:-1].tolist(), e.ids[1:].tolist(), e.loss_mask[1:].astype(np.float32).tolist(),
+             list(range(len(e.ids) - 1))) for e in exs]
+    assert sorted(found) == sorted(want)
+    assert rows["weights"][rows["segment_ids"] == 0].sum() == 0  # padding and filler rows weigh nothing
+    used = int((rows["segment_ids"] > 0).any(1).sum())
+    assert used == (len(exs) if packing_method == "none" else len(loader.row_bins(exs, 32, packing_method)))
+    if packing_method == "best_fit":
+        assert used < len(exs) and len(single) < -(-len(exs) // 4)
+    # Two processes: the same number of batches each, and together the single process's rows.
+    shards = [list(loader.eval_batches(exs, **kw, process_index=p, process_count=2)) for p in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(single)
+    for b, whole in enumerate(single):
+        for k in loader.FIELDS:
+            np.testing.assert_array_equal(np.concatenate([shards[0][b][k], shards[1][b][k]]), whole[k])

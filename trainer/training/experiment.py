@@ -212,6 +212,6 @@ def split_loss(eval_step, params: Any, examples: list[loader.Example],
                pad_id: int, batch_sh: NamedSharding) -> dict[str, float]:
     """Token-weighted loss/accuracy over a whole split (sums over batches, then one division)."""
     sums = [eval_step(params, global_batch(b, batch_sh)) for b in loader.eval_batches(
-        examples, seq_len=config.data.max_length, pad_id=pad_id,
-        batch_size=config.train.eval_batch_size, **loader_shard(batch_sh))]
+        examples, seq_len=config.data.max_length, pad_id=pad_id, batch_size=config.train.eval_batch_size,
+        packing=config.data.packing, max_segments=config.data.max_segments_per_row, **loader_shard(batch_sh))]
     return metrics_lib.summarize(sums)
