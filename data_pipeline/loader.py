@@ -105,8 +105,8 @@ def eval_batches(examples: Sequence[Example], *, seq_len: int, pad_id: int, batc
     """Every example exactly once, in fixed-shape batches of rows: one example a row, or packed as
     training packs them (``packing``, ``max_segments``: see ``row_bins``). Each packed example is
     its own segment, so its loss is what it would be alone in a padded row, and a split of short
-    examples takes as many rows as their tokens fill, not one row each (SmolLM2's 40-token test
-    rows padded to 128 spent two thirds of the eval's loss on padding).
+    examples takes as many rows as their tokens fill, not one row each (SmolLM2's first example,
+    about 40-token test rows in rows of 128, spent about 70% of the eval step's tokens on padding).
 
     The last batch is filled with all-padding rows (weight 0), so summed metrics are exact and the
     eval step compiles once. Each process yields its share; every process yields the same number of
