@@ -149,9 +149,9 @@ def _bench(ref_proc: TransformersProcess, model: str, hf_path: str, batches: tup
                  "torch": (t_torch, lambda: ref_proc.generate(prompts, b, new_tokens)[0])}
         if split:
             run(gen_one)  # compiles
-            sides["ours_one_token"] = (_seconds(lambda: run(gen_one)), lambda: _seconds(lambda: run(gen_one)))
-            one = lambda: ref_proc.generate(prompts, b, 1)[0]  # noqa: E731
-            sides["torch_one_token"] = (one(), one)
+            ours_one = lambda: _seconds(lambda: run(gen_one))  # noqa: E731
+            torch_one = lambda: ref_proc.generate(prompts, b, 1)[0]  # noqa: E731
+            sides |= {"ours_one_token": (ours_one(), ours_one), "torch_one_token": (torch_one(), torch_one)}
         seconds = timed_rounds(sides, rounds)
         ours_s, torch_s = np.asarray(seconds["ours"]), np.asarray(seconds["torch"])
         tokens = len(prompts) * new_tokens
