@@ -36,6 +36,28 @@ def test_save_restore_is_bitwise(tmp_path):
     ckpt.close()
 
 
+def test_a_replicated_cpu_state_saves_without_a_program_per_replica(tmp_path, caplog):
+    """On CPU devices each replicated array is saved whole by its first replica: orbax's default split
+    across the replicas (arrays with a dimension the replicas divide) compiled a slicing program per
+    device and per shape (8 x 2 here), paid by every process's first save. Shapes no other test uses,
+    so no program is already compiled."""
+    import types  # noqa: PLC0415
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    arrays = {"w": np.arange(40 * 24, dtype=np.float32).reshape(40, 24), "b": np.arange(56, dtype=np.float32)}
+    state = types.SimpleNamespace(params={k: jax.device_put(v, replicated) for k, v in arrays.items()},
+                                  opt_state={"m": jax.device_put(arrays["b"] * 2, replicated)})
+    ckpt = Checkpointer(str(tmp_path), keep=1)
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        ckpt.save(1, state, {}, metrics={"val_loss": 1.0})
+        ckpt.wait()
+    compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
+    assert helpers.tree_equal(ckpt.restore_params(1, abstract), state.params)
+    ckpt.close()
+
+
 def test_keeps_latest_and_best(tmp_path):
     config = helpers.tiny_config(data=1, fsdp=1, tensor=1)
     _, spec, tx, _, state_sh, _ = helpers.setup(config, 64, jax.devices()[:1])

@@ -28,7 +28,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # resumed, killed or multi-process run recompiled what the run before it had just compiled; a tiny
 # run took 35 s cold and 19 s warm). It lives as long as the run (made by the first process to load
 # this file, removed when that process exits), so no test reads programs from an earlier run, and a
-# cache of your own (JAX_COMPILATION_CACHE_DIR already set) is left alone.
+# cache of your own (JAX_COMPILATION_CACHE_DIR already set) is left alone. In a multi-process run
+# only process 0 reads from it: on the CPU each process's key differs (trainer/compile_cache.py).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flax_ift_test_jax_cache_")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

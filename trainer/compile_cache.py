@@ -22,6 +22,13 @@ Where (``configure``):
 JAX writes only programs that took at least a second to compile
 (``--jax_persistent_cache_min_compile_time_secs``). The benchmarks and the dry run do not use it: they
 report compile times and the compiled programs' own memory and FLOP analyses.
+
+One limit, measured with jax 0.10.2: in the CPU rehearsal of a multi-host run
+(``launch/local_multiprocess.sh``) only process 0 loads programs from the cache. JAX's key includes
+the devices' topology fingerprint, which on the CPU differs from process to process, and only process
+0 writes: with a warm cache, 4 processes of the tiny config had 14 hits in process 0 and none in the
+others, whose keys for the same train step differed in that part alone (``JAX_DEBUG_LOG_MODULES=
+jax._src.cache_key``). The others compile every run.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ resolves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -53,15 +54,20 @@ def metric_fn(metric: str, mode: str):
     return get
 
 
-class _ReadOnlyNotice(logging.Filter):
-    """Drops Orbax's "Given directory is read only" warning: eval and export open the checkpoints
-    read-only on purpose, so the line tells the user nothing. Every other Orbax message passes."""
+class _Dropped(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``; every other message passes."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Given directory is read only")
+        return not str(record.msg).startswith(self.prefix)
 
 
-_READ_ONLY_NOTICE = _ReadOnlyNotice()
+# Orbax's "Given directory is read only" warning: eval and export open the checkpoints read-only on
+# purpose, so the line tells the user nothing.
+_READ_ONLY_NOTICE = _Dropped("Given directory is read only")
 
 
 class _NoTraceback(logging.Filter):
@@ -83,8 +89,33 @@ def checkpoint_dir(workdir: str) -> str:
     return paths.join(paths.abspath(workdir), "checkpoints")
 
 
+@functools.cache
+def _whole_shards_on_cpu() -> None:
+    """On the CPU, each replicated array is saved whole by its first replica, not split across replicas.
+
+    Orbax's default (replica-parallel saving) has each of R replicas copy 1/R of an array to the host
+    and write it: on a TPU pod that spreads the device-to-host copies. CPU devices already live in host
+    memory, so there it only adds work: each replica's part is cut out by a program compiled per
+    device and per array shape (the tiny config's 4-step run over 8 CPU devices: 56 of its 66
+    compiles, and 1.5-2.1 s of 9-11 s). Orbax itself turns it off on GPUs (``JAX_PLATFORMS``).
+    Registered once per process, for every ``jax.Array``, with a metadata store as orbax's default
+    handler has one."""
+    if jax.default_backend() != "cpu":
+        return
+    from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: PLC0415 (no public name)
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                             array_metadata_store=array_metadata_store.Store())
+    quiet = _Dropped("Type handler registry type")  # orbax warns of any override: noise on every run
+    absl_logging.get_absl_logger().addFilter(quiet)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logging.get_absl_logger().removeFilter(quiet)
+
+
 def _manager(workdir: str, keep: int = 2, read_only: bool = False, best_metric: str = VAL_METRIC,
              mode: str = "auto") -> ocp.CheckpointManager:
+    _whole_shards_on_cpu()
     mode = best_mode_fn(best_metric, mode)
     get = metric_fn(best_metric, mode)
     policy = cm.AnyPreservationPolicy([
