@@ -17,6 +17,10 @@ import numpy as np
 from data_pipeline.packing import pack
 
 FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
+# Each field's dtype in every batch: the loss weights are float32, the rest token ids and indices. The
+# train step's ahead-of-time compile (``trainer.training.experiment.abstract_batch``) builds its
+# shapes from this table, so a batch that differs from it would compile the step a second time.
+FIELD_DTYPES = {k: np.dtype(np.float32 if k == "weights" else np.int32) for k in FIELDS}
 
 
 @dataclasses.dataclass
@@ -39,7 +43,7 @@ def pack_examples(exs: Sequence[Example], seq_len: int, pad_id: int) -> dict[str
     Example ``k`` gets ``segment_ids == k + 1`` and positions restarting at 0; the model attends only
     within a segment, so each example's loss is what it would be alone in a padded row.
     """
-    out = {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in FIELDS}
+    out = {k: np.zeros(seq_len, FIELD_DTYPES[k]) for k in FIELDS}
     out["inputs"][:] = pad_id
     at = 0
     for k, ex in enumerate(exs):
@@ -116,7 +120,7 @@ def eval_batches(examples: Sequence[Example], *, seq_len: int, pad_id: int, batc
     bins = row_bins(examples, seq_len, packing, max_segments)
     local_bs = batch_size // process_count
     num_batches = max(1, -(-len(bins) // batch_size))
-    empty = {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in FIELDS}
+    empty = {k: np.zeros(seq_len, FIELD_DTYPES[k]) for k in FIELDS}
     empty["inputs"][:] = pad_id
     for b in range(num_batches):
         rows = []

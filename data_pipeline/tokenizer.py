@@ -29,6 +29,8 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from data_pipeline import gguf_parse
+
 BOS, EOS, PAD, IM_START = "<|begin_of_text|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
 
 # ChatML with a leading BOS; the end-of-turn token doubles as EOS, as in Qwen's instruct models.
@@ -91,13 +93,12 @@ def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
     reader, so this reads the metadata with the ``gguf`` package and hands it to the torch-free
     builders transformers uses behind that call (``gguf_tokenizer_mapping``).
     """
-    import gguf  # noqa: PLC0415
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (  # noqa: PLC0415
         GGUF_TOKENIZER_MAPPING,
         convert_gguf_tokenizer,
     )
     try:
-        fields = gguf.GGUFReader(path).fields
+        fields = gguf_parse.reader(path).fields
     except Exception as e:  # noqa: BLE001 -- a damaged file fails anywhere inside the reader
         raise ValueError(f"{path}: cannot read the GGUF file ({type(e).__name__}: {e})") from e
     groups = {group: {name: fields["tokenizer." + key].contents() for key, name in renames.items()

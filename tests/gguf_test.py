@@ -22,6 +22,7 @@ transformers = reference("transformers")
 gguf = reference("gguf")
 reference("accelerate")  # transformers needs it to load GGUF files
 
+from data_pipeline import gguf_parse  # noqa: E402
 from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from tests.helpers import load_base, our_logits  # noqa: E402
 from trainer.evaluation.generate import generate_all, make_generate_fn  # noqa: E402
@@ -182,6 +183,24 @@ def test_gguf_export_is_a_plain_hf_directory(gguf_file, tmp_path):
 
 
 # ---- bad input: one clear error naming the file ---------------------------------------------
+
+def test_a_run_parses_its_gguf_file_once(gguf_file, tmp_path, monkeypatch):
+    """The tokenizer, the config and the weights of one file share one parse (SmolLM2's took about 4 s);
+    a file rewritten in place is parsed again."""
+    _, path, _ = gguf_file
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(open(path, "rb").read())
+    opened = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda p, _real=gguf.GGUFReader: opened.append(p) or _real(p))
+    tokenizer_lib.load_tokenizer(str(copy))
+    load_base(str(copy))
+    assert len(opened) == 1, opened
+    data = copy.read_bytes()
+    copy.write_bytes(data + b"\0" * 32)  # another size: another file
+    os.utime(copy, ns=(0, 0))
+    gguf_parse.reader(str(copy))
+    assert len(opened) == 2, opened
+
 
 def test_bad_gguf_files_fail_clearly(gguf_file, tmp_path):
     _, path, _ = gguf_file

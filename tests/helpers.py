@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from configs import tiny
-from data_pipeline.loader import FIELDS
+from data_pipeline.loader import FIELD_DTYPES, FIELDS
 from trainer import sharding as sharding_lib
 from trainer.io import hf as hf_io
 from trainer.settings.spec import RunSpec
@@ -44,7 +44,7 @@ def setup(config, vocab_size: int = 64, devices=None, num_steps: int = 10):
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Rows of different real lengths (rest padding) with different numbers of supervised tokens."""
     rng = np.random.default_rng(seed)
-    out = {k: np.zeros((batch, seq), np.float32 if k == "weights" else np.int32) for k in FIELDS}
+    out = {k: np.zeros((batch, seq), FIELD_DTYPES[k]) for k in FIELDS}
     for i in range(batch):
         n = int(rng.integers(seq // 2, seq + 1))
         out["inputs"][i, :n] = rng.integers(1, vocab, n)

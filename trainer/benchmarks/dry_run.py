@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from data_pipeline import loader
 from trainer import sharding as sharding_lib
 from trainer.benchmarks.memory import compiled_memory, state_bytes
 from trainer.benchmarks.topology import collective_bytes
@@ -75,16 +74,13 @@ def dry_run(config: RunSpec, devices: list[Any] | int | None = None,
     abstract = experiment.abstract_state(spec, tx, state_sh)
     chunk = experiment.loss_chunk_tokens(config, batch_sh)
 
-    def batch(rows: int) -> dict[str, jax.ShapeDtypeStruct]:
-        return {k: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if k == "weights" else jnp.int32,
-                                        sharding=batch_sh) for k in loader.FIELDS}
-
     memory_gb = device_memory_gb or flops_lib.device_memory_gb(devices[0])
     programs = {
         "train_step": _compile(experiment.jit_train_step(
-            spec, tx, schedule, t.grad_accum_steps, state_sh, batch_sh, chunk), abstract, batch(t.batch_size)),
+            spec, tx, schedule, t.grad_accum_steps, state_sh, batch_sh, chunk), abstract,
+            experiment.abstract_batch(t.batch_size, seq, batch_sh)),
         "eval_step": _compile(experiment.jit_eval_step(spec, batch_sh, chunk), abstract.model_params,
-                              batch(t.eval_batch_size)),
+                              experiment.abstract_batch(t.eval_batch_size, seq, batch_sh)),
         "generate": _compile_generate(config, spec, abstract.model_params,
                                       memory_gb * GB if memory_gb else None),
     }

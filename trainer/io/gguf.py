@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline import gguf_parse
+
 # llama.cpp architecture -> HF model_type. Gemma files store norm weights shifted by +1 and GPT-2 files
 # fuse q/k/v differently; neither is handled, so they are refused rather than loaded wrong.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -54,7 +56,6 @@ class GGUFCheckpoint:
     """One ``.gguf`` file: ``config`` (HF config.json form), ``names()``, ``checkpoint(hf_name)``."""
 
     def __init__(self, path: str):
-        import gguf  # noqa: PLC0415
         self.path = path
         if not os.path.isfile(path):
             raise GGUFError(f"{path}: no such file")
@@ -62,7 +63,7 @@ class GGUFCheckpoint:
             if f.read(4) != b"GGUF":
                 raise GGUFError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
         try:
-            self._reader = gguf.GGUFReader(path)
+            self._reader = gguf_parse.reader(path)  # the tokenizer's parse, when it read the file first
         except Exception as e:  # noqa: BLE001 -- a damaged file fails anywhere inside the reader
             raise GGUFError(f"{path}: cannot read the GGUF file ({type(e).__name__}: {e}); "
                             "is it truncated or damaged?") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -181,6 +182,59 @@ def jit_eval_step(spec: ModelSpec, batch_sh: NamedSharding, loss_chunk: int):
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState) -> Any:
     """The TrainState's shapes, dtypes and shardings, without reading or creating any weights."""
     return abstract_with_shardings(lambda: _step0(spec, tx, spec.params_fn(0)()), shardings)
+
+
+def abstract_batch(rows: int, seq: int, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch's fields (``loader.FIELD_DTYPES``), each ``[rows, seq]`` and sharded along the
+    batch axis: what a step compiles for before any batch exists."""
+    return {k: jax.ShapeDtypeStruct((rows, seq), loader.FIELD_DTYPES[k], sharding=sharding)
+            for k in loader.FIELDS}
+
+
+class CompiledAhead:
+    """A jitted step whose compile starts now, on a background thread, for the arguments its first
+    call will have (abstract: shapes, dtypes, shardings); the first call waits for that compile, then
+    finds the executable in ``jax.jit``'s cache.
+
+    Why: the state's weights (random, a checkpoint, a base model's files) are not needed to compile
+    the step, and the compile is not needed to read them, so a run start does both at once. XLA
+    compiles outside Python's lock, so it overlaps even the start's Python work. (README, "Model
+    build, the loss's backward, start-up, compiled programs": what it saves.)
+
+    Only the time moves: if the ahead compile fails, the first call compiles as it would have, on the
+    calling thread (and raises there, with its own context); if its arguments differ from the abstract
+    ones, jit compiles for them (``tests/experiment_test.py`` checks the training loop's do not)."""
+
+    def __init__(self, step, *abstract_args):
+        self.step = step
+        # A daemon thread: a run stopped while it compiles exits without waiting for the compiler.
+        self._thread = threading.Thread(target=self._compile, args=abstract_args, daemon=True,
+                                        name="compile-ahead")
+        self._thread.start()
+
+    def _compile(self, *abstract_args) -> None:
+        try:
+            self.step.lower(*abstract_args).compile()
+        except Exception:  # noqa: BLE001 -- the first call compiles again and raises it there
+            pass
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def __call__(self, *args, **kwargs):
+        self.wait()
+        return self.step(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        self.wait()
+        return self.step.lower(*args, **kwargs)
+
+
+def compile_train_step_ahead(step, spec: ModelSpec, tx: optax.GradientTransformation, state_sh: TrainState,
+                             rows: int, seq: int, batch_sh: NamedSharding) -> CompiledAhead:
+    """``jit_train_step``'s ``step`` compiling ahead for the state ``init_train_state`` (or a restore)
+    gives and for ``[rows, seq]`` batches, while the caller builds that state."""
+    return CompiledAhead(step, abstract_state(spec, tx, state_sh), abstract_batch(rows, seq, batch_sh))
 
 
 def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -102,7 +102,7 @@ class Trainer:
     tx: Any
     schedule: Any
     state_sh: TrainState
-    train_step: Callable
+    train_step: experiment.CompiledAhead
     evals: list[ScheduledEval]
     ckpt: Checkpointer
     num_params: int
@@ -126,6 +126,9 @@ class Trainer:
                                                batch_sh, chunk, config.seed)
         evals = evaluators(config, spec, tok, rows, data, batch_sh)
         ckpt = Checkpointer.for_run(config, workdir, base=modeling.base_identity(spec, config.seed))
+        # compiled while restore_or_init reads or makes the state (started last: close() waits for it)
+        train_step = experiment.compile_train_step_ahead(train_step, spec, tx, state_sh, config.train.batch_size,
+                                                         config.data.max_length, batch_sh)
         return cls(config, workdir, old_num_steps, train_iter, batch_sh, spec, tx, schedule, state_sh,
                    train_step, evals, ckpt, num_params)
 
@@ -238,6 +241,10 @@ class Trainer:
     def close(self) -> None:
         """Whatever ends the run -- the last step, a preemption, an exception -- the in-flight async
         save is waited for (never abandoned half-written), then everything is closed."""
+        # A run that ends before its first step (an error reading the state, nothing left to train)
+        # waits for the step's ahead compile: jax tears its backend down at exit, under a compiler
+        # still at work on another thread.
+        self.train_step.wait()
         try:
             self.ckpt.wait()
         except Exception as e:  # noqa: BLE001 -- reported; an exception already on its way goes on
