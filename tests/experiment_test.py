@@ -27,7 +27,8 @@ def _train_step_compiles(caplog, config, workdir, **kw) -> list[str]:
 
 @pytest.mark.parametrize("run", ["full", "qlora"])
 def test_the_train_step_compiles_once_ahead_and_a_resume_too(tmp_path, caplog, run):
-    """The step compiles once, on the ahead thread, for a fresh start and for a resume from a checkpoint:
+    """The step compiles once, on the ahead thread, for a fresh start and for a resume from a checkpoint
+    (and not at all for a run already at its last step):
     the abstract state and batch are what ``init_train_state``, the checkpoint restore and the loader
     give the first call. Compiled in the loop instead (no ``CompiledAhead``), the thread is the main
     one; abstract arguments that differed from the real ones would compile twice."""
@@ -37,6 +38,7 @@ def test_the_train_step_compiles_once_ahead_and_a_resume_too(tmp_path, caplog, r
     c.train.num_steps, c.train.checkpoint_every, c.train.eval_every = 2, 1, 100
     assert _train_step_compiles(caplog, c, str(tmp_path), stop_at=1) == ["compile-ahead"]
     assert _train_step_compiles(caplog, c, str(tmp_path)) == ["compile-ahead"]  # resumed at step 1
+    assert _train_step_compiles(caplog, c, str(tmp_path)) == []  # at its last step: nothing to compile
 
 
 def test_a_call_unlike_the_ahead_compile_still_runs():

@@ -206,11 +206,14 @@ class CompiledAhead:
     ones, jit compiles for them (``tests/experiment_test.py`` checks the training loop's do not)."""
 
     def __init__(self, step, *abstract_args):
+        """No ``abstract_args``: nothing is compiled ahead (the step as it is)."""
         self.step = step
-        # A daemon thread: a run stopped while it compiles exits without waiting for the compiler.
+        # A daemon thread never keeps the interpreter alive; a caller that may end before the first
+        # call waits for it all the same (``wait``): jax's exit handler tears the backend down.
         self._thread = threading.Thread(target=self._compile, args=abstract_args, daemon=True,
                                         name="compile-ahead")
-        self._thread.start()
+        if abstract_args:
+            self._thread.start()
 
     def _compile(self, *abstract_args) -> None:
         try:
@@ -219,7 +222,8 @@ class CompiledAhead:
             pass
 
     def wait(self) -> None:
-        self._thread.join()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
 
     def __call__(self, *args, **kwargs):
         self.wait()
@@ -231,9 +235,12 @@ class CompiledAhead:
 
 
 def compile_train_step_ahead(step, spec: ModelSpec, tx: optax.GradientTransformation, state_sh: TrainState,
-                             rows: int, seq: int, batch_sh: NamedSharding) -> CompiledAhead:
+                             rows: int, seq: int, batch_sh: NamedSharding, start: bool = True) -> CompiledAhead:
     """``jit_train_step``'s ``step`` compiling ahead for the state ``init_train_state`` (or a restore)
-    gives and for ``[rows, seq]`` batches, while the caller builds that state."""
+    gives and for ``[rows, seq]`` batches, while the caller builds that state; ``start=False``: not
+    compiled until called (a run with nothing left to train never calls it)."""
+    if not start:
+        return CompiledAhead(step)
     return CompiledAhead(step, abstract_state(spec, tx, state_sh), abstract_batch(rows, seq, batch_sh))
 
 

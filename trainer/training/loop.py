@@ -126,9 +126,11 @@ class Trainer:
                                                batch_sh, chunk, config.seed)
         evals = evaluators(config, spec, tok, rows, data, batch_sh)
         ckpt = Checkpointer.for_run(config, workdir, base=modeling.base_identity(spec, config.seed))
-        # compiled while restore_or_init reads or makes the state (started last: close() waits for it)
-        train_step = experiment.compile_train_step_ahead(train_step, spec, tx, state_sh, config.train.batch_size,
-                                                         config.data.max_length, batch_sh)
+        # compiled while restore_or_init reads or makes the state (started last: close() waits for it),
+        # unless the newest checkpoint already holds the last step
+        train_step = experiment.compile_train_step_ahead(
+            train_step, spec, tx, state_sh, config.train.batch_size, config.data.max_length, batch_sh,
+            start=(ckpt.latest_step() or 0) < config.train.num_steps)
         return cls(config, workdir, old_num_steps, train_iter, batch_sh, spec, tx, schedule, state_sh,
                    train_step, evals, ckpt, num_params)
 
