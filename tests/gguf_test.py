@@ -185,7 +185,7 @@ def test_gguf_export_is_a_plain_hf_directory(gguf_file, tmp_path):
 # ---- bad input: one clear error naming the file ---------------------------------------------
 
 def test_a_run_parses_its_gguf_file_once(gguf_file, tmp_path, monkeypatch):
-    """The tokenizer, the config and the weights of one file share one parse (SmolLM2's took about 4 s);
+    """The tokenizer, the config and the weights of one file share one parse (SmolLM2's took about 2 s);
     a file rewritten in place is parsed again."""
     _, path, _ = gguf_file
     copy = tmp_path / "model.gguf"
