@@ -243,9 +243,9 @@ class Trainer:
     def close(self) -> None:
         """Whatever ends the run -- the last step, a preemption, an exception -- the in-flight async
         save is waited for (never abandoned half-written), then everything is closed."""
-        # A run that ends before its first step (an error reading the state, a stop request)
-        # waits for the step's ahead compile: jax tears its backend down at exit, under a compiler
-        # still at work on another thread.
+        # A run that ends before its first step (an error reading or making the state) still
+        # waits for the step's ahead compile: at exit jax tears its backend down, which a compiler
+        # still at work on another thread would be using.
         self.train_step.wait()
         try:
             self.ckpt.wait()
