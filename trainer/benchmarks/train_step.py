@@ -45,7 +45,8 @@ def bench_ours(config: RunSpec, vocab: int, data: list[dict[str, np.ndarray]], w
                                      batch_sh, experiment.loss_chunk_tokens(config, batch_sh))
     # as a run starts (``trainer.training.loop``): the step compiles while the state is built, so the
     # compile is split between build_s and first_step_s; their sum is the start's
-    step = experiment.compile_train_step_ahead(step, spec, tx, state_sh, *data[0]["inputs"].shape, batch_sh)
+    step = experiment.compile_train_step_ahead(step, experiment.abstract_state(spec, tx, state_sh),
+                                               *data[0]["inputs"].shape, batch_sh)
     state = experiment.init_train_state(spec, tx, config.seed, state_sh)
     jax.block_until_ready(state)
     build_s = time.perf_counter() - t_build

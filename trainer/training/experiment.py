@@ -234,14 +234,15 @@ class CompiledAhead:
         return self.step.lower(*args, **kwargs)
 
 
-def compile_train_step_ahead(step, spec: ModelSpec, tx: optax.GradientTransformation, state_sh: TrainState,
-                             rows: int, seq: int, batch_sh: NamedSharding, start: bool = True) -> CompiledAhead:
-    """``jit_train_step``'s ``step`` compiling ahead for the state ``init_train_state`` (or a restore)
-    gives and for ``[rows, seq]`` batches, while the caller builds that state; ``start=False``: not
-    compiled until called (a run with nothing left to train never calls it)."""
+def compile_train_step_ahead(step, abstract: TrainState, rows: int, seq: int, batch_sh: NamedSharding,
+                             start: bool = True) -> CompiledAhead:
+    """``jit_train_step``'s ``step`` compiling ahead for ``abstract`` (``abstract_state``: what
+    ``init_train_state`` or a restore gives) and for ``[rows, seq]`` batches, while the caller builds
+    that state; ``start=False``: not compiled until called (a run with nothing left to train never
+    calls it)."""
     if not start:
         return CompiledAhead(step)
-    return CompiledAhead(step, abstract_state(spec, tx, state_sh), abstract_batch(rows, seq, batch_sh))
+    return CompiledAhead(step, abstract, abstract_batch(rows, seq, batch_sh))
 
 
 def global_batch(local: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -102,6 +102,7 @@ class Trainer:
     tx: Any
     schedule: Any
     state_sh: TrainState
+    abstract: TrainState                # the state's shapes, dtypes and shardings (state_sh)
     train_step: experiment.CompiledAhead
     evals: list[ScheduledEval]
     ckpt: Checkpointer
@@ -126,19 +127,19 @@ class Trainer:
                                                batch_sh, chunk, config.seed)
         evals = evaluators(config, spec, tok, rows, data, batch_sh)
         ckpt = Checkpointer.for_run(config, workdir, base=modeling.base_identity(spec, config.seed))
+        abstract = experiment.abstract_state(spec, tx, state_sh)
         # compiled while restore_or_init reads or makes the state (started last: close() waits for it),
         # unless the newest checkpoint already holds the last step
         train_step = experiment.compile_train_step_ahead(
-            train_step, spec, tx, state_sh, config.train.batch_size, config.data.max_length, batch_sh,
+            train_step, abstract, config.train.batch_size, config.data.max_length, batch_sh,
             start=(ckpt.latest_step() or 0) < config.train.num_steps)
         return cls(config, workdir, old_num_steps, train_iter, batch_sh, spec, tx, schedule, state_sh,
-                   train_step, evals, ckpt, num_params)
+                   abstract, train_step, evals, ckpt, num_params)
 
     # ---- start ---------------------------------------------------------------------------------
     def restore_or_init(self) -> tuple[int, TrainState]:
         """The newest checkpoint that restores (and the data position with it), else step 0."""
-        config, spec = self.config, self.spec
-        abstract = experiment.abstract_state(spec, self.tx, self.state_sh)
+        config, spec, abstract = self.config, self.spec, self.abstract
         params0 = None
         if spec.lora.enabled:  # a resume needs the frozen base too: read it once, here
             params0 = spec.init_params(config.seed)
