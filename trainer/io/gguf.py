@@ -18,7 +18,6 @@ What differs from an HF checkpoint:
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -53,7 +52,10 @@ class GGUFError(ValueError):
 
 
 class GGUFCheckpoint:
-    """One ``.gguf`` file: ``config`` (HF config.json form), ``names()``, ``checkpoint(hf_name)``."""
+    """One ``.gguf`` file: ``config`` (HF config.json form), ``names()``, ``checkpoint(hf_name)``.
+
+    Cheap to make again (under a millisecond): the file's parse is shared per process
+    (``data_pipeline.gguf_parse``), so the config and the weights each open their own."""
 
     def __init__(self, path: str):
         self.path = path
@@ -63,7 +65,7 @@ class GGUFCheckpoint:
             if f.read(4) != b"GGUF":
                 raise GGUFError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
         try:
-            self._reader = gguf_parse.reader(path)  # the tokenizer's parse, when it read the file first
+            self._reader = gguf_parse.reader(path)  # the tokenizer's and every other instance's parse
         except Exception as e:  # noqa: BLE001 -- a damaged file fails anywhere inside the reader
             raise GGUFError(f"{path}: cannot read the GGUF file ({type(e).__name__}: {e}); "
                             "is it truncated or damaged?") from e
@@ -170,12 +172,6 @@ def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
 def permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's permutation itself (HF halves -> interleaved pairs); the inverse of the above."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-@functools.lru_cache(maxsize=2)
-def open_gguf(path: str) -> GGUFCheckpoint:
-    """``GGUFCheckpoint(path)``, parsed once per process (config, weights and tokenizer all read it)."""
-    return GGUFCheckpoint(path)
 
 
 def is_gguf(path: str) -> bool:

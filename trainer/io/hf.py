@@ -336,7 +336,7 @@ def np_dtype(name: str) -> np.dtype:
 def read_hf_config(path: str) -> dict[str, Any]:
     """The ``config.json`` dict of a base model: an HF directory, or a ``.gguf`` file's metadata."""
     if gguf_io.is_gguf(path):
-        return gguf_io.open_gguf(path).config
+        return gguf_io.GGUFCheckpoint(path).config
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise HFError(f"{path!r} is not a Hugging Face model directory (no config.json) or a .gguf file")
@@ -380,7 +380,7 @@ class SafetensorsReader:
 def open_weights(path: str) -> SafetensorsReader | gguf_io.GGUFCheckpoint:
     """``reader(hf_tensor_name) -> np.ndarray`` (and ``reader.names()``) for an HF directory or a GGUF
     file: GGUF tensors come back dequantised, under their HF names and in HF's layout."""
-    return gguf_io.open_gguf(path) if gguf_io.is_gguf(path) else SafetensorsReader(path)
+    return gguf_io.GGUFCheckpoint(path) if gguf_io.is_gguf(path) else SafetensorsReader(path)
 
 
 def load_hf(path: str, cfg: ModelConfig, model_type: str,
