@@ -4,11 +4,13 @@
     tok = tokenizer.build_tokenizer(tok_cfg, ...)     # or the run's saved tokenizer
     data = tokenize(data_cfg, tok, rows)              # this module
 
-Tokenisation runs through ``datasets.Dataset.map`` (batched: one fast-tokenizer call per batch;
-``data.num_proc`` processes) and is cached on disk under a key made of the rows' content, the
-tokenizer, the template and the length settings: a second run with the same inputs loads it.
+Tokenisation is batched (one fast-tokenizer call per 256 rows) and cached on disk under a key made of
+the rows' content, the tokenizer, the template and the length settings: a second run with the same
+inputs loads it. A split of ``IN_PROCESS_ROWS`` rows or more, or one split over worker processes
+(``data.num_proc``), runs through ``datasets.Dataset.map``; a smaller one is encoded in this process, by
+the same function, into the same Arrow columns.
 
-Nothing here holds a split's tokens in RAM: the rows go to disk as Arrow in 10k-row pieces, the map
+No large split's tokens are held in RAM: its rows go to disk as Arrow in 10k-row pieces, the map
 writes Arrow files, and those become three flat arrays (``ids.npy`` int32, ``loss_mask.npy`` int8,
 ``offsets.npy``) that are memory-mapped; every example is a view into them. A million-row mix of
 ~1,000-token conversations is ~5.5 GB of tokens, read from the page cache as batches need them.
@@ -25,6 +27,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -142,9 +145,16 @@ def fit_length(tok: PreTrainedTokenizerBase, t: Template, messages: list[dict[st
 
 def _encode_batch(batch: dict[str, list], tok, t: Template, max_length: int, policy: str,
                   on_bad_row: str = "error") -> dict[str, list]:
-    convs = [json.loads(s) for s in batch["messages"]]
+    """``datasets.Dataset.map``'s function: the rows' messages arrive as JSON text."""
+    return _encode_rows([json.loads(s) for s in batch["messages"]], batch["loc"], tok, t, max_length, policy,
+                        on_bad_row)
+
+
+def _encode_rows(convs: list[list[dict[str, Any]]], locs: list[str], tok, t: Template, max_length: int,
+                 policy: str, on_bad_row: str = "error") -> dict[str, list]:
+    """One batch of conversations -> ``{"ids", "loss_mask", "status"}``, a list entry per row."""
     plans, failed = [], {}
-    for i, (msgs, loc) in enumerate(zip(convs, batch["loc"])):
+    for i, (msgs, loc) in enumerate(zip(convs, locs)):
         try:
             plans.append(plan(tok, t, msgs))
         except TemplateError as e:  # a row the template cannot render: a bad row like any other
@@ -251,12 +261,47 @@ def _features():
                               "status": datasets.Value("string")})
 
 
+# A split of fewer rows, tokenised in one process, is encoded without ``datasets``: importing it (pandas,
+# pyarrow.dataset) took 2.7 s of a 7-s tiny run with warm compiled programs, more than tokenising a few
+# thousand rows, and its map's Arrow files and fingerprints buy nothing at that size. Such a split takes
+# seconds, so it shows no progress bar either way.
+IN_PROCESS_ROWS = 20_000
+
+
 def _encode_to_disk(data_cfg: Any, tok, t: Template, rows: list[dict[str, Any]], key: str, out: str
                     ) -> None:
     """Tokenises ``rows`` into ``out``/{ids,loss_mask,offsets}.npy + statuses.json (see module doc)."""
+    os.makedirs(out, exist_ok=True)
+    num_proc = data_cfg.num_proc or _auto_num_proc(len(rows))
+    kwargs = dict(tok=tok, t=t, max_length=data_cfg.max_length, policy=data_cfg.length_policy,
+                  on_bad_row=data_cfg.on_bad_row)
+    if num_proc == 1 and len(rows) < IN_PROCESS_ROWS:
+        _encode_in_process(rows, kwargs, out)
+    else:
+        _encode_with_datasets(rows, kwargs, num_proc, key, out)
+
+
+def _encode_in_process(rows: list[dict[str, Any]], kwargs: dict[str, Any], out: str) -> None:
+    """The rows encoded by ``_encode_rows`` in the map's batches, written as the map's columns are."""
+    encoded: dict[str, list] = {"ids": [], "loss_mask": [], "status": []}
+    for a in range(0, len(rows), _MAP_BATCH):
+        piece = rows[a:a + _MAP_BATCH]
+        for name, values in _encode_rows([r["messages"] for r in piece], [r["loc"] for r in piece],
+                                         **kwargs).items():
+            encoded[name].extend(values)
+    _save_flat(out, np.array([len(x) for x in encoded["ids"]], np.int64),
+               {name: lambda name=name: encoded[name] for name in ("ids", "loss_mask")}, encoded["status"])
+
+
+_MAP_BATCH = 256  # rows per tokenizer call (the fast tokenizer encodes a batch in one call)
+
+
+def _encode_with_datasets(rows: list[dict[str, Any]], kwargs: dict[str, Any], num_proc: int, key: str,
+                          out: str) -> None:
+    """``datasets.Dataset.map`` over the rows written to disk as Arrow, in ``num_proc`` forked workers
+    (1: this process), with a progress bar from ``IN_PROCESS_ROWS`` rows on."""
     import datasets  # noqa: PLC0415 (slow import)
     from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415
-    os.makedirs(out, exist_ok=True)
     source = os.path.join(out, "rows.arrow")
     with ArrowWriter(path=source, features=datasets.Features(
             {"messages": datasets.Value("string"), "loc": datasets.Value("string")})) as writer:
@@ -266,19 +311,16 @@ def _encode_to_disk(data_cfg: Any, tok, t: Template, rows: list[dict[str, Any]],
                                 "loc": [r["loc"] for r in piece]})
         writer.finalize()
     table = datasets.Dataset.from_file(source)
-    num_proc = data_cfg.num_proc or _auto_num_proc(len(rows))
     # A progress bar (rows/s) for the splits that take more than a few seconds.
-    (datasets.enable_progress_bars if len(rows) >= 20_000 else datasets.disable_progress_bars)()
+    (datasets.enable_progress_bars if len(rows) >= IN_PROCESS_ROWS else datasets.disable_progress_bars)()
     # Forked workers (data.num_proc > 1) inherit every row as Python objects (~12 GB for a million
     # long conversations); frozen, a worker's cyclic GC never walks them (nor copies their pages).
     gc.freeze()
     try:
-        encoded = table.map(_encode_batch, batched=True, batch_size=256, desc="templating + tokenising",
+        encoded = table.map(_encode_batch, batched=True, batch_size=_MAP_BATCH, desc="templating + tokenising",
                             num_proc=num_proc if num_proc > 1 else None, features=_features(),
                             remove_columns=["messages", "loc"], new_fingerprint=key,
-                            cache_file_name=os.path.join(out, "encoded.arrow"),
-                            fn_kwargs=dict(tok=tok, t=t, max_length=data_cfg.max_length,
-                                           policy=data_cfg.length_policy, on_bad_row=data_cfg.on_bad_row))
+                            cache_file_name=os.path.join(out, "encoded.arrow"), fn_kwargs=kwargs)
     finally:
         gc.unfreeze()
     _write_flat(encoded.data.table, out)
@@ -289,24 +331,34 @@ def _encode_to_disk(data_cfg: Any, tok, t: Template, rows: list[dict[str, Any]],
 
 
 def _write_flat(table, out: str) -> None:
-    """The Arrow ``ids``/``loss_mask`` list columns -> flat .npy files, one Arrow chunk at a time."""
-    ids, mask = table.column("ids"), table.column("loss_mask")
+    """The map's Arrow ``ids``/``loss_mask`` list columns -> flat .npy files, one Arrow chunk at a time."""
+    ids = table.column("ids")
     lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in ids.chunks] or [np.zeros(0, np.int64)])
+    # (flatten honours slices)
+    chunks = {name: lambda name=name: (c.flatten().to_numpy(zero_copy_only=False)
+                                       for c in table.column(name).chunks) for name in ("ids", "loss_mask")}
+    _save_flat(out, lengths, chunks, table.column("status").to_pylist())
+
+
+def _save_flat(out: str, lengths: np.ndarray, pieces: dict[str, Callable[[], Iterable[np.ndarray]]],
+               statuses: list[str]) -> None:
+    """Writes ``offsets.npy`` (from the rows' ``lengths``), ``ids.npy`` (int32) and ``loss_mask.npy``
+    (int8), each filled from ``pieces[name]()`` (the rows' values in order, in pieces of any size), and
+    ``statuses.json`` (the rows with a status)."""
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     np.save(os.path.join(out, "offsets.npy"), offsets)
-    for name, column, dtype in (("ids", ids, np.int32), ("loss_mask", mask, np.int8)):
+    for name, dtype in (("ids", np.int32), ("loss_mask", np.int8)):
         flat = np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", dtype, (int(offsets[-1]),))
         at = 0
-        for chunk in column.chunks:
-            values = chunk.flatten().to_numpy(zero_copy_only=False)  # (flatten honours slices)
+        for values in pieces[name]():
             flat[at:at + len(values)] = values
             at += len(values)
+        assert at == len(flat), (name, at, len(flat))
         flat.flush()
         del flat
-    statuses = {i: s for i, s in enumerate(table.column("status").to_pylist()) if s}
     with open(os.path.join(out, "statuses.json"), "w") as f:
-        json.dump(statuses, f)
+        json.dump({i: s for i, s in enumerate(statuses) if s}, f)
 
 
 def _load_flat(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:

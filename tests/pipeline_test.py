@@ -1,6 +1,8 @@
 """Tokenising splits: the length policy, drop counts, the cache and parallel tokenisation."""
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from configs import tiny
 from data_pipeline import pipeline
 from data_pipeline.templating import encode_messages
+from tests.cli_test import ROOT
 from tests.templating_test import TEMPLATE_WITH_BOS, word_tokenizer
 
 
@@ -80,6 +83,45 @@ def test_parallel_tokenisation_equals_serial(tok):
     assert len(serial) == len(parallel) == 600
     assert all(np.array_equal(a.ids, b.ids) and np.array_equal(a.loss_mask, b.loss_mask)
                for a, b in zip(serial, parallel))
+
+
+def test_a_small_split_encoded_in_process_equals_datasets_map(tok, monkeypatch):
+    """Below ``IN_PROCESS_ROWS`` a split is encoded without ``datasets``: the same examples, statuses and
+    counts as its map gives, for rows that fit, are truncated (turns, prompt), dropped or refused."""
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    refused = row("sort abc", "abc")
+    refused["messages"] = [{"role": "system", "content": "sort"}] + refused["messages"]
+    rows = [row("reverse abc", "cba"), row("sort bca", "abc", "reverse abc", "cba"), refused,
+            row("reverse abc abc abc abc abc abc", "cba"), row("reverse", " ".join(["abc cba"] * 5)),
+            row("reverse abc")] * 300  # 1,800 rows: several 256-row batches
+    c = cfg(max_length=9, length_policy="truncate", on_bad_row="skip")
+    here, rep_here = pipeline.tokenize_split(c, tok, rows)
+    monkeypatch.setattr(pipeline, "IN_PROCESS_ROWS", 0)
+    mapped, rep_mapped = pipeline.tokenize_split(c, tok, rows)
+    assert len(here) == len(mapped) == 900
+    assert all(a.ids.dtype == b.ids.dtype and a.loss_mask.dtype == b.loss_mask.dtype for a, b in zip(here, mapped))
+    assert all(np.array_equal(a.ids, b.ids) and np.array_equal(a.loss_mask, b.loss_mask)
+               for a, b in zip(here, mapped))
+    assert rep_here == rep_mapped
+    assert rep_here.dropped == {"template error": 300, "completion alone longer than data.max_length=9": 300,
+                                "no supervised token": 300}
+    assert rep_here.truncated == {"oldest turns dropped": 300, "prompt cut from the left": 300}
+
+
+def test_a_small_split_does_not_import_datasets():
+    """``datasets`` (pandas, pyarrow.dataset) took 2.7 s of a tiny run's start: a small split, the usual
+    run's, is tokenised without importing it."""
+    code = ("import sys; from tests.pipeline_test import cfg, row, word_tokenizer, TEMPLATE_WITH_BOS; "
+            "from data_pipeline import pipeline; "
+            "exs, _ = pipeline.tokenize_split(cfg(max_length=8), word_tokenizer(TEMPLATE_WITH_BOS), "
+            "[row('reverse abc', 'cba')] * 1000); "
+            "assert len(exs) == 1000; print(sorted(m for m in ('datasets', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_a_row_the_template_refuses_is_a_bad_row(tok):
