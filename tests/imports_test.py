@@ -1,5 +1,5 @@
-"""A run's metric writer and scorer are built without importing torch or scipy.stats (``trainer.imports``),
-and a later ``import torch`` in the same process still works."""
+"""A run's metric writer and scorer are built without importing torch, scipy.stats or GCS' client
+(``trainer.imports``), and a later ``import torch`` in the same process still works."""
 
 import os
 import subprocess
@@ -17,20 +17,21 @@ w = MetricWriter(sys.argv[1])
 w.write(1, {"loss": 1.5})
 w.close()
 s = Scorer().score(["a b c"], ["a b d"])
-print(sorted(m for m in ("torch", "scipy.stats") if m in sys.modules))
-import torch, scipy.stats
-print(torch.zeros(2).sum().item(), scipy.stats.norm.cdf(0.0), round(float(s["rouge1"][0]), 4))
+print(sorted(m for m in ("torch", "scipy.stats", "google.cloud.storage") if m in sys.modules))
+import torch, scipy.stats, google.cloud.storage
+print(torch.zeros(2).sum().item(), scipy.stats.norm.cdf(0.0), round(float(s["rouge1"][0]), 4),
+      google.cloud.storage.Client.__name__)
 """
 
 
-def test_the_writer_and_scorer_import_neither_torch_nor_scipy_stats(tmp_path):
+def test_the_writer_and_scorer_import_neither_torch_nor_scipy_stats_nor_gcs(tmp_path):
     reference("torch")  # installed, so tensorboardX would import it
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
     loaded, imported_after = r.stdout.splitlines()[-2:]
     assert loaded == "[]", loaded
-    assert imported_after == "0.0 0.5 0.6667", imported_after
+    assert imported_after == "0.0 0.5 0.6667 Client", imported_after
     assert list((tmp_path / "tensorboard").iterdir())  # the events file was written
 
 

@@ -60,8 +60,8 @@ class MetricWriter:
                 from trainer.training.rundir import truncate_metrics  # noqa: PLC0415
                 self.dropped = truncate_metrics(local, resumed_at)
             self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a", buffering=1)
-            # imported lazily (process 0 only), and without torch: trainer.imports
-            SummaryWriter = import_without("tensorboardX", "torch").SummaryWriter
+            # imported lazily (process 0 only), without torch or GCS' client: trainer.imports
+            SummaryWriter = import_without("tensorboardX", "torch", "google.cloud.storage").SummaryWriter
             self._tb = SummaryWriter(os.path.join(local, "tensorboard"),
                                      purge_step=None if resumed_at is None else resumed_at + 1)
 
