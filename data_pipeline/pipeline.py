@@ -261,10 +261,11 @@ def _features():
                               "status": datasets.Value("string")})
 
 
-# A split of fewer rows, tokenised in one process, is encoded without ``datasets``: importing it (pandas,
-# pyarrow.dataset) took 2.7 s of a 7-s tiny run with warm compiled programs, more than tokenising a few
-# thousand rows, and its map's Arrow files and fingerprints buy nothing at that size. Such a split takes
-# seconds, so it shows no progress bar either way.
+# A split of fewer rows, tokenised in one process, is encoded without ``datasets``: its import (pandas,
+# pyarrow.dataset; 2.7 s under ``python -X importtime``) cost more than tokenising a few thousand rows,
+# and its map's Arrow files and fingerprints buy nothing at that size. A 4-step tiny run with warm
+# compiled programs started 0.5-1.5 s sooner without it (README, "Tests"). Such a split takes seconds,
+# so it shows no progress bar either way.
 IN_PROCESS_ROWS = 20_000
 
 
