@@ -8,7 +8,7 @@ Tokenisation is batched (one fast-tokenizer call per 256 rows) and cached on dis
 the rows' content, the tokenizer, the template and the length settings: a second run with the same
 inputs loads it. A split of ``IN_PROCESS_ROWS`` rows or more, or one split over worker processes
 (``data.num_proc``), runs through ``datasets.Dataset.map``; a smaller one is encoded in this process, by
-the same function, into the same Arrow columns.
+the same function, into the same files (below).
 
 No large split's tokens are held in RAM: its rows go to disk as Arrow in 10k-row pieces, the map
 writes Arrow files, and those become three flat arrays (``ids.npy`` int32, ``loss_mask.npy`` int8,
@@ -283,8 +283,9 @@ def _encode_to_disk(data_cfg: Any, tok, t: Template, rows: list[dict[str, Any]],
 
 
 def _encode_in_process(rows: list[dict[str, Any]], kwargs: dict[str, Any], out: str) -> None:
-    """The rows encoded by ``_encode_rows`` in the map's batches, written as the map's columns are. Each
-    batch is kept as one int32 and one int8 array (5 bytes a token, as on disk) until the write."""
+    """The rows encoded by ``_encode_rows`` in the map's batches and written by ``_save_flat``, as the
+    map's are. Each batch is kept as one int32 and one int8 array (5 bytes a token, as on disk) until
+    the write."""
     lengths, statuses = [], []
     pieces: dict[str, list[np.ndarray]] = {"ids": [], "loss_mask": []}
     for a in range(0, len(rows), _MAP_BATCH):
