@@ -267,6 +267,7 @@ def _features():
 # compiled programs started 0.5-1.5 s sooner without it (README, "Tests"). Such a split takes seconds,
 # so it shows no progress bar either way.
 IN_PROCESS_ROWS = 20_000
+_MAP_BATCH = 256  # rows per tokenizer call, on either path (the fast tokenizer encodes a batch in one call)
 
 
 def _encode_to_disk(data_cfg: Any, tok, t: Template, rows: list[dict[str, Any]], key: str, out: str
@@ -297,9 +298,6 @@ def _encode_in_process(rows: list[dict[str, Any]], kwargs: dict[str, Any], out: 
             pieces[name].append(np.concatenate(encoded[name]).astype(dtype, copy=False))
     _save_flat(out, np.array(lengths, np.int64), {name: lambda name=name: pieces[name] for name in pieces},
                statuses)
-
-
-_MAP_BATCH = 256  # rows per tokenizer call (the fast tokenizer encodes a batch in one call)
 
 
 def _encode_with_datasets(rows: list[dict[str, Any]], kwargs: dict[str, Any], num_proc: int, key: str,

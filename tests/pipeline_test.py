@@ -28,6 +28,18 @@ def row(*turns):
             "task": "t", "loc": "f.jsonl:1"}
 
 
+# A chat template that refuses a system role, as Gemma's does.
+REFUSES_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}"
+                  "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def with_system(r):
+    """``r`` with a system message first (which ``REFUSES_SYSTEM`` refuses)."""
+    return {**r, "messages": [{"role": "system", "content": "sort"}] + r["messages"]}
+
+
 @pytest.fixture
 def tok():
     return word_tokenizer(TEMPLATE_WITH_BOS)
@@ -88,14 +100,10 @@ def test_parallel_tokenisation_equals_serial(tok):
 def test_a_small_split_encoded_in_process_equals_datasets_map(tok, monkeypatch):
     """Below ``IN_PROCESS_ROWS`` a split is encoded without ``datasets``: the same examples, statuses and
     counts as its map gives, for rows that fit, are truncated (turns, prompt), dropped or refused."""
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
-                         "{{ raise_exception('System role not supported') }}{% endif %}"
-                         "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-    refused = row("sort abc", "abc")
-    refused["messages"] = [{"role": "system", "content": "sort"}] + refused["messages"]
-    rows = [row("reverse abc", "cba"), row("sort bca", "abc", "reverse abc", "cba"), refused,
-            row("reverse abc abc abc abc abc abc", "cba"), row("reverse", " ".join(["abc cba"] * 5)),
+    tok.chat_template = REFUSES_SYSTEM
+    rows = [row("reverse abc", "cba"), row("sort bca", "abc", "reverse abc", "cba"),
+            with_system(row("sort abc", "abc")), row("reverse abc abc abc abc abc abc", "cba"),
+            row("reverse", " ".join(["abc cba"] * 5)),
             row("reverse abc")] * 300  # 1,800 rows: several 256-row batches
     c = cfg(max_length=9, length_policy="truncate", on_bad_row="skip")
     here, rep_here = pipeline.tokenize_split(c, tok, rows)
@@ -127,13 +135,9 @@ def test_a_small_split_does_not_import_datasets():
 def test_a_row_the_template_refuses_is_a_bad_row(tok):
     """A chat template that raises for some conversations (Gemma's refuses a system role): an error
     naming the row, or with on_bad_row=skip a counted drop -- never the whole run stopped."""
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
-                         "{{ raise_exception('System role not supported') }}{% endif %}"
-                         "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    tok.chat_template = REFUSES_SYSTEM
     good = row("reverse abc", "cba")
-    bad = {**row("sort abc", "abc"), "loc": "f.jsonl:7"}
-    bad["messages"] = [{"role": "system", "content": "sort"}] + bad["messages"]
+    bad = with_system({**row("sort abc", "abc"), "loc": "f.jsonl:7"})
     with pytest.raises(pipeline.DataError, match="f.jsonl:7: .*System role not supported"):
         pipeline.tokenize_split(cfg(max_length=16), tok, [good, bad])
     exs, rep = pipeline.tokenize_split(cfg(max_length=16, on_bad_row="skip"), tok, [good, bad])
